@@ -1,0 +1,244 @@
+"""Sample-level modality valuation and the re-sampling rules built on it.
+
+Implements Sections 3.2 and 3.4 of "Enhancing Multimodal Cooperation via Sample-level Modality
+Valuation" (Wei, Feng, Wang, Hu, CVPR 2024) for any number n of modalities, with torch only.
+
+- Eq. 1: the benefit of a coalition C of modalities for one sample is v(C) = |C| when the model,
+  given only the modalities in C, predicts the label correctly, and 0 otherwise; v(empty) = 0.
+- Eq. 2-3: the contribution phi^i of modality i is its exact Shapley value: its marginal
+  contribution v(S u {i}) - v(S), with S its predecessors, averaged over all n! orders of the
+  modalities. It is linear in the 2**n values of v, so a whole batch is one matrix product
+  [B, 2**n] @ [2**n, n]. The contributions add up to v(N): 0 or n.
+- Eq. 10 (Algorithm 1): a sample whose modality i contributes phi^i < 1 gets s = f_s(1 - phi^i)
+  extra copies in which only modality i is kept.
+- Eq. 11 (Algorithm 2): on a random subset Z, the modality with the lowest mean contribution is
+  re-sampled alone, for every training sample, with a probability that grows with its gap d to
+  the others.
+
+Coalitions are numbered by bits: coalition k holds modality i exactly when bit i of k is set.
+
+Usage with your own model, masking a modality by zeroing its features before the fusion head:
+
+    features = [encoder(x) for encoder, x in zip(encoders, inputs)]  # n tensors [B, D_i]
+    def predict(mask):                                               # mask: [B, n] bool
+        return head(torch.cat([f * mask[:, i:i + 1] for i, f in enumerate(features)], 1))
+    with torch.no_grad():
+        phi = shapley_mm.valuate(predict, labels, n=len(features))  # [B, n], Eq. 1-3
+    copies = shapley_mm.sample_level_copies(phi)                     # [B, n], Eq. 10
+    sample_index, modality = shapley_mm.expand_copies(copies)        # the uni-modal copies of D^rs
+"""
+
+import functools
+import itertools
+import math
+
+import torch
+
+
+def _num_modalities(width, name):
+    """n such that width == 2**n (n >= 1), or a ValueError naming the argument."""
+    if width < 2 or width & (width - 1):
+        raise ValueError(f"{name} must have 2**n columns (one per coalition, n >= 1), got {width}")
+    return width.bit_length() - 1
+
+
+def coalitions(n):
+    """All 2**n coalitions as a BoolTensor [2**n, n]: row k holds modality i iff bit i of k is set.
+
+    Row 0 is the empty coalition, row 2**n - 1 is all modalities N."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (number of modalities) must be an integer >= 1, got {n!r}")
+    rows = torch.arange(2 ** n)
+    return ((rows[:, None] >> torch.arange(n)) & 1) == 1  # [2**n, n]
+
+
+def benefit(correct):
+    """Eq. 1: v(C) = |C| if the prediction from coalition C is correct, else 0; v(empty) = 0.
+
+    correct: BoolTensor [B, 2**n], coalitions laid out as in coalitions(n).
+    Returns FloatTensor [B, 2**n]."""
+    if correct.dtype != torch.bool or correct.dim() != 2:
+        raise ValueError(f"correct must be a BoolTensor [B, 2**n], got {correct.dtype} "
+                         f"of shape {tuple(correct.shape)}")
+    n = _num_modalities(correct.shape[-1], "correct")
+    size = coalitions(n).sum(1).to(correct.device, torch.float32)  # [2**n] = |C|, 0 for the empty set
+    return correct * size
+
+
+@functools.lru_cache(maxsize=None)
+def _shapley_weights(n):
+    """Eq. 2-3 as a matrix W [2**n, n] (float64, CPU) with phi = v @ W.
+
+    Walks all n! permutations: in each, modality i adds +1 on the coalition (predecessors u {i})
+    and -1 on the coalition of its predecessors (Eq. 2); the sum is divided by n! (Eq. 3).
+    Cost n * n! steps, once per n (n = 8: 0.3 M steps)."""
+    counts = [[0] * n for _ in range(2 ** n)]
+    for order in itertools.permutations(range(n)):
+        predecessors = 0  # bit mask of S_pi(x^i)
+        for i in order:
+            counts[predecessors | 1 << i][i] += 1  # + v(S_pi(x^i) u x^i)
+            counts[predecessors][i] -= 1           # - v(S_pi(x^i))
+            predecessors |= 1 << i
+    return torch.tensor(counts, dtype=torch.float64) / math.factorial(n)
+
+
+def shapley_values(v):
+    """Eq. 2-3, exact: the Shapley value phi [B, n] of every modality from a value table v [B, 2**n].
+
+    v may hold any real values (not only Eq. 1 benefits), laid out as in coalitions(n); phi has
+    v's dtype and device. One matrix product for the whole batch."""
+    if not v.is_floating_point():
+        raise ValueError(f"v must be a floating-point tensor [B, 2**n], got {v.dtype}")
+    n = _num_modalities(v.shape[-1], "v")
+    weights = _shapley_weights(n).to(v.device, v.dtype)  # [2**n, n]
+    with torch.autocast(v.device.type, enabled=False):  # keep v's dtype under mixed precision
+        return v @ weights  # [B, 2**n] @ [2**n, n] -> [B, n]
+
+
+def valuate(predict, labels, n):
+    """Sample-level modality valuation (Eq. 1-3) of one batch.
+
+    predict(mask) -> logits [B, K], with mask a BoolTensor [B, n] saying which modalities are kept
+    (the same coalition for every sample, on labels.device); it is called once for each of the
+    2**n - 1 non-empty coalitions (the empty coalition has value 0 and is never predicted).
+    labels: LongTensor [B]. Returns phi, FloatTensor [B, n]."""
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D tensor [B], got shape {tuple(labels.shape)}")
+    members = coalitions(n).to(labels.device)  # [2**n, n]
+    batch_size = len(labels)
+    correct = torch.zeros(batch_size, 2 ** n, dtype=torch.bool, device=labels.device)  # [B, 2**n]
+    for k in range(1, 2 ** n):
+        logits = predict(members[k].repeat(batch_size, 1))
+        if logits.dim() != 2 or logits.shape[0] != batch_size:
+            raise ValueError(f"predict(mask) must return logits [B={batch_size}, K], "
+                             f"got shape {tuple(logits.shape)}")
+        correct[:, k] = logits.argmax(1) == labels  # is y_hat_C = y
+    return shapley_values(benefit(correct))  # Eq. 1, then Eq. 2-3
+
+
+def sample_level_copies(phi, f_s=None):
+    """Eq. 10: s(x^i) = f_s(1 - phi^i) if phi^i < 1, else 0, as a LongTensor [B, n].
+
+    s[k, i] is how many extra copies of sample k keep only modality i (Algorithm 1).
+
+    The default f_s is the authors' rule, applied as thresholds on phi so that it is exact at the
+    boundaries whatever n and the dtype (1 - 0.4 is not exactly 0.6 in floating point):
+        1 copy  for  0.4 <= phi < 1      (f_s(x) = 1 for 0 < x <= 0.6)
+        2 copies for -0.1 <= phi < 0.4   (f_s(x) = 2 for 0.6 < x <= 1.1)
+        3 copies for phi < -0.1          (f_s(x) = 3 for x > 1.1)
+    On the two-modality grid phi in {-0.5, 0, 0.5, 1, 1.5} this is f_s(x) = 2x, rounded.
+
+    Another monotonically increasing f_s can be passed: a callable mapping the tensor 1 - phi
+    [B, n] to counts of the same shape; they are rounded and clamped to integers >= 0."""
+    if not phi.is_floating_point() or phi.dim() != 2:
+        raise ValueError(f"phi must be a floating-point tensor [B, n], got {phi.dtype} "
+                         f"of shape {tuple(phi.shape)}")
+    low = phi < 1  # the low-contributing modalities of each sample
+    if f_s is None:
+        return low.long() + (phi < 0.4).long() + (phi < -0.1).long()
+    counts = torch.as_tensor(f_s(1 - phi), device=phi.device)
+    if counts.shape != phi.shape:
+        raise ValueError(f"f_s must return counts of the shape of phi {tuple(phi.shape)}, "
+                         f"got {tuple(counts.shape)}")
+    counts = counts.to(phi.dtype).round().clamp(min=0).long()
+    return torch.where(low, counts, 0)
+
+
+F_M_CHOICES = ("linear", "tanh", "square")  # Eq. 11's f_m, the authors' three choices
+
+
+def modality_level_plan(phi_subset, alpha=1.0, f_m="linear"):
+    """Eq. 11: which modality to re-sample alone, and with what probability (Algorithm 2).
+
+    phi_subset: [Z, n] contributions of the random subset Z. The overall low-contributing
+    modality i is the argmin of the mean contribution (ties: lowest index). Its gap to the others is
+        d = 1/(n-1) * sum_{j != i} (mean phi^j - mean phi^i)
+    normalised as x = d * 2/3. For n = 2 this is exactly the authors' x = |gap_a - gap_v| * 2/3 with
+    gap_m = 1 - mean phi^m, and the same factor is kept for n > 2. The factor is the authors'
+    constant: it takes 1.5, the largest two-modality contribution under Eq. 1, as the largest gap.
+    In fact phi^a - phi^v = v({a}) - v({v}) lies in [-1, 1] for two modalities, so x <= 2/3.
+    Then p = f_m(x): "linear" alpha * x, "tanh" tanh(alpha * x), "square" alpha * x**1.5,
+    clipped to [0, 1].
+
+    Returns (modality: int, probability: float)."""
+    if f_m not in F_M_CHOICES:
+        raise ValueError(f"f_m must be one of {F_M_CHOICES}, got {f_m!r}")
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0 so that f_m increases, got {alpha}")
+    if phi_subset.dim() != 2 or phi_subset.shape[0] < 1 or phi_subset.shape[1] < 2:
+        raise ValueError(f"phi_subset must be [Z, n] with Z >= 1 samples and n >= 2 modalities, "
+                         f"got shape {tuple(phi_subset.shape)}")
+    n = phi_subset.shape[1]
+    mean_phi = phi_subset.detach().cpu().double().mean(0)  # [n], mean contribution over Z
+    modality = int(mean_phi.argmin())
+    gap = (mean_phi.sum() - n * mean_phi[modality]).item() / (n - 1)  # d of Eq. 11
+    x = gap * 2 / 3  # Norm(d)
+    if f_m == "linear":
+        probability = alpha * x
+    elif f_m == "tanh":
+        probability = math.tanh(alpha * x)
+    else:  # "square"
+        probability = alpha * x ** 1.5
+    return modality, min(max(probability, 0.0), 1.0)
+
+
+def modality_level_copies(num_samples, num_modalities, modality, probability, generator=None):
+    """Algorithm 2's re-sampled set as a copy table LongTensor [N, n].
+
+    int(probability * num_samples) sample indices are drawn uniformly with replacement (as in the
+    authors' code); column `modality` counts how often each sample was drawn, other columns are 0."""
+    if num_samples < 1 or num_modalities < 1:
+        raise ValueError(f"num_samples and num_modalities must be >= 1, "
+                         f"got {num_samples} and {num_modalities}")
+    if not 0 <= modality < num_modalities:
+        raise ValueError(f"modality must be in [0, {num_modalities}), got {modality}")
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"probability must be in [0, 1], got {probability}")
+    drawn = torch.randint(num_samples, (int(probability * num_samples),), generator=generator)
+    copies = torch.zeros(num_samples, num_modalities, dtype=torch.long)
+    copies[:, modality] = torch.bincount(drawn, minlength=num_samples)
+    return copies
+
+
+def _check_copies(copies):
+    if copies.dim() != 2 or copies.dtype != torch.long or (copies < 0).any():
+        raise ValueError(f"copies must be a LongTensor [B, n] of counts >= 0, got {copies.dtype} "
+                         f"of shape {tuple(copies.shape)}")
+
+
+def naive_copies(copies, generator=None):
+    """Table 4 "naive re-sample": the same uni-modal copies per modality, on random samples.
+
+    Each column of the copy table [B, n] is permuted independently (torch.randperm with the given
+    CPU generator), so every modality keeps exactly its total number of copies."""
+    _check_copies(copies)
+    batch_size, n = copies.shape
+    shuffled = torch.empty_like(copies)
+    for i in range(n):
+        order = torch.randperm(batch_size, generator=generator).to(copies.device)
+        shuffled[:, i] = copies[order, i]
+    return shuffled
+
+
+def reversed_copies(phi, copies):
+    """Table 4 "reversed re-sample": every copy of a sample goes to its highest-contributing modality.
+
+    phi: [B, n], copies: [B, n]. Each sample keeps its number of copies (row sum), all given to
+    argmax phi (ties: lowest index)."""
+    _check_copies(copies)
+    if phi.shape != copies.shape:
+        raise ValueError(f"phi and copies must have the same shape [B, n], "
+                         f"got {tuple(phi.shape)} and {tuple(copies.shape)}")
+    highest = phi.argmax(1, keepdim=True).to(copies.device)  # [B, 1]
+    return torch.zeros_like(copies).scatter_(1, highest, copies.sum(1, keepdim=True))
+
+
+def expand_copies(copies):
+    """Algorithms 1-2, "add x^i with frequency s(x^i) into D^rs": the copy table as a list of copies.
+
+    copies: LongTensor [B, n]. Returns (sample_index [M], modality [M]) with M = copies.sum(),
+    ordered by sample, then modality."""
+    _check_copies(copies)
+    n = copies.shape[1]
+    cell = torch.arange(copies.numel(), device=copies.device).repeat_interleave(copies.reshape(-1))
+    return cell // n, cell % n  # row-major cells: index = sample * n + modality
