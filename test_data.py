@@ -1,10 +1,13 @@
 """Tests for data.py: the bundled mfeat set, the synthetic generator, the re-sampled epoch D^rs, and the
 KS / MM-Debiased / UCF-101 readers on tiny fixture trees written to tmp_path."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchvision.io import write_jpeg
 
 import data
 
@@ -223,3 +226,411 @@ def test_resampled_dataset_errors():
         data.ResampledDataset(base, torch.tensor([1]), torch.tensor([2]))
     with pytest.raises(ValueError, match="equal length"):
         data.ResampledDataset(base, torch.tensor([1, 2]), torch.tensor([0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixture trees on disk. Frame k (1-based) of a clip is a uniform JPEG of value FRAME_STEP * k, so the
+# frames a dataset picked can be read back from its output.
+
+FRAME_STEP = 20
+
+
+def write_frames(folder, count, name="frame_{:05d}.jpg", gray=False, value=None, size=(40, 32)):
+    """`count` uniform JPEG frames in `folder`; frame k has value value(k), FRAME_STEP * k by default."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(1, count + 1):
+        pixel = FRAME_STEP * k if value is None else value(k)
+        image = torch.full((1 if gray else 3,) + size, pixel, dtype=torch.uint8)
+        write_jpeg(image, str(folder / name.format(k)), quality=100)
+
+
+def unnormalise(video, mean, std):
+    """[C, T, H, W] normalised floats -> pixel values 0..255."""
+    mean, std = torch.tensor(mean).view(-1, 1, 1, 1), torch.tensor(std).view(-1, 1, 1, 1)
+    return (video * std + mean) * 255
+
+
+def picked_frames(video):
+    """1-based numbers of the uniform frames in an ImageNet-normalised video [3, T, H, W]."""
+    pixels = unnormalise(video, data.IMAGENET_MEAN, data.IMAGENET_STD)
+    return [round(pixels[:, t].mean().item() / FRAME_STEP) for t in range(video.shape[1])]
+
+
+def make_ks_tree(root, lists, frames=10, spectrogram_shape=(16, 8)):
+    """Authors' KS layout; lists = {split: [(clip name, label)]}."""
+    (root / "ks_audio").mkdir(parents=True, exist_ok=True)
+    for split, entries in lists.items():
+        with open(root / "ks_audio" / f"{split}_1fps_path.txt", "w") as f:
+            for name, label in entries:
+                f.write(f"/data/ks/ks_visual/{split}/{name} 10 {label}\n")
+        (root / "ks_audio" / split).mkdir(exist_ok=True)
+        for name, label in entries:
+            np.save(root / "ks_audio" / split / f"{name}.npy",
+                    np.full(spectrogram_shape, label, dtype=np.float32))
+            write_frames(root / "ks_visual" / split / name, frames)
+
+
+KS_LISTS = dict(train=[("a1", 0), ("b1", 1), ("a2", 0)], val=[("c1", 2)], test=[("a3", 0), ("b3", 1)])
+
+
+@pytest.fixture
+def ks_root(tmp_path):
+    make_ks_tree(tmp_path, KS_LISTS)
+    return tmp_path
+
+
+def test_ks_item_shapes_labels_and_metadata(ks_root):
+    d = data.build_dataset("ks", "train", root=str(ks_root), image_size=32)
+    assert len(d) == 3 and d.sample_ids == ["a1", "b1", "a2"] and d.labels.tolist() == [0, 1, 0]
+    assert d.modalities == ["audio", "visual"] and d.input_specs == [("image", 1), ("video", 3)]
+    assert d.num_classes == 3 and d.class_names == ["0", "1", "2"]  # max label over all lists + 1
+    assert d.skipped == []
+    (audio, visual), label, index = d[1]
+    assert audio.shape == (1, 16, 8) and audio.dtype == torch.float32 and audio.eq(1).all()
+    assert visual.shape == (3, 3, 32, 32) and visual.dtype == torch.float32
+    assert label == 1 and index == 1
+    assert data.build_dataset("ks", "train", root=str(ks_root), num_classes=31).num_classes == 31
+
+
+def test_ks_authors_spectrogram_shapes(tmp_path):
+    make_ks_tree(tmp_path, dict(test=[("x", 0)]), spectrogram_shape=(1024, 128))
+    (audio, _), _, _ = data.build_dataset("ks", "test", root=str(tmp_path), image_size=32)[0]
+    assert audio.shape == (1, 1024, 128)
+    np.save(tmp_path / "ks_audio" / "test" / "x.npy", np.zeros((257, 1004), dtype=np.float32))
+    (audio, _), _, _ = data.build_dataset("ks", "test", root=str(tmp_path), image_size=32)[0]
+    assert audio.shape == (1, 257, 1004)
+
+
+def test_frame_positions_eval_middles_and_train_segments():
+    assert data.frame_positions(10, augment=False) == [1, 4, 7]
+    assert data.frame_positions(9, augment=False) == [1, 4, 7]
+    assert data.frame_positions(4, augment=False) == [0, 1, 2]
+    assert data.frame_positions(1, augment=False) == [0, 0, 0]
+    assert data.frame_positions(2, augment=False) == [0, 0, 1]
+    torch.manual_seed(0)
+    draws = [data.frame_positions(10, augment=True) for _ in range(200)]
+    segments = ({0, 1, 2}, {3, 4, 5}, {6, 7, 8, 9})
+    for t, segment in enumerate(segments):
+        assert {d[t] for d in draws} == segment  # every frame of the segment, and only those
+
+
+def test_ks_frames_picked_in_eval_and_train(ks_root):
+    evaluation = data.build_dataset("ks", "test", root=str(ks_root), image_size=32)
+    (_, visual), _, _ = evaluation[0]
+    assert picked_frames(visual) == [2, 5, 8]  # frame_00002, _00005, _00008: segment middles
+    train = data.build_dataset("ks", "train", root=str(ks_root), image_size=32, augment=True)
+    torch.manual_seed(0)
+    picks = [picked_frames(train[0][0][1]) for _ in range(60)]
+    assert {p[0] for p in picks} == {1, 2, 3} and {p[1] for p in picks} == {4, 5, 6}
+    assert {p[2] for p in picks} == {7, 8, 9, 10}
+
+
+def test_ks_clip_with_other_frame_counts(tmp_path):
+    make_ks_tree(tmp_path, dict(test=[("short", 0), ("long", 1)]), frames=4)
+    write_frames(tmp_path / "ks_visual" / "test" / "long", 12)  # frames 1..12
+    d = data.build_dataset("ks", "test", root=str(tmp_path), image_size=32)
+    assert picked_frames(d[0][0][1]) == [1, 2, 3]
+    assert picked_frames(d[1][0][1]) == [2, 6, 10]  # segments [0, 4), [4, 8), [8, 12)
+
+
+def test_train_transform_crops_and_flips_the_frames_alike():
+    # left half dark, right half bright: a flip swaps them, in every frame of the clip at once
+    frames = torch.zeros(3, 3, 40, 32, dtype=torch.uint8)
+    frames[..., 16:] = 200
+    torch.manual_seed(0)
+    flipped = []
+    for _ in range(20):
+        video = data.transform_frames(frames.clone(), True, 32, (0, 0, 0), (1, 1, 1))  # [3, T, 32, 32]
+        assert video.shape == (3, 3, 32, 32)
+        assert torch.equal(video[:, 0], video[:, 1]) and torch.equal(video[:, 0], video[:, 2])
+        flipped.append(video[0, 0, :, 0].mean() > video[0, 0, :, -1].mean())
+    assert any(flipped) and not all(flipped)
+    evaluation = data.transform_frames(frames.clone(), False, 16, (0, 0, 0), (1, 1, 1))
+    assert evaluation.shape == (3, 3, 16, 16)
+    assert evaluation[0, 0, :, 0].max() < 0.01 and evaluation[0, 0, :, -1].min() > 0.77  # no flip, whole frame
+
+
+def write_ogm_list(path, entries):
+    path.write_text("".join(f"{name},10,{label}\n" for name, label in entries))
+
+
+def test_ks_ogm_lists_with_val_carved_from_train(tmp_path):
+    train_entries = [(f"c{k}-{y}", y) for y in range(3) for k in range(10)]
+    make_ks_tree(tmp_path / "root", dict(train=train_entries, test=[("t0", 0), ("t1", 2)]), frames=2)
+    lists = tmp_path / "ogm"
+    lists.mkdir()
+    write_ogm_list(lists / "my_train.txt", train_entries)
+    write_ogm_list(lists / "my_test.txt", [("t0", 0), ("t1", 2)])
+    (tmp_path / "root" / "ks_audio" / "train_1fps_path.txt").unlink()  # only the OGM-GE lists remain
+    build = lambda split: data.build_dataset("ks", split, root=str(tmp_path / "root"), split_file=str(lists),
+                                             image_size=32)
+    train, val, test = build("train"), build("val"), build("test")
+    assert test.sample_ids == ["t0", "t1"] and test.labels.tolist() == [0, 2]
+    assert set(train.sample_ids) | set(val.sample_ids) == {n for n, _ in train_entries}
+    assert not set(train.sample_ids) & set(val.sample_ids)
+    assert torch.bincount(val.labels).tolist() == [1, 1, 1]  # 10 % of each class
+    assert build("val").sample_ids == val.sample_ids  # fixed carve-out
+    (audio, visual), label, _ = val[0]
+    assert audio.eq(label).all() and visual.shape == (3, 3, 32, 32)  # read from ks_audio/train, ks_visual/train
+    write_ogm_list(lists / "my_val.txt", [("t1", 2)])  # an explicit val list wins over the carve-out
+    make_ks_tree(tmp_path / "root", dict(val=[("t1", 2)]), frames=2)
+    assert build("val").sample_ids == ["t1"] and len(build("train")) == 30
+
+
+def test_ks_errors(ks_root, tmp_path):
+    with pytest.raises(data.DataError, match="needs root"):
+        data.build_dataset("ks", "train")
+    with pytest.raises(data.DataError, match="nowhere"):
+        data.build_dataset("ks", "train", root=str(tmp_path / "nowhere"))
+    with pytest.raises(data.DataError, match="train_1fps_path.txt"):
+        data.build_dataset("ks", "train", root=str(tmp_path / "ks_visual"))
+    with pytest.raises(data.DataError, match="label 2, expected 0..1"):
+        data.build_dataset("ks", "val", root=str(ks_root), num_classes=2)
+    with pytest.raises(data.DataError, match="my_train.txt"):
+        data.build_dataset("ks", "train", root=str(ks_root), split_file=str(ks_root / "ks_audio" / "train"))
+    with pytest.raises(data.DataError, match="folder of OGM-GE lists"):
+        data.build_dataset("ks", "train", root=str(ks_root), split_file=str(ks_root / "ks_audio" / "val_1fps_path.txt"))
+
+
+def test_ks_list_errors(tmp_path):
+    make_ks_tree(tmp_path, dict(train=[("a", 0)]))
+    listing = tmp_path / "ks_audio" / "train_1fps_path.txt"
+    listing.write_text("a 10 zero\n")
+    with pytest.raises(data.DataError, match="train_1fps_path.txt:1: expected"):
+        data.build_dataset("ks", "train", root=str(tmp_path))
+    listing.write_text("a 10 -1\n")
+    with pytest.raises(data.DataError, match="label -1"):
+        data.build_dataset("ks", "train", root=str(tmp_path), num_classes=31)
+    listing.write_text("\n")
+    with pytest.raises(data.DataError, match="empty"):
+        data.build_dataset("ks", "train", root=str(tmp_path))
+    ogm = tmp_path / "ogm"
+    ogm.mkdir()
+    (ogm / "my_test.txt").write_text("a 10 0\n")
+    with pytest.raises(data.DataError, match="my_test.txt:1: expected 'id,10,label'"):
+        data.build_dataset("ks", "test", root=str(tmp_path), split_file=str(ogm))
+
+
+def test_missing_clip_files_raise_or_are_skipped(ks_root):
+    (ks_root / "ks_audio" / "train" / "b1.npy").unlink()
+    for folder in (ks_root / "ks_visual" / "train" / "a2").iterdir():
+        folder.unlink()  # a2: empty frame folder
+    with pytest.raises(data.DataError, match="b1.npy not found"):
+        data.build_dataset("ks", "train", root=str(ks_root))
+    d = data.build_dataset("ks", "train", root=str(ks_root), skip_missing=True, image_size=32)
+    assert d.sample_ids == ["a1"] and len(d) == 1
+    assert [s for s, _ in d.skipped] == ["b1", "a2"]
+    assert "b1.npy not found" in d.skipped[0][1] and "holds no .jpg frames" in d.skipped[1][1]
+    (ks_root / "ks_visual" / "test" / "a3").rename(ks_root / "elsewhere")
+    with pytest.raises(data.DataError, match="a3 not found"):
+        data.build_dataset("ks", "test", root=str(ks_root))
+    np.save(ks_root / "ks_audio" / "train" / "b1.npy", np.zeros((16, 8), dtype=np.float32))
+    with pytest.raises(data.DataError, match="a2 holds no .jpg"):
+        data.build_dataset("ks", "train", root=str(ks_root))
+    (ks_root / "ks_audio" / "val" / "c1.npy").unlink()
+    with pytest.raises(data.DataError, match="no readable clips"):
+        data.build_dataset("ks", "val", root=str(ks_root), skip_missing=True)
+
+
+def test_bad_files_raise_at_load_time_with_their_path(ks_root):
+    d = data.build_dataset("ks", "train", root=str(ks_root), image_size=32)
+    frame = ks_root / "ks_visual" / "train" / "a1" / "frame_00005.jpg"
+    frame.write_bytes(frame.read_bytes()[:200])  # truncated
+    with pytest.raises(data.DataError, match=r"frame_00005.jpg: cannot read JPEG \(.*truncated"):
+        d[0]
+    frame.write_bytes(b"not a jpeg")
+    with pytest.raises(data.DataError, match="frame_00005.jpg: cannot read JPEG"):
+        d[0]
+    spectrogram = ks_root / "ks_audio" / "train" / "b1.npy"
+    np.save(spectrogram, np.zeros((2, 16, 8), dtype=np.float32))
+    with pytest.raises(data.DataError, match=r"b1.npy: spectrogram must be 2-D .* \(2, 16, 8\)"):
+        d[1]
+    np.save(spectrogram, np.full((16, 8), np.nan, dtype=np.float32))
+    with pytest.raises(data.DataError, match="b1.npy: spectrogram contains NaN"):
+        d[1]
+    np.save(spectrogram, np.full((16, 8), np.inf, dtype=np.float32))
+    with pytest.raises(data.DataError, match="b1.npy: spectrogram contains NaN or infinite"):
+        d[1]
+    spectrogram.write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match="b1.npy: cannot read spectrogram"):
+        d[1]
+    for f in (ks_root / "ks_visual" / "train" / "a2").iterdir():
+        f.unlink()
+    with pytest.raises(data.DataError, match="a2: frame folder holds no .jpg"):
+        d[2]
+
+
+def test_clips_collate_in_a_dataloader(ks_root):
+    d = data.build_dataset("ks", "train", root=str(ks_root), image_size=32, augment=True)
+    (audio, visual), labels, index = next(iter(DataLoader(d, batch_size=3)))
+    assert audio.shape == (3, 1, 16, 8) and visual.shape == (3, 3, 3, 32, 32)
+    assert labels.tolist() == [0, 1, 0] and index.tolist() == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# MM-Debiased
+
+def make_mmdebiased_tree(root, table):
+    for clip_id, entry in table.items():
+        (root / "audio").mkdir(parents=True, exist_ok=True)
+        np.save(root / "audio" / f"{clip_id}.npy", np.zeros((16, 8), dtype=np.float32))
+        write_frames(root / "visual" / clip_id, 10)
+    split_file = root / "MM-Debiased.json"
+    split_file.write_text(json.dumps(table))
+    return split_file
+
+
+MMDEBIASED_TABLE = {
+    "vid1": {"subset": "training", "label": "singing"},
+    "vid2": {"subset": "training", "label": "bowling"},
+    "vid3": {"subset": "validation", "label": "whistling"},
+    "vid4": {"subset": "testing", "label": "singing"},
+    "vid5": {"subset": "training", "label": "whistling"},
+}
+
+
+def test_mmdebiased_json_and_layout(tmp_path):
+    split_file = make_mmdebiased_tree(tmp_path, MMDEBIASED_TABLE)
+    d = data.build_dataset("mmdebiased", "train", root=str(tmp_path), split_file=str(split_file), image_size=32)
+    assert d.class_names == ["bowling", "singing", "whistling"] and d.num_classes == 3
+    assert d.sample_ids == ["vid1", "vid2", "vid5"] and d.labels.tolist() == [1, 0, 2]
+    assert d.modalities == ["audio", "visual"] and d.input_specs == [("image", 1), ("video", 3)]
+    (audio, visual), label, index = d[2]
+    assert audio.shape == (1, 16, 8) and visual.shape == (3, 3, 32, 32) and label == 2 and index == 2
+    assert picked_frames(visual) == [2, 5, 8]
+    val = data.build_dataset("mmdebiased", "val", root=str(tmp_path), split_file=str(split_file))
+    test = data.build_dataset("mmdebiased", "test", root=str(tmp_path), split_file=str(split_file))
+    assert val.sample_ids == ["vid3"] and test.sample_ids == ["vid4"] and test.labels.tolist() == [1]
+    names = ["bowling", "lawn mowing", "singing", "whistling"]
+    explicit = data.build_dataset("mmdebiased", "test", root=str(tmp_path), split_file=str(split_file),
+                                  class_names=names)
+    assert explicit.num_classes == 4 and explicit.labels.tolist() == [2]
+
+
+def test_mmdebiased_errors(tmp_path):
+    split_file = make_mmdebiased_tree(tmp_path, MMDEBIASED_TABLE)
+    build = lambda split="train", **kw: data.build_dataset("mmdebiased", split, root=str(tmp_path), **kw)
+    with pytest.raises(data.DataError, match="needs split_file"):
+        build()
+    with pytest.raises(data.DataError, match="missing.json: MM-Debiased JSON split file not found"):
+        build(split_file=str(tmp_path / "missing.json"))
+    with pytest.raises(data.DataError, match="unknown class name 'whistling'"):
+        build(split_file=str(split_file), class_names=["bowling", "singing"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(data.DataError, match="bad.json: not valid JSON"):
+        build(split_file=str(bad))
+    bad.write_text(json.dumps({"vid1": {"subset": "train", "label": "singing"}}))
+    with pytest.raises(data.DataError, match="clip vid1: expected"):
+        build(split_file=str(bad))
+    bad.write_text(json.dumps({"vid1": {"subset": "training", "label": "singing"}}))
+    with pytest.raises(data.DataError, match="no clips with subset 'testing'"):
+        build("test", split_file=str(bad))
+    (tmp_path / "audio" / "vid2.npy").unlink()
+    with pytest.raises(data.DataError, match="vid2.npy not found"):
+        build(split_file=str(split_file))
+    assert build(split_file=str(split_file), skip_missing=True).sample_ids == ["vid1", "vid5"]
+
+
+# ----------------------------------------------------------------------------------------------
+# UCF-101
+
+UCF_CLASSES = ["ApplyEyeMakeup", "Archery", "Basketball"]
+
+
+def make_ucf_tree(root, groups=range(8, 18), clips_per_group=2, test_groups=range(1, 3)):
+    (root / "splits").mkdir(parents=True)
+    (root / "splits" / "classInd.txt").write_text("".join(f"{k + 1} {c}\n" for k, c in enumerate(UCF_CLASSES)))
+    train_lines, test_lines = [], []
+    for k, c in enumerate(UCF_CLASSES):
+        for g in groups:
+            train_lines += [f"{c}/v_{c}_g{g:02d}_c{n:02d}.avi {k + 1}\n" for n in range(1, clips_per_group + 1)]
+        for g in test_groups:
+            test_lines += [f"{c}/v_{c}_g{g:02d}_c01.avi\n"]
+    (root / "splits" / "trainlist01.txt").write_text("".join(train_lines))
+    (root / "splits" / "testlist01.txt").write_text("".join(test_lines))
+    for line in train_lines + test_lines:
+        video = line.split()[0].split("/")[1][:-4]
+        write_frames(root / "rgb" / video, 10)
+        write_frames(root / "flow" / "u" / video, 9, name="frame{:06d}.jpg", gray=True, value=lambda k: 10 * k)
+        write_frames(root / "flow" / "v" / video, 9, name="frame{:06d}.jpg", gray=True, value=lambda k: 200 - 10 * k)
+
+
+@pytest.fixture(scope="module")
+def ucf_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ucf101")
+    make_ucf_tree(root)
+    return root
+
+
+def test_ucf101_rgb_and_stacked_flow(ucf_root):
+    d = data.build_dataset("ucf101", "test", root=str(ucf_root), image_size=32)
+    assert d.modalities == ["rgb", "flow"] and d.input_specs == [("video", 3), ("video", 2)]
+    assert d.class_names == UCF_CLASSES and d.num_classes == 3
+    assert d.sample_ids[:2] == ["v_ApplyEyeMakeup_g01_c01", "v_ApplyEyeMakeup_g02_c01"]
+    assert d.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    (rgb, flow), label, index = d[3]
+    assert rgb.shape == (3, 3, 32, 32) and flow.shape == (2, 3, 32, 32) and label == 1 and index == 3
+    assert picked_frames(rgb) == [2, 5, 8]
+    pixels = unnormalise(flow, data.FLOW_MEAN, data.FLOW_STD)
+    u = [round(pixels[0, t].mean().item()) for t in range(3)]
+    v = [round(pixels[1, t].mean().item()) for t in range(3)]
+    assert u == [20, 50, 80] and v == [180, 150, 120]  # 9 flow frames: positions 1, 4, 7, u in channel 0
+
+
+def test_ucf101_flip_negates_horizontal_flow(ucf_root):
+    d = data.build_dataset("ucf101", "train", root=str(ucf_root), image_size=32, augment=True)
+    torch.manual_seed(0)
+    u_values, v_values = set(), set()
+    for _ in range(30):
+        (_, flow), _, _ = d[0]
+        pixels = unnormalise(flow, data.FLOW_MEAN, data.FLOW_STD)
+        u, v = round(pixels[0, 0].mean().item()), round(pixels[1, 0].mean().item())
+        # frame k of 1..3 (first segment of 9 flow frames): u = 10k, or 255 - 10k when mirrored; v = 200 - 10k
+        k = (200 - v) // 10
+        assert k in (1, 2, 3)
+        u_values.add(u == 10 * k if u < 128 else u == 255 - 10 * k)
+        v_values.add(u < 128)
+    assert u_values == {True} and v_values == {True, False}
+
+
+def test_ucf101_val_carved_from_train_by_group(ucf_root):
+    train = data.build_dataset("ucf101", "train", root=str(ucf_root))
+    val = data.build_dataset("ucf101", "val", root=str(ucf_root))
+    assert len(train) + len(val) == 3 * 10 * 2
+    assert torch.bincount(val.labels).tolist() == [2, 2, 2]  # 10 % of 10 groups = 1 group of 2 clips per class
+    group = lambda video: video.rsplit("_c", 1)[0]
+    assert not {group(v) for v in train.sample_ids} & {group(v) for v in val.sample_ids}
+    assert data.build_dataset("ucf101", "val", root=str(ucf_root)).sample_ids == val.sample_ids
+
+
+def test_ucf101_errors(tmp_path):
+    make_ucf_tree(tmp_path, groups=range(8, 10), test_groups=range(1, 2))
+    build = lambda split="train", **kw: data.build_dataset("ucf101", split, root=str(tmp_path), **kw)
+    with pytest.raises(data.DataError, match="trainlist02.txt: UCF-101 split file not found"):
+        build(split_id=2)
+    with pytest.raises(ValueError, match="split_file"):
+        build(split_file="x.json")
+    test_list = tmp_path / "splits" / "testlist01.txt"
+    test_list.write_text("Bowling/v_Bowling_g01_c01.avi\n")
+    with pytest.raises(data.DataError, match="testlist01.txt:1: unknown class name 'Bowling'"):
+        build("test")
+    test_list.write_text("")
+    with pytest.raises(data.DataError, match="testlist01.txt: UCF-101 split file is empty"):
+        build("test")
+    test_list.write_text("Archery/v_Archery_g01_c01.avi 7\n")
+    with pytest.raises(data.DataError, match="label 7 out of range, expected 1..3"):
+        build("test")
+    test_list.write_text("Archery/v_Archery_g01_c01.avi 1\n")
+    with pytest.raises(data.DataError, match="disagrees with class Archery"):
+        build("test")
+    for f in (tmp_path / "flow" / "v" / "v_Archery_g09_c02").iterdir():
+        f.unlink()
+    with pytest.raises(data.DataError, match="v_Archery_g09_c02 holds no .jpg"):
+        build()
+    d = build(skip_missing=True)
+    assert [s for s, _ in d.skipped + data.build_dataset("ucf101", "val", root=str(tmp_path),
+                                                         skip_missing=True).skipped] == ["v_Archery_g09_c02"]
+    (tmp_path / "splits" / "classInd.txt").unlink()
+    with pytest.raises(data.DataError, match="classInd.txt: UCF-101 class index not found"):
+        build()
