@@ -153,12 +153,12 @@ def modality_level_plan(phi_subset, alpha=1.0, f_m="linear"):
     phi_subset: [Z, n] contributions of the random subset Z. The overall low-contributing
     modality i is the argmin of the mean contribution (ties: lowest index). Its gap to the others is
         d = 1/(n-1) * sum_{j != i} (mean phi^j - mean phi^i)
-    normalised as x = d * 2/3. For n = 2 this is exactly the authors' x = |gap_a - gap_v| * 2/3 with
-    gap_m = 1 - mean phi^m, and the same factor is kept for n > 2. The factor is the authors'
-    constant: it takes 1.5, the largest two-modality contribution under Eq. 1, as the largest gap.
-    In fact phi^a - phi^v = v({a}) - v({v}) lies in [-1, 1] for two modalities, so x <= 2/3.
-    Then p = f_m(x): "linear" alpha * x, "tanh" tanh(alpha * x), "square" alpha * x**1.5,
-    clipped to [0, 1].
+    and Norm(d) is x = d * 2/3. For n = 2 this is exactly the authors' x = |gap_a - gap_v| * 2/3
+    with gap_m = 1 - mean phi^m; the same factor is kept for n > 2. The authors' 2/3 takes 1.5,
+    the top of the two-modality Eq. 1 grid {-0.5, 0, 0.5, 1, 1.5}, as the largest gap and maps it
+    to 1. (Under Eq. 1 with two modalities phi^a - phi^v = v({a}) - v({v}) lies in [-1, 1], so in
+    practice x <= 2/3.) Then p = f_m(x): "linear" alpha * x, "tanh" tanh(alpha * x), "square"
+    alpha * x**1.5, clipped to [0, 1].
 
     Returns (modality: int, probability: float)."""
     if f_m not in F_M_CHOICES:

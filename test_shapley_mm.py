@@ -344,6 +344,8 @@ def test_modality_level_copies_draw_int_p_times_n_samples_for_one_modality():
         shapley_mm.modality_level_copies(10, 2, 0, 1.5)
     with pytest.raises(ValueError, match="modality"):
         shapley_mm.modality_level_copies(10, 2, 2, 0.5)
+    with pytest.raises(ValueError, match="num_samples"):
+        shapley_mm.modality_level_copies(0, 2, 0, 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
