@@ -1,0 +1,304 @@
+"""Tests for models.py: encoder shapes, modality masks, the coalition predictor, fusion heads and argument checks."""
+
+import urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import models
+
+# small stand-ins for the real inputs: 32x32 images, clips of T=2 frames, 6-d and 4-d vector views
+SHAPES = {("image", 1): (1, 32, 32), ("image", 3): (3, 32, 32), ("video", 3): (3, 2, 32, 32),
+          ("video", 2): (2, 2, 32, 32), ("vector", 6): (6,), ("vector", 4): (4,)}
+TWO = [("image", 1), ("vector", 6)]
+THREE = [("image", 1), ("vector", 6), ("vector", 4)]
+
+
+def make_inputs(specs, batch=6):
+    return [torch.randn(batch, *SHAPES[spec]) for spec in specs]
+
+
+def coalition_masks(n, batch):
+    """Every non-empty coalition as a [B, n] mask, the same row repeated (as shapley_mm.valuate asks)."""
+    for code in range(1, 2 ** n):
+        row = torch.tensor([(code >> i) & 1 for i in range(n)], dtype=torch.bool)
+        yield row.expand(batch, n)
+
+
+def count_calls(module):
+    """Record the batch size of every call to `module` (forward hook)."""
+    calls = []
+    module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize("spec", [("image", 1), ("image", 3), ("video", 3), ("video", 2), ("vector", 6)])
+def test_encoder_output_shape(spec):
+    torch.manual_seed(0)
+    encoder = models.build_encoder(*spec)
+    out = encoder(torch.randn(3, *SHAPES[spec]))
+    expected = 128 if spec[0] == "vector" else 512
+    assert encoder.out_dim == expected
+    assert out.shape == (3, expected)
+
+
+def test_encoder_stages_are_named_children():
+    resnet = models.build_encoder("image", 3)
+    assert [name for name, _ in resnet.stages.named_children()] == ["stem", "layer1", "layer2", "layer3", "layer4",
+                                                                    "pool"]
+    mlp = models.build_encoder("vector", 6)
+    assert [name for name, _ in mlp.stages.named_children()] == ["layer1", "layer2"]
+    x = torch.randn(3, 6)
+    mlp.eval()
+    assert torch.equal(mlp(x), mlp.stages.layer2(mlp.stages.layer1(x)))
+
+
+def test_video_encoder_averages_frame_features():
+    torch.manual_seed(0)
+    encoder = models.build_encoder("video", 2).eval()
+    clip = torch.randn(3, 2, 4, 32, 32)  # [B, C, T, H, W]
+    frames = torch.stack([encoder.stages(clip[:, :, t]) for t in range(4)], dim=1)  # [B, T, 512]
+    assert torch.allclose(encoder(clip), frames.mean(dim=1), atol=1e-5)
+
+
+def test_model_output_shape_with_every_kind():
+    torch.manual_seed(0)
+    specs = [("image", 1), ("image", 3), ("video", 3), ("video", 2), ("vector", 6)]
+    model = models.MultimodalClassifier(specs, num_classes=7)
+    assert (model.num_modalities, model.num_classes, model.fusion, model.mask_mode) == (5, 7, "concat", "feature")
+    assert model.input_specs == specs
+    mask = torch.rand(4, 5) > 0.5
+    mask[:, 0] = True
+    assert model(make_inputs(specs, batch=4), mask).shape == (4, 7)
+
+
+@pytest.mark.parametrize("mask_mode", models.MASK_MODES)
+def test_all_ones_mask_equals_no_mask(mask_mode):
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(THREE, 5, mask_mode=mask_mode).eval()
+    inputs = make_inputs(THREE)
+    assert torch.equal(model(inputs, torch.ones(6, 3, dtype=torch.bool)), model(inputs))
+
+
+def test_feature_masked_modality_gets_zero_gradient():
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(TWO, 5, fusion="concat", mask_mode="feature")
+    inputs, target = make_inputs(TWO), torch.randint(0, 5, (6,))
+    mask = torch.ones(6, 2, dtype=torch.bool)
+    mask[:3, 1] = False  # rows 0-2 drop the vector modality
+    logits = model(inputs, mask)
+    F.cross_entropy(logits[:3], target[:3]).backward()  # a loss from the rows without modality 1 only
+    grads = [p.grad for p in model.encoders[1].parameters()]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    assert any(torch.count_nonzero(p.grad) > 0 for p in model.encoders[0].parameters())
+
+
+def test_encode_skips_encoders_of_absent_modalities():
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(THREE, 5)
+    calls = [count_calls(encoder) for encoder in model.encoders]
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    features = model.encode(make_inputs(THREE), mask)
+    assert calls == [[5], [3], []]  # encoder i saw only its present rows; encoder 2 never ran
+    assert torch.count_nonzero(features[2]) == 0 and features[2].shape == (6, 128)
+
+
+def test_feature_mode_sub_batch_rows_equal_full_batch_in_eval():
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(TWO, 5).eval()
+    inputs = make_inputs(TWO)
+    mask = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    full, masked = model.encode(inputs), model.encode(inputs, mask)
+    for i in range(2):
+        assert torch.allclose(masked[i][mask[:, i]], full[i][mask[:, i]], atol=1e-5)
+        assert torch.count_nonzero(masked[i][~mask[:, i]]) == 0
+
+
+def test_feature_mode_batchnorm_statistics_come_from_present_rows():
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(TWO, 5).train()
+    reference = models.MultimodalClassifier(TWO, 5).train()
+    reference.load_state_dict(model.state_dict())
+    inputs = make_inputs(TWO)
+    mask = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 1], [1, 0], [1, 1]], dtype=torch.bool)
+    model(inputs, mask)
+    reference.encoders[1](inputs[1][mask[:, 1]])  # the present rows alone
+    bn, bn_reference = model.encoders[1].stages.layer1[1], reference.encoders[1].stages.layer1[1]
+    assert torch.allclose(bn.running_mean, bn_reference.running_mean)
+    assert torch.allclose(bn.running_var, bn_reference.running_var)
+
+
+def zeroed(inputs, mask):
+    return [x * mask[:, i].view(-1, *[1] * (x.dim() - 1)) for i, x in enumerate(inputs)]
+
+
+def test_input_mode_eval_constant_feature_equals_zeroed_inputs():
+    torch.manual_seed(0)
+    specs = [("image", 1), ("video", 2), ("vector", 6)]
+    model = models.MultimodalClassifier(specs, 5, mask_mode="input").eval()
+    inputs = make_inputs(specs)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool)
+    calls = count_calls(model.encoders[0])
+    shortcut = model(inputs, mask)
+    assert calls == [1, 4]  # one zero sample for the constant feature, then only the 4 present rows
+    assert torch.allclose(shortcut, model(zeroed(inputs, mask)), atol=1e-5)
+
+
+def test_input_mode_training_runs_encoders_on_zeroed_inputs():
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(TWO, 5, mask_mode="input").train()
+    inputs = make_inputs(TWO)
+    mask = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    calls = count_calls(model.encoders[0])
+    masked = model(inputs, mask)
+    assert calls == [6]  # the whole batch: BatchNorm's batch statistics include the zeroed rows
+    assert torch.allclose(masked, model(zeroed(inputs, mask)), atol=1e-5)
+
+
+@pytest.mark.parametrize("specs", [TWO, THREE], ids=["2 modalities", "3 modalities"])
+@pytest.mark.parametrize("mask_mode", models.MASK_MODES)
+@pytest.mark.parametrize("fusion", models.FUSIONS)
+def test_coalition_predictor_equals_forward(fusion, mask_mode, specs):
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(specs, 5, fusion=fusion, mask_mode=mask_mode)
+    model(make_inputs(specs, batch=8))  # one training step's worth of BatchNorm statistics
+    model.eval()
+    inputs = make_inputs(specs)
+    calls = count_calls(model.encoders[0])
+    masks = list(coalition_masks(len(specs), batch=6)) + [torch.rand(6, len(specs)) > 0.5]  # last: mixed rows
+    with torch.no_grad():
+        predict = model.coalition_predictor(inputs)
+        predicted = [predict(mask) for mask in masks]
+        assert len(calls) == (1 if mask_mode == "feature" else 2)  # the batch (and one zero sample), once
+        for mask, logits in zip(masks, predicted):
+            assert torch.allclose(logits, model(inputs, mask), atol=1e-5), mask.tolist()
+
+
+def test_coalition_predictor_in_training_mode_equals_forward():
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(TWO, 5).train()
+    inputs = make_inputs(TWO)
+    predict = model.coalition_predictor(inputs)
+    for mask in coalition_masks(2, batch=6):
+        assert torch.allclose(predict(mask), model(inputs, mask), atol=1e-5)
+
+
+def test_decision_fusion_averages_the_present_modalities():
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(THREE, 5, fusion="decision").eval()
+    inputs = make_inputs(THREE)
+    features = model.encode(inputs)
+    alone = [fc(feature) for fc, feature in zip(model.head.fcs, features)]
+    mask = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=torch.bool)
+    logits = model(inputs, mask)
+    for row in range(6):
+        expected = torch.stack([alone[i][row] for i in range(3) if mask[row, i]]).mean(dim=0)
+        assert torch.allclose(logits[row], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["film", "gated"])
+def test_conditioning_modality_changes_the_prediction(fusion):
+    torch.manual_seed(0)
+    head = models.FUSION_HEADS[fusion]([6, 4, 8], num_classes=5)
+    features = [torch.randn(3, 6), torch.randn(3, 4), torch.randn(3, 8)]
+    mask = torch.ones(3, 3, dtype=torch.bool)
+    for i in range(3):
+        changed = list(features)
+        changed[i] = torch.randn(3, features[i].shape[1])
+        assert not torch.allclose(head(changed, mask), head(features, mask))
+
+
+def test_adapt_first_conv_averages_rgb_kernels():
+    torch.manual_seed(0)
+    rgb = torch.randn(64, 3, 7, 7)
+    for channels in (1, 2, 4):
+        adapted = models.adapt_first_conv(rgb, channels)
+        assert adapted.shape == (64, channels, 7, 7)
+        for c in range(channels):
+            assert torch.allclose(adapted[:, c], (rgb[:, 0] + rgb[:, 1] + rgb[:, 2]) / 3)
+    assert torch.equal(models.adapt_first_conv(rgb, 3), rgb)
+    with pytest.raises(ValueError, match="RGB kernels"):
+        models.adapt_first_conv(torch.randn(64, 2, 7, 7), 1)
+
+
+def test_pretrained_starts_from_the_imagenet_state(monkeypatch):
+    torch.manual_seed(0)
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()
+    requested = []
+
+    def fake_loader(url, **kwargs):
+        requested.append(url)
+        return {name: value.clone() for name, value in imagenet.items()}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_loader)
+    flow = models.build_encoder("video", 2, pretrained=True)
+    assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url]
+    assert torch.equal(flow.stages.stem[0].weight, models.adapt_first_conv(imagenet["conv1.weight"], 2))
+    assert torch.equal(flow.stages.layer3[1].conv2.weight, imagenet["layer3.1.conv2.weight"])
+    assert torch.equal(flow.stages.stem[1].running_var, imagenet["bn1.running_var"])
+    rgb = models.MultimodalClassifier([("image", 3), ("vector", 6)], 5, pretrained=True)
+    assert torch.equal(rgb.encoders[0].stages.stem[0].weight, imagenet["conv1.weight"])
+
+
+def test_pretrained_without_weights_raises_a_clear_error(monkeypatch):
+    def offline(url, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="resnet18-f37072fd.pth") as error:
+        models.build_encoder("image", 1, pretrained=True)
+    assert torch.hub.get_dir() in str(error.value) and "TORCH_HOME" in str(error.value)
+
+
+@pytest.mark.parametrize("mask_mode", models.MASK_MODES)
+@pytest.mark.parametrize("fusion", models.FUSIONS)
+def test_every_fusion_trains(fusion, mask_mode):
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(TWO, 5, fusion=fusion, mask_mode=mask_mode).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    inputs, target = make_inputs(TWO, batch=8), torch.randint(0, 5, (8,))
+    mask = torch.ones(8, 2, dtype=torch.bool)
+    mask[0, 1] = mask[1, 1] = mask[2, 0] = mask[3, 0] = False  # two uni-modal copies of each modality
+    before = [p.detach().clone() for p in model.head.parameters()]
+    losses = []
+    for _ in range(3):
+        loss = F.cross_entropy(model(inputs, mask), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.head.parameters()))
+
+
+def test_default_mask_names_a_mode_for_every_fusion():
+    assert set(models.DEFAULT_MASK) == set(models.FUSIONS)
+    assert all(mode in models.MASK_MODES for mode in models.DEFAULT_MASK.values())
+    assert models.build_model(TWO, 5, fusion="gated").mask_mode == models.DEFAULT_MASK["gated"]
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="concat"):
+        models.MultimodalClassifier(TWO, 5, fusion="attention")
+    with pytest.raises(ValueError, match="feature"):
+        models.MultimodalClassifier(TWO, 5, mask_mode="dropout")
+    with pytest.raises(ValueError, match="image"):
+        models.MultimodalClassifier([("audio", 1)], 5)
+    with pytest.raises(ValueError, match="channels"):
+        models.build_encoder("image", 0)
+    with pytest.raises(ValueError, match="num_classes"):
+        models.MultimodalClassifier(TWO, 0)
+    with pytest.raises(ValueError, match="input_specs"):
+        models.MultimodalClassifier([], 5)
+    model = models.MultimodalClassifier(TWO, 5)
+    inputs = make_inputs(TWO)
+    with pytest.raises(ValueError, match="2 tensors"):
+        model(inputs[:1])
+    with pytest.raises(ValueError, match=r"inputs\[0\]"):
+        model([torch.randn(6, 3, 32, 32), inputs[1]])
+    with pytest.raises(ValueError, match="batch size"):
+        model([inputs[0], inputs[1][:4]])
+    with pytest.raises(ValueError, match="mask"):
+        model(inputs, torch.ones(6, 3, dtype=torch.bool))
