@@ -84,15 +84,21 @@ class ResNetEncoder(nn.Module):
             pool=nn.Sequential(net.avgpool, nn.Flatten(1)),
         ))
 
+    def to_frames(self, x):
+        """Video [B, C, T, H, W] -> ([B*T, C, H, W], T); an image batch is returned as is, with T = 1."""
+        if not self.video:
+            return x, 1
+        return x.transpose(1, 2).flatten(0, 1), x.shape[2]
+
+    def from_frames(self, features, frames):
+        """[B*T, 512] -> [B, 512]: the mean of each sample's T frame features."""
+        return features.view(-1, frames, self.out_dim).mean(dim=1)
+
     def forward(self, x):
-        batch = x.shape[0]
-        if self.video:  # [B, C, T, H, W] -> [B*T, C, H, W]
-            x = x.transpose(1, 2).flatten(0, 1)
+        x, frames = self.to_frames(x)
         for stage in self.stages:
             x = stage(x)
-        if self.video:  # [B*T, 512] -> [B, 512], the mean over the T frames
-            x = x.view(batch, -1, self.out_dim).mean(dim=1)
-        return x
+        return self.from_frames(x, frames)
 
 
 class MLPEncoder(nn.Module):
@@ -114,12 +120,15 @@ class MLPEncoder(nn.Module):
 
 
 def build_encoder(kind, channels, pretrained=False):
-    """The encoder of one modality; `pretrained` starts ResNets from ImageNet (vector encoders start from scratch)."""
+    """The encoder of one modality, with attribute out_dim: ResNet-18 for "image" [B, C, H, W] and "video"
+    [B, C, T, H, W] (channels = C), from ImageNet weights if pretrained; MLP for "vector" [B, D] (channels = D)."""
     if kind not in KINDS:
         raise ValueError(f"unknown modality kind {kind!r}; expected one of {KINDS}")
     if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
         raise ValueError(f"channels of a {kind!r} modality must be a positive integer, got {channels!r}")
     if kind == "vector":
+        if pretrained:
+            raise ValueError("pretrained=True: there are no pretrained weights for the MLP of a 'vector' modality")
         return MLPEncoder(channels)
     return ResNetEncoder(channels, video=(kind == "video"), pretrained=pretrained)
 
@@ -253,11 +262,13 @@ class MultimodalClassifier(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {MASK_MODES}")
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         input_specs = [tuple(spec) for spec in input_specs]
         if not input_specs or any(len(spec) != 2 for spec in input_specs):
             raise ValueError(f"input_specs must be a non-empty list of (kind, channels) pairs, got {input_specs!r}")
+        if pretrained and all(kind == "vector" for kind, _ in input_specs):
+            raise ValueError("pretrained=True needs an 'image' or 'video' modality; all of input_specs are vectors")
         self.input_specs = input_specs
         self.num_modalities = len(input_specs)
         self.num_classes = num_classes
@@ -266,7 +277,9 @@ class MultimodalClassifier(nn.Module):
         # True for fusions whose cross-modal modules sit between encoder stages (CentralNet, MMTM): a coalition
         # then needs the whole network, not just the head (see coalition_predictor)
         self.mixes_inside = False
-        self.encoders = nn.ModuleList(build_encoder(kind, channels, pretrained) for kind, channels in input_specs)
+        # pretrained applies to the ResNets; vector encoders start from scratch
+        self.encoders = nn.ModuleList(build_encoder(kind, channels, pretrained and kind != "vector")
+                                      for kind, channels in input_specs)
         self.head = FUSION_HEADS[fusion]([encoder.out_dim for encoder in self.encoders], num_classes)
 
     def check_inputs(self, inputs):
@@ -284,13 +297,14 @@ class MultimodalClassifier(nn.Module):
                 raise ValueError(f"inputs[{i}] has batch size {x.shape[0]}, inputs[0] has {inputs[0].shape[0]}")
 
     def check_mask(self, mask, batch, device):
-        """The mask as a BoolTensor [B, n] on `device` (all True when None); nonzero entries count as present."""
+        """The mask, a BoolTensor [B, n] (all True when None), moved to `device`."""
         if mask is None:
             return torch.ones(batch, self.num_modalities, dtype=torch.bool, device=device)
-        if not torch.is_tensor(mask) or tuple(mask.shape) != (batch, self.num_modalities):
-            shape = list(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
-            raise ValueError(f"mask: expected a BoolTensor [{batch}, {self.num_modalities}], got {shape}")
-        return mask.to(device=device, dtype=torch.bool)
+        if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != (batch, self.num_modalities):
+            got = f"{mask.dtype} {list(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__
+            raise ValueError(f"mask: expected a BoolTensor [{batch}, {self.num_modalities}] (True = modality "
+                             f"present), got {got}")
+        return mask.to(device)
 
     def absent_feature(self, i, x):
         """What the head sees for modality i where it is absent, [d_i]: zeros in feature mode; in input mode, the
@@ -307,7 +321,8 @@ class MultimodalClassifier(nn.Module):
         training, it instead runs on the whole batch with the absent rows' input zeroed, which is exact for
         BatchNorm's batch statistics. So in feature mode an encoder's BatchNorm statistics in training come only
         from the samples in which its modality is present: uni-modal copies of other modalities do not dilute
-        them with zeros, and a uni-modal copy costs about one encoder."""
+        them with zeros, and a uni-modal copy costs about one encoder. (A modality present in a single row of a
+        training batch then makes BatchNorm fail, as any training batch of one sample does.)"""
         self.check_inputs(inputs)
         batch = inputs[0].shape[0]
         present = self.check_mask(present, batch, inputs[0].device)

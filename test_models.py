@@ -176,13 +176,15 @@ def test_coalition_predictor_equals_forward(fusion, mask_mode, specs):
             assert torch.allclose(logits, model(inputs, mask), atol=1e-5), mask.tolist()
 
 
-def test_coalition_predictor_in_training_mode_equals_forward():
+@pytest.mark.parametrize("mask_mode", models.MASK_MODES)
+def test_coalition_predictor_in_training_mode_equals_forward(mask_mode):
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5).train()
+    model = models.MultimodalClassifier(TWO, 5, mask_mode=mask_mode).train()
     inputs = make_inputs(TWO)
     predict = model.coalition_predictor(inputs)
-    for mask in coalition_masks(2, batch=6):
-        assert torch.allclose(predict(mask), model(inputs, mask), atol=1e-5)
+    mixed = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    for mask in list(coalition_masks(2, batch=6)) + [mixed]:  # batch statistics depend on the present rows
+        assert torch.allclose(predict(mask), model(inputs, mask), atol=1e-5), mask.tolist()
 
 
 def test_decision_fusion_averages_the_present_modalities():
@@ -289,7 +291,11 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="channels"):
         models.build_encoder("image", 0)
     with pytest.raises(ValueError, match="num_classes"):
-        models.MultimodalClassifier(TWO, 0)
+        models.MultimodalClassifier(TWO, 1)
+    with pytest.raises(ValueError, match="pretrained"):
+        models.build_encoder("vector", 6, pretrained=True)
+    with pytest.raises(ValueError, match="pretrained"):
+        models.MultimodalClassifier([("vector", 6), ("vector", 4)], 5, pretrained=True)
     with pytest.raises(ValueError, match="input_specs"):
         models.MultimodalClassifier([], 5)
     model = models.MultimodalClassifier(TWO, 5)
@@ -302,3 +308,5 @@ def test_bad_arguments_raise():
         model([inputs[0], inputs[1][:4]])
     with pytest.raises(ValueError, match="mask"):
         model(inputs, torch.ones(6, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="BoolTensor"):
+        model(inputs, torch.ones(6, 2))
