@@ -322,7 +322,8 @@ class MultimodalClassifier(nn.Module):
         BatchNorm's batch statistics. So in feature mode an encoder's BatchNorm statistics in training come only
         from the samples in which its modality is present: uni-modal copies of other modalities do not dilute
         them with zeros, and a uni-modal copy costs about one encoder. (A modality present in a single row of a
-        training batch then makes BatchNorm fail, as any training batch of one sample does.)"""
+        training batch can then make BatchNorm fail, in the MLP or in a ResNet on tiny images, as any training
+        batch of one sample does.)"""
         self.check_inputs(inputs)
         batch = inputs[0].shape[0]
         present = self.check_mask(present, batch, inputs[0].device)
