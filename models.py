@@ -134,10 +134,11 @@ def build_encoder(kind, channels, pretrained=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# fusion heads: pooled features (list of [B, d_i]) and the mask [B, n] -> logits [B, K]
+# fusion heads: pooled features (list of [B, d_i]) -> logits [B, K]
 #
-# The features an absent modality hands to the head are already replaced by encode(): zeros in feature mode, its
-# encoder's answer to an all-zero input in input mode. Only the decision head reads the mask itself.
+# No head reads the mask: an absent modality reaches the head as the feature that replaced it (zeros in feature
+# mode, its encoder's answer to an all-zero input in input mode), so both mask modes mean exactly what they say
+# for every fusion.
 
 
 class ConcatFusion(nn.Module):
@@ -147,7 +148,7 @@ class ConcatFusion(nn.Module):
         super().__init__()
         self.fc = nn.Linear(sum(feature_dims), num_classes)
 
-    def forward(self, features, mask):
+    def forward(self, features):
         return self.fc(torch.cat(features, dim=1))
 
 
@@ -158,23 +159,20 @@ class SumFusion(nn.Module):
         super().__init__()
         self.fcs = nn.ModuleList(nn.Linear(dim, num_classes) for dim in feature_dims)
 
-    def forward(self, features, mask):
+    def forward(self, features):
         return sum(fc(feature) for fc, feature in zip(self.fcs, features))
 
 
 class DecisionFusion(nn.Module):
-    """Late fusion: each modality its own classifier Linear(d_i, K); the logits of the modalities a row keeps are
-    averaged, so a uni-modal row is exactly that modality's classifier and an absent modality takes no part
-    (a row that keeps none gets zero logits)."""
+    """Late fusion: each modality its own classifier Linear(d_i, K), logits averaged over the modalities. An absent
+    modality votes with its classifier's answer to the feature that replaced it (its bias in feature mode)."""
 
     def __init__(self, feature_dims, num_classes):
         super().__init__()
         self.fcs = nn.ModuleList(nn.Linear(dim, num_classes) for dim in feature_dims)
 
-    def forward(self, features, mask):
-        logits = torch.stack([fc(feature) for fc, feature in zip(self.fcs, features)], dim=1)  # [B, n, K]
-        keep = mask.unsqueeze(2).to(logits.dtype)  # [B, n, 1]
-        return (logits * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+    def forward(self, features):
+        return torch.stack([fc(feature) for fc, feature in zip(self.fcs, features)]).mean(dim=0)
 
 
 class FiLMFusion(nn.Module):
@@ -194,7 +192,7 @@ class FiLMFusion(nn.Module):
         self.films = nn.ModuleList(nn.Linear(dim, 2 * width) for dim in feature_dims[:-1])
         self.fc = nn.Linear(width, num_classes)
 
-    def forward(self, features, mask):
+    def forward(self, features):
         h = self.project(features[-1])  # [B, width]
         for film, feature in zip(self.films, features[:-1]):
             gamma, beta = film(feature).chunk(2, dim=1)
@@ -218,7 +216,7 @@ class GatedFusion(nn.Module):
         self.gates = nn.ModuleList(nn.Linear(dim, width) for dim in feature_dims[:-1])
         self.fc = nn.Linear(width, num_classes)
 
-    def forward(self, features, mask):
+    def forward(self, features):
         h = self.project(features[-1])  # [B, width]
         for gate, feature in zip(self.gates, features[:-1]):
             h = torch.sigmoid(gate(feature)) * h
@@ -248,6 +246,22 @@ DEFAULT_MASK = {
 
 # ----------------------------------------------------------------------------------------------
 # the multimodal classifier H(.) with modality masks
+
+
+def run_encoder(encoder, x):
+    """encoder(x), except that a training batch of a single row, which has no batch statistics, is normalised with
+    BatchNorm's running statistics (and does not update them); gradients flow as usual. Re-sampled epochs make such
+    rows possible: a shuffled batch can hold one sample that keeps a given modality."""
+    if not (encoder.training and x.shape[0] == 1):
+        return encoder(x)
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for norm in norms:
+        norm.eval()
+    try:
+        return encoder(x)
+    finally:
+        for norm in norms:
+            norm.train()
 
 
 class MultimodalClassifier(nn.Module):
@@ -321,9 +335,8 @@ class MultimodalClassifier(nn.Module):
         training, it instead runs on the whole batch with the absent rows' input zeroed, which is exact for
         BatchNorm's batch statistics. So in feature mode an encoder's BatchNorm statistics in training come only
         from the samples in which its modality is present: uni-modal copies of other modalities do not dilute
-        them with zeros, and a uni-modal copy costs about one encoder. (A modality present in a single row of a
-        training batch can then make BatchNorm fail, in the MLP or in a ResNet on tiny images, as any training
-        batch of one sample does.)"""
+        them with zeros, and a uni-modal copy costs about one encoder. A modality present in a single row of a
+        training batch is normalised with BatchNorm's running statistics (see run_encoder)."""
         self.check_inputs(inputs)
         batch = inputs[0].shape[0]
         present = self.check_mask(present, batch, inputs[0].device)
@@ -331,29 +344,37 @@ class MultimodalClassifier(nn.Module):
         for i, (encoder, x) in enumerate(zip(self.encoders, inputs)):
             keep = present[:, i]  # [B]
             if keep.all():
-                features.append(encoder(x))
+                features.append(run_encoder(encoder, x))
             elif self.mask_mode == "input" and self.training:
                 keep_x = keep.view(-1, *[1] * (x.dim() - 1))
-                features.append(encoder(x.masked_fill(~keep_x, 0)))
+                features.append(run_encoder(encoder, x.masked_fill(~keep_x, 0)))
             else:
                 fill = self.absent_feature(i, x)  # [d_i]
                 rows = keep.nonzero().squeeze(1)  # [B_i]
                 if len(rows) == 0:
                     features.append(fill.expand(batch, -1))
                 else:
-                    kept = encoder(x[rows])  # [B_i, d_i]
+                    kept = run_encoder(encoder, x[rows])  # [B_i, d_i]
                     features.append(fill.to(kept.dtype).expand(batch, -1).index_copy(0, rows, kept))
         return features
 
-    def fuse(self, features, mask=None):
-        """Logits [B, K] from the pooled features (absent rows already replaced, as encode() leaves them)."""
+    def fuse(self, features, mask=None, absent=None):
+        """Logits [B, K] from the pooled features, one [B, d_i] per modality.
+
+        Where mask [B, n] is False, modality i's row is first replaced by absent[i] ([d_i]; zeros when absent is
+        None). Features from encode(inputs, mask) need no mask: encode has already removed the absent modalities."""
         if len(features) != self.num_modalities:
             raise ValueError(f"features: expected {self.num_modalities} tensors, got {len(features)}")
-        mask = self.check_mask(mask, features[0].shape[0], features[0].device)
-        return self.head(features, mask)
+        if mask is not None:
+            mask = self.check_mask(mask, features[0].shape[0], features[0].device)
+            if absent is None:
+                absent = [feature.new_zeros(feature.shape[1]) for feature in features]
+            features = [torch.where(mask[:, i, None], feature, fill.to(feature.dtype))
+                        for i, (feature, fill) in enumerate(zip(features, absent))]
+        return self.head(features)
 
     def forward(self, inputs, mask=None):
-        return self.fuse(self.encode(inputs, mask), mask)
+        return self.fuse(self.encode(inputs, mask))
 
     def coalition_predictor(self, inputs):
         """predict(mask) -> logits [B, K] for the coalitions in mask [B, n] (what shapley_mm.valuate calls).
@@ -367,14 +388,7 @@ class MultimodalClassifier(nn.Module):
             return lambda mask: self(inputs, mask)
         features = self.encode(inputs)
         absent = [self.absent_feature(i, x) for i, x in enumerate(inputs)]
-
-        def predict(mask):
-            mask = self.check_mask(mask, features[0].shape[0], features[0].device)
-            kept = [torch.where(mask[:, i, None], feature, fill.to(feature.dtype))
-                    for i, (feature, fill) in enumerate(zip(features, absent))]
-            return self.fuse(kept, mask)
-
-        return predict
+        return lambda mask: self.fuse(features, mask, absent)
 
 
 def build_model(input_specs, num_classes, fusion="concat", mask_mode=None, pretrained=False):

@@ -16,6 +16,15 @@ TWO = [("image", 1), ("vector", 6)]
 THREE = [("image", 1), ("vector", 6), ("vector", 4)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one intra-op thread is far faster than two threads contending for shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_inputs(specs, batch=6):
     return [torch.randn(batch, *SHAPES[spec]) for spec in specs]
 
@@ -134,11 +143,15 @@ def zeroed(inputs, mask):
     return [x * mask[:, i].view(-1, *[1] * (x.dim() - 1)) for i, x in enumerate(inputs)]
 
 
-def test_input_mode_eval_constant_feature_equals_zeroed_inputs():
+@pytest.mark.parametrize("fusion", models.FUSIONS)
+def test_input_mode_eval_constant_feature_equals_zeroed_inputs(fusion):
     torch.manual_seed(0)
     specs = [("image", 1), ("video", 2), ("vector", 6)]
-    model = models.MultimodalClassifier(specs, 5, mask_mode="input").eval()
+    model = models.MultimodalClassifier(specs, 5, fusion=fusion, mask_mode="input")
+    model(make_inputs(specs, batch=8))  # BatchNorm statistics away from (0, 1): a fresh ResNet maps zeros to zeros
+    model.eval()
     inputs = make_inputs(specs)
+    assert torch.count_nonzero(model.absent_feature(0, inputs[0])) > 0
     mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1], [0, 0, 1], [1, 0, 0]], dtype=torch.bool)
     calls = count_calls(model.encoders[0])
     shortcut = model(inputs, mask)
@@ -187,17 +200,17 @@ def test_coalition_predictor_in_training_mode_equals_forward(mask_mode):
         assert torch.allclose(predict(mask), model(inputs, mask), atol=1e-5), mask.tolist()
 
 
-def test_decision_fusion_averages_the_present_modalities():
+def test_decision_fusion_averages_the_classifiers_over_zeroed_features():
     torch.manual_seed(0)
     model = models.MultimodalClassifier(THREE, 5, fusion="decision").eval()
     inputs = make_inputs(THREE)
     features = model.encode(inputs)
-    alone = [fc(feature) for fc, feature in zip(model.head.fcs, features)]
     mask = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=torch.bool)
     logits = model(inputs, mask)
-    for row in range(6):
-        expected = torch.stack([alone[i][row] for i in range(3) if mask[row, i]]).mean(dim=0)
-        assert torch.allclose(logits[row], expected, atol=1e-5)
+    for row in range(6):  # an absent modality's classifier sees a zero feature and votes with its bias
+        votes = [fc(features[i][row] if mask[row, i] else torch.zeros_like(features[i][row]))
+                 for i, fc in enumerate(model.head.fcs)]
+        assert torch.allclose(logits[row], torch.stack(votes).mean(dim=0), atol=1e-5)
 
 
 @pytest.mark.parametrize("fusion", ["film", "gated"])
@@ -205,11 +218,10 @@ def test_conditioning_modality_changes_the_prediction(fusion):
     torch.manual_seed(0)
     head = models.FUSION_HEADS[fusion]([6, 4, 8], num_classes=5)
     features = [torch.randn(3, 6), torch.randn(3, 4), torch.randn(3, 8)]
-    mask = torch.ones(3, 3, dtype=torch.bool)
     for i in range(3):
         changed = list(features)
         changed[i] = torch.randn(3, features[i].shape[1])
-        assert not torch.allclose(head(changed, mask), head(features, mask))
+        assert not torch.allclose(head(changed), head(features))
 
 
 def test_adapt_first_conv_averages_rgb_kernels():
@@ -310,3 +322,22 @@ def test_bad_arguments_raise():
         model(inputs, torch.ones(6, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="BoolTensor"):
         model(inputs, torch.ones(6, 2))
+
+
+def test_a_single_present_row_trains_on_running_statistics():
+    """A re-sampled batch can hold one row that keeps a modality: BatchNorm has no batch statistics for it."""
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier([("vector", 6), ("vector", 5)], num_classes=3)
+    model.train()
+    inputs = [torch.randn(4, 6), torch.randn(4, 5)]
+    mask = torch.tensor([[True, True], [False, True], [False, True], [False, True]])  # modality 0 in one row
+    norm = model.encoders[0].stages.layer1[1]
+    running_mean = norm.running_mean.clone()
+    loss = torch.nn.functional.cross_entropy(model(inputs, mask), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.equal(norm.running_mean, running_mean)  # the lone row does not update the statistics
+    assert model.encoders[0].stages.layer1[0].weight.grad.abs().sum() > 0
+    assert norm.training  # switched back after the lone row
+    # a whole training batch of one sample goes through too
+    model(inputs=[x[:1] for x in inputs]).sum().backward()
