@@ -525,9 +525,7 @@ def train(args):
 
         copy_index, copy_modality = shapley_mm.expand_copies(copies)
         epoch_set = data.ResampledDataset(train_set, copy_index, copy_modality)  # D^rs = D + copies
-        # BatchNorm cannot train on a batch of one: drop a lone last sample (it is a random one)
-        lone_last = len(epoch_set) % args.batch_size == 1
-        loader = DataLoader(epoch_set, shuffle=True, generator=generator, drop_last=lone_last, **loader_kwargs)
+        loader = DataLoader(epoch_set, shuffle=True, generator=generator, **loader_kwargs)
         lr = optimizer.param_groups[0]["lr"]
         train_loss, train_samples = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args.amp)
         scheduler.step()

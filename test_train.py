@@ -1,0 +1,158 @@
+"""End-to-end tests of train.py: every mode on synthetic and mfeat data, the log, --eval-only, --help."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import shapley_mm
+import train
+
+# small, quick settings: 2 epochs of which 1 is warm-up, one batch per epoch before re-sampling
+SYNTHETIC = ["--dataset", "synthetic", "--synthetic-samples", "48", "--synthetic-size", "16", "--epochs", "2",
+             "--warmup", "1", "--batch-size", "48", "--gpu", "-1"]
+MFEAT = ["--dataset", "mfeat", "--epochs", "3", "--warmup", "1", "--batch-size", "128", "--gpu", "-1"]
+
+
+def run(tmp_path, *flags, name="run"):
+    out = str(tmp_path / name)
+    results = train.main(list(flags) + ["--out", out])
+    return out, results, train.load_log(os.path.join(out, "log.jsonl"))
+
+
+def contributions(out, epoch):
+    return np.load(os.path.join(out, "contributions", f"epoch_{epoch:03d}.npz"))
+
+
+@pytest.fixture(scope="module")
+def synthetic_runs(tmp_path_factory):
+    """One short synthetic run per mode, shared by the tests below (runs are the slow part)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return {mode: run(root, *SYNTHETIC, "--mode", mode, name=mode) for mode in train.MODES}
+
+
+@pytest.mark.parametrize("mode", train.MODES)
+def test_every_mode_runs_on_synthetic(synthetic_runs, mode):
+    out, results, log = synthetic_runs[mode]
+    assert [r["epoch"] for r in log] == [0, 1]
+    expected_keys = {"epoch", "phase", "train_loss", "train_samples", "copies", "mean_phi", "val_acc", "val_map",
+                     "val_acc_per_modality", "lr", "seconds"}
+    assert expected_keys <= set(log[0])
+    # copies appear only after warm-up
+    assert log[0]["phase"] == ("baseline" if mode == "baseline" else "warmup")
+    assert log[0]["copies"] == [0, 0] and log[0]["train_samples"] == 48 and log[0]["mean_phi"] is None
+    record = log[1]
+    assert record["phase"] == mode
+    assert record["train_samples"] == 48 + sum(record["copies"])
+    assert len(record["val_acc_per_modality"]) == 2
+    if mode == "baseline":
+        assert record["copies"] == [0, 0] and record["mean_phi"] is None
+    else:
+        assert len(record["mean_phi"]) == 2 and sum(record["copies"]) > 0
+    for key in ("test_acc", "test_map", "test_acc_per_modality"):
+        assert key in results and key in json.load(open(os.path.join(out, "results.json")))
+    assert os.path.exists(os.path.join(out, "best.pt")) and os.path.exists(os.path.join(out, "last.pt"))
+    assert json.load(open(os.path.join(out, "args.json")))["mode"] == mode
+
+
+def test_sample_mode_copies_follow_eq10_on_the_logged_valuation(synthetic_runs):
+    out, _, log = synthetic_runs["sample"]
+    for record in log[1:]:
+        saved = contributions(out, record["epoch"])
+        phi = torch.from_numpy(saved["phi"])
+        assert len(phi) == 48 and record["valued_samples"] == 48
+        assert record["copies"] == shapley_mm.sample_level_copies(phi).sum(0).tolist()
+        assert np.allclose(record["mean_phi"], phi.mean(0).numpy(), atol=1e-6)
+        # Eq. 1-3 with two modalities: phi_a + phi_v = v(N), each in {-0.5, 0, 0.5, 1, 1.5}
+        assert set(phi.flatten().tolist()) <= {-0.5, 0.0, 0.5, 1.0, 1.5}
+        assert set(phi.sum(1).tolist()) <= {0.0, 2.0}
+
+
+def test_modality_mode_values_only_the_subset(synthetic_runs):
+    out, _, log = synthetic_runs["modality"]
+    for record in log[1:]:
+        saved = contributions(out, record["epoch"])
+        assert record["valued_samples"] == len(saved["phi"]) == 10  # |Z| = 20 % of 48, rounded
+        assert len(set(saved["index"].tolist())) == 10
+        modality, probability = shapley_mm.modality_level_plan(torch.from_numpy(saved["phi"]))
+        # Eq. 11: only the overall low-contributing modality is re-sampled, int(p * N) copies
+        assert record["copies"][1 - modality] == 0
+        assert record["copies"][modality] == int(probability * 48)
+
+
+def test_naive_keeps_the_per_modality_totals_of_the_sample_rule(synthetic_runs):
+    out, _, log = synthetic_runs["naive"]
+    for record in log[1:]:
+        phi = torch.from_numpy(contributions(out, record["epoch"])["phi"])
+        assert record["copies"] == shapley_mm.sample_level_copies(phi).sum(0).tolist()
+
+
+def test_reversed_gives_all_copies_to_the_higher_contributing_modality(synthetic_runs):
+    out, _, log = synthetic_runs["reversed"]
+    checkpoint = torch.load(os.path.join(out, "last.pt"), weights_only=False)
+    phi, copies = checkpoint["plan"]["phi"], checkpoint["plan"]["copies"]
+    expected = shapley_mm.reversed_copies(phi, shapley_mm.sample_level_copies(phi))
+    assert torch.equal(copies, expected)
+    assert log[-1]["copies"] == expected.sum(0).tolist()
+
+
+def test_three_modalities(tmp_path):
+    _, results, log = run(tmp_path, *SYNTHETIC, "--synthetic-modalities", "3", "--mode", "sample")
+    assert len(log[-1]["copies"]) == 3 and len(log[-1]["mean_phi"]) == 3
+    assert len(results["test_acc_per_modality"]) == 3
+
+
+@pytest.mark.parametrize("mode", ["baseline", "sample", "modality"])
+def test_mfeat_runs(tmp_path, mode):
+    out, results, log = run(tmp_path, *MFEAT, "--mode", mode)
+    assert log[0]["train_samples"] == 1200
+    assert results["modalities"] == ["pix", "mor"]
+    assert 0.0 <= results["test_acc"] <= 1.0
+    if mode != "baseline":
+        assert sum(log[-1]["copies"]) > 0
+
+
+def test_track_phi_values_warmup_and_baseline_epochs(tmp_path):
+    out, _, log = run(tmp_path, *SYNTHETIC, "--mode", "baseline", "--track-phi")
+    assert all(record["copies"] == [0, 0] for record in log)
+    assert all(len(record["mean_phi"]) == 2 for record in log)
+    assert len(contributions(out, 0)["phi"]) == 48
+
+
+def test_eval_only_reproduces_the_logged_validation_accuracy(synthetic_runs):
+    out, results, log = synthetic_runs["sample"]
+    best = max(log, key=lambda r: r["val_acc"])
+    evaluated = train.main(["--eval-only", "--checkpoint", os.path.join(out, "best.pt"), "--eval-split", "val"])
+    assert evaluated["acc"] == pytest.approx(best["val_acc"])
+    assert evaluated["acc_per_modality"] == pytest.approx(best["val_acc_per_modality"])
+    with open(os.path.join(out, "valuation_val.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16
+    assert set(rows[0]) == {"id", "label", "prediction", "phi_spectrogram0", "phi_image1"}
+    accuracy = np.mean([row["label"] == row["prediction"] for row in rows])
+    assert accuracy == pytest.approx(best["val_acc"])
+    tested = train.main(["--eval-only", "--checkpoint", os.path.join(out, "best.pt")])
+    assert tested["acc"] == pytest.approx(results["test_acc"])
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--data-root", "--split-file", "--views", "--mode", "--fusion", "--mask", "--epochs",
+                 "--warmup", "--batch-size", "--optimizer", "--lr", "--momentum", "--weight-decay", "--lr-step",
+                 "--lr-gamma", "--subset-ratio", "--alpha", "--f-m", "--seed", "--gpu", "--workers", "--out",
+                 "--resume", "--eval-only", "--checkpoint", "--pretrained", "--amp"):
+        assert flag in text
+
+
+def test_mean_average_precision_matches_a_hand_computed_example():
+    # class 0 ranks the samples 0, 1, 2, 3; its positives 0 and 2 come 1st and 3rd -> AP = (1/1 + 2/3) / 2
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.1, 0.05]])
+    labels = torch.tensor([0, 1, 0, 1])
+    # class 1 ranks them 2, 1, 0, 3; its positives 1 and 3 come 2nd and 4th -> AP = (1/2 + 2/4) / 2
+    expected = ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 4) / 2) / 2
+    assert train.mean_average_precision(scores, labels) == pytest.approx(expected)
