@@ -91,9 +91,14 @@ def build_mfeat_npz(csv_dir, out_path):
 class MfeatDataset(Dataset):
     """UCI Multiple Features: one "vector" modality per chosen view, in the order given.
     The split is stratified 60/20/20 per class from a fixed seed; each view is standardised with the
-    train split's mean and std (features with zero std are only centred)."""
+    train split's mean and std (features with zero std are only centred).
 
-    def __init__(self, split, views=MFEAT_DEFAULT_VIEWS, path=MFEAT_PATH):
+    degrade > 0 builds sample-level imbalance at dataset-level balance (like MM-Debiased): in every sample one
+    view, drawn uniformly, is blended with Gaussian noise, x <- (1 - s) x + s noise, at a per-sample strength
+    s ~ U(0, degrade). The draw is fixed for the data set (its own seed, not the run's), so every split and run
+    sees the same corruption; `degraded_view` and `degrade_strength` record it per sample."""
+
+    def __init__(self, split, views=MFEAT_DEFAULT_VIEWS, path=MFEAT_PATH, degrade=0.0):
         check_split(split)
         if isinstance(views, str):
             views = tuple(v for v in views.split(",") if v)
@@ -116,6 +121,17 @@ class MfeatDataset(Dataset):
             mean, std = x[train_rows].mean(0), x[train_rows].std(0)
             std = torch.where(std > 1e-8, std, torch.ones_like(std))  # constant feature: centre only
             self.features.append((x[rows] - mean) / std)
+        if not 0.0 <= degrade <= 1.0:
+            raise ValueError(f"degrade must be in [0, 1], got {degrade}")
+        generator = torch.Generator().manual_seed(MFEAT_SPLIT_SEED + 1)
+        num_all = len(all_labels)
+        self.degraded_view = torch.randint(len(views), (num_all,), generator=generator)[rows]  # [N]
+        self.degrade_strength = (degrade * torch.rand(num_all, generator=generator))[rows]  # [N]
+        if degrade > 0:
+            for v, x in enumerate(all_features):
+                noise = torch.randn(num_all, x.shape[1], generator=generator)[rows]  # [N, D_view]
+                s = (self.degrade_strength * (self.degraded_view == v)).unsqueeze(1)  # [N, 1]
+                self.features[v] = (1 - s) * self.features[v] + s * noise
         self.modalities = list(views)
         self.input_specs = [("vector", x.shape[1]) for x in self.features]
         self.labels = all_labels[rows]

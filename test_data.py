@@ -634,3 +634,20 @@ def test_ucf101_errors(tmp_path):
     (tmp_path / "splits" / "classInd.txt").unlink()
     with pytest.raises(data.DataError, match="classInd.txt: UCF-101 class index not found"):
         build()
+
+
+def test_mfeat_degrade_corrupts_one_view_per_sample_at_its_strength():
+    clean = data.build_dataset("mfeat", "train", views=("fou", "kar"))
+    degraded = data.build_dataset("mfeat", "train", views=("fou", "kar"), degrade=0.8)
+    again = data.build_dataset("mfeat", "train", views=("fou", "kar"), degrade=0.8, seed=5)
+    for v in range(2):
+        assert torch.equal(degraded.features[v], again.features[v])  # fixed for the data set, not the run
+        untouched = degraded.degraded_view != v
+        assert torch.equal(degraded.features[v][untouched], clean.features[v][untouched])
+        hit = ~untouched & (degraded.degrade_strength > 0.1)
+        assert (degraded.features[v][hit] - clean.features[v][hit]).abs().sum(1).gt(0).all()
+    # balanced at the dataset level: each view is the degraded one in about half of the samples
+    assert 0.4 < degraded.degraded_view.float().mean() < 0.6
+    assert 0.0 <= degraded.degrade_strength.min() and degraded.degrade_strength.max() <= 0.8
+    with pytest.raises(ValueError, match="degrade"):
+        data.build_dataset("mfeat", "train", degrade=1.5)

@@ -74,6 +74,9 @@ def get_args_parser():
     g.add_argument("--views", default="pix,mor",
                    help=f"mfeat views to use, comma-separated, in order (from {','.join(data.MFEAT_VIEWS)}); "
                         "the default pairs a strong view with a weak one")
+    g.add_argument("--mfeat-degrade", type=float, default=0.0,
+                   help="mfeat: blend one random view of every sample with noise of strength U(0, this), giving "
+                        "sample-level imbalance at dataset-level balance (like MM-Debiased)")
     g.add_argument("--image-size", type=int, default=224, help="frame / image side for ks, mmdebiased, ucf101")
     g.add_argument("--synthetic-modalities", type=int, default=2, help="synthetic: number of modalities")
     g.add_argument("--synthetic-samples", type=int, default=600, help="synthetic: training samples (val, test: a third)")
@@ -159,7 +162,7 @@ def build_datasets(args):
     """train (training transforms), train_eval (the same samples, evaluation transforms), val, test."""
     options = dict(root=args.data_root, split_file=args.split_file, skip_missing=args.skip_missing, seed=args.seed)
     if args.dataset == "mfeat":
-        options["views"] = tuple(v for v in args.views.split(",") if v)
+        options.update(views=tuple(v for v in args.views.split(",") if v), degrade=args.mfeat_degrade)
     elif args.dataset == "synthetic":
         options.update(num_modalities=args.synthetic_modalities, size=args.synthetic_size,
                        sample_discrepancy=args.synthetic_discrepancy, train_size=args.synthetic_samples,
