@@ -1,17 +1,27 @@
-"""Encoders, fusion heads and the maskable multimodal classifier H(.) of the paper (Sec. 3.1).
+"""Encoders, fusion designs and the maskable multimodal classifier H(.) of the paper (Sec. 3.1).
 
 Each modality has its own encoder (ResNet-18 for images, spectrograms, RGB and optical-flow clips; a small MLP for
-vector views) that pools its input to one feature vector; a fusion head maps the list of pooled features to logits.
+vector views). Two families of fusion (Tables 1 and 3 of the paper) share one classifier interface:
+
+  late fusion (concat, sum, decision, film, gated): each encoder pools its input to one feature vector on its own,
+      and a fusion head maps the list of pooled features to logits;
+  cross-modal interaction (centralnet, mmtm): the encoders' stages are walked in lock-step and modules between
+      the stages mix the modalities (CentralNet, Vielzeuf et al. 2018; MMTM, Joze et al. 2020).
+
 The classifier takes a BoolTensor mask [B, n] of the modalities each row keeps, which is how the paper builds the
 prediction from a coalition C of modalities (Eq. 1) and the uni-modal copies of re-sampling (Alg. 1 and 2):
 
-  mask_mode "feature" (the authors' code, the default): an absent modality's pooled feature is zeroed before the head.
-  mask_mode "input"   (the paper's text): an absent modality's input is zeroed before its encoder.
+  mask_mode "feature" (the authors' code; the default for late fusion): an absent modality's pooled feature is
+      zeroed before the head.
+  mask_mode "input"   (the paper's text; the only choice for cross-modal interaction, where no modality has a
+      feature of its own to zero): an absent modality's input is zeroed before its encoder.
 
-coalition_predictor() encodes a batch once and then runs only the fusion head per coalition, so valuing all
-2^n - 1 coalitions of a batch costs about one forward pass.
+coalition_predictor() values all 2^n - 1 coalitions of a batch: for late fusion it encodes the batch once and runs
+only the fusion head per coalition (about one forward pass in all); for cross-modal interaction it runs the whole
+network once per coalition, each time as one batched call over the whole batch.
 """
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -113,6 +123,14 @@ class MLPEncoder(nn.Module):
         self.stages = nn.Sequential(layers)
         self.out_dim = dim
 
+    def to_frames(self, x):
+        """A vector view has no frames: [B, D] is returned as is, with T = 1 (as ResNetEncoder.to_frames)."""
+        return x, 1
+
+    def from_frames(self, features, frames):
+        """[B, d] as is (as ResNetEncoder.from_frames with T = 1)."""
+        return features
+
     def forward(self, x):
         for stage in self.stages:
             x = stage(x)
@@ -181,9 +199,14 @@ class FiLMFusion(nn.Module):
 
     For n modalities the last one is modulated, after projection to a common width (h = Linear(f_n)), and the
     others modulate it in turn: h <- gamma_i(f_i) * h + beta_i(f_i) for i = 1 .. n-1. For two modalities this is
-    OGM-GE's x_film=True (modality 1, e.g. audio, modulates modality 2). An absent conditioning modality (zero
-    feature in feature mode) applies the fixed learned modulation (gamma, beta) = its layer's bias; an absent
-    modulated modality leaves h = the projection's bias for the others to modulate."""
+    OGM-GE's x_film=True (modality 1, e.g. audio, modulates modality 2).
+
+    A missing modality: an absent conditioning modality applies one fixed modulation, (gamma, beta) = its layer's
+    bias in feature mode (zero feature) or its layer's answer to the encoder's zero-input feature in input mode
+    (constant in eval mode); an absent modulated modality leaves h = the projection's bias (feature mode) or the
+    projection of the zero-input feature (input mode) for the others to modulate. So a uni-modal copy keeping only
+    the modulated modality trains it through fixed affine maps, and one keeping only a conditioning modality
+    predicts from the modulation it applies to a constant h."""
 
     def __init__(self, feature_dims, num_classes):
         super().__init__()
@@ -223,7 +246,7 @@ class GatedFusion(nn.Module):
         return self.fc(h)
 
 
-# fusion name -> head class, built as head(feature_dims, num_classes)
+# late fusion: fusion name -> head class, built as head(feature_dims, num_classes)
 FUSION_HEADS = {
     "concat": ConcatFusion,
     "sum": SumFusion,
@@ -231,44 +254,174 @@ FUSION_HEADS = {
     "film": FiLMFusion,
     "gated": GatedFusion,
 }
-FUSIONS = tuple(FUSION_HEADS)
 
-# the masking each fusion uses unless told otherwise: every head above fuses pooled features, so zeroing an
-# absent modality's feature (the authors' choice) is exact and cheap for all of them
+
+# ----------------------------------------------------------------------------------------------
+# cross-modal interaction between encoder stages (Table 3): CentralNet and MMTM
+#
+# Both walk the stages of all encoders in lock-step and meet at "levels", each one just after a given stage (a
+# tap) of every encoder. ResNet-18 has more stages than the MLP of a vector view, so encoders of different depths
+# meet at their deepest taps and a model has as many levels as its shallowest encoder has taps: a ResNet with an
+# MLP meets after (layer3, layer1) and (layer4, layer2) for both designs.
+
+# fusion -> encoder class -> the stages a level follows, shallow to deep
+MIXING_TAPS = {
+    # CentralNet fuses at every hidden layer: the four residual stages of ResNet-18, the MLP's hidden layers
+    "centralnet": {ResNetEncoder: ("layer1", "layer2", "layer3", "layer4"), MLPEncoder: ("layer1", "layer2")},
+    # MMTM after the last three residual stages, which carry mid- and high-level evidence a modality can share;
+    # the stem and layer1 hold low-level, modality-specific filters
+    "mmtm": {ResNetEncoder: ("layer2", "layer3", "layer4"), MLPEncoder: ("layer1", "layer2")},
+}
+MIXING_FUSIONS = tuple(MIXING_TAPS)
+FUSIONS = tuple(FUSION_HEADS) + MIXING_FUSIONS
+
+# the masking each fusion uses unless told otherwise, and the maskings it allows. Late fusion fuses pooled
+# features, so zeroing an absent modality's feature (the authors' choice) is exact and cheap. CentralNet and MMTM
+# mix the modalities inside the encoders, where a modality has no feature of its own to zero: removing it means
+# zeroing its input (the paper's definition).
 DEFAULT_MASK = {
     "concat": "feature",
     "sum": "feature",
     "decision": "feature",
     "film": "feature",
     "gated": "feature",
+    "centralnet": "input",
+    "mmtm": "input",
 }
+ALLOWED_MASKS = {fusion: (MASK_MODES if fusion in FUSION_HEADS else ("input",)) for fusion in FUSIONS}
+
+
+def split_stages(encoder, taps):
+    """The names of the encoder's stages cut after each tap: one list per tap (the stages up to and including it),
+    then the tail after the last tap (["pool"] for a ResNet, [] for the MLP)."""
+    groups, group = [], []
+    for name, _ in encoder.stages.named_children():
+        group.append(name)
+        if name in taps:
+            groups.append(group)
+            group = []
+    return groups + [group]
+
+
+def stage_channels(stage):
+    """The channels of a stage's output: every ResNet and MLP stage ends its computation with a BatchNorm of that
+    width (a residual block's bn2, the stem's bn1, the MLP layer's BatchNorm1d)."""
+    return [m for m in stage.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)][-1].num_features
+
+
+def global_pool(h, frames):
+    """A stage output pooled over space and, for video, time: [B*T, C, H, W] -> [B, C]; a vector stream [B, C] as
+    is (frames = 1). to_frames folds clip b's frames into rows b*T .. b*T + T - 1."""
+    if h.dim() == 4:
+        h = h.mean(dim=(2, 3))  # [B*T, C]
+    return h.view(-1, frames, h.shape[1]).mean(dim=1)
+
+
+def scale_channels(h, gate, frames):
+    """h [B*T, C, H, W] or [B, C] times gate [B, C], one gate per sample for all its frames and positions."""
+    gate = gate.repeat_interleave(frames, dim=0)  # [B*T, C]
+    return h * gate.view(*gate.shape, *[1] * (h.dim() - 2))
+
+
+class MMTM(nn.Module):
+    """The multimodal transfer module (Joze et al. 2020, Sec. 3.1) over n streams of C_i channels.
+
+    Squeeze: S_i = stream i averaged over space and time [B, C_i]. Joint: Z = ReLU(W [S_1, ..., S_n] + b), of
+    width 2 * sum C_i / ratio (the original's C_Z, ratio 4). Excitation: E_i = W_i Z + b_i, and stream i is
+    rescaled channel-wise by 2 * sigmoid(E_i), a gate in (0, 2) (1 where E_i = 0).
+
+    A missing modality (zeroed input) still has a stream: the encoder's answer to zeros, whose squeeze enters Z
+    like any other, so the present modalities are gated as the module learned to gate them next to a blank
+    modality, and the blank stream is gated by the present ones. With only modality i kept, every stream, and so
+    the prediction, is a function of x^i alone: H(x^i) in the paper's sense."""
+
+    def __init__(self, channels, ratio=4):
+        super().__init__()
+        joint = 2 * sum(channels) // ratio
+        self.joint = nn.Linear(sum(channels), joint)
+        self.excitations = nn.ModuleList(nn.Linear(joint, c) for c in channels)
+
+    def forward(self, streams, frames):
+        squeezed = torch.cat([global_pool(h, t) for h, t in zip(streams, frames)], dim=1)  # [B, sum C_i]
+        joint = torch.relu(self.joint(squeezed))  # [B, C_Z]
+        return [scale_channels(h, 2 * torch.sigmoid(excitation(joint)), t)
+                for excitation, h, t in zip(self.excitations, streams, frames)]
+
+
+class CentralNetLevel(nn.Module):
+    """One layer of CentralNet's central branch (Vielzeuf et al. 2018, Sec. 3): the central input is a learned
+    weighted sum of the branch's previous state and of the modality streams' hidden representations,
+
+        z = alpha_C * c + sum_i alpha_i * P_i(S_i),    c <- ReLU(BN(Linear(z))),
+
+    with S_i stream i averaged over space and time [B, C_i] and P_i a Linear projection to the central width
+    (streams of ResNet stages and MLP layers differ in shape and width; pooling and projecting lets image, video
+    and vector streams meet). The weights alpha start at 1; the first level has no previous state c.
+
+    A missing modality (zeroed input) adds its encoder's answer to zeros, P_j(S_j(0)) weighted by alpha_j, at
+    every level: a constant per coalition in eval mode."""
+
+    def __init__(self, channels, width, first):
+        super().__init__()
+        self.first = first
+        self.projections = nn.ModuleList(nn.Linear(c, width) for c in channels)
+        self.weights = nn.Parameter(torch.ones(len(channels) + (0 if first else 1)))  # alpha_1..alpha_n[, alpha_C]
+        self.layer = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True))
+
+    def forward(self, central, streams, frames):
+        z = sum(self.weights[i] * projection(global_pool(h, t))
+                for i, (projection, h, t) in enumerate(zip(self.projections, streams, frames)))  # [B, width]
+        if not self.first:
+            z = z + self.weights[-1] * central
+        return self.layer(z)
 
 
 # ----------------------------------------------------------------------------------------------
 # the multimodal classifier H(.) with modality masks
 
 
-def run_encoder(encoder, x):
-    """encoder(x), except that a training batch of a single row, which has no batch statistics, is normalised with
-    BatchNorm's running statistics (and does not update them); gradients flow as usual. Re-sampled epochs make such
-    rows possible: a shuffled batch can hold one sample that keeps a given modality."""
-    if not (encoder.training and x.shape[0] == 1):
-        return encoder(x)
-    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+@contextlib.contextmanager
+def batchnorm_running_statistics(module):
+    """Within the block, the BatchNorm layers of `module` that are training normalise with their running statistics
+    (and do not update them); gradients flow as usual."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     for norm in norms:
         norm.eval()
     try:
-        return encoder(x)
+        yield
     finally:
         for norm in norms:
             norm.train()
 
 
+def run_encoder(encoder, x):
+    """encoder(x), except that a training batch of a single row, which has no batch statistics, is normalised with
+    BatchNorm's running statistics. Re-sampled epochs make such rows possible: a shuffled batch can hold one sample
+    that keeps a given modality."""
+    if not (encoder.training and x.shape[0] == 1):
+        return encoder(x)
+    with batchnorm_running_statistics(encoder):
+        return encoder(x)
+
+
+def run_stages(encoder, names, x):
+    """x through the named stages of the encoder, in order."""
+    for name in names:
+        x = encoder.stages.get_submodule(name)(x)
+    return x
+
+
 class MultimodalClassifier(nn.Module):
-    """One encoder per modality and a fusion head; forward(inputs, mask) predicts from the modalities each row keeps.
+    """One encoder per modality and a fusion design; forward(inputs, mask) predicts from the modalities each row
+    keeps.
 
     input_specs: one (kind, channels) per modality, kind in KINDS. inputs: one tensor per modality, image
-    [B, C, H, W], video [B, C, T, H, W], vector [B, D]. mask: BoolTensor [B, n], True = modality present."""
+    [B, C, H, W], video [B, C, T, H, W], vector [B, D]. mask: BoolTensor [B, n], True = modality present.
+
+    Late fusion (FUSION_HEADS) encodes each modality on its own (encode) and fuses the pooled features (fuse).
+    CentralNet and MMTM (MIXING_FUSIONS) walk the encoders' stages in lock-step with `mixers` between them
+    (interact): MMTM rescales the streams and a Concatenation head reads their pooled features, as in the paper's
+    Concatenation baseline; CentralNet's central branch (one CentralNetLevel per level) gives the prediction."""
 
     def __init__(self, input_specs, num_classes, fusion="concat", mask_mode="feature", pretrained=False):
         super().__init__()
@@ -276,6 +429,10 @@ class MultimodalClassifier(nn.Module):
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {MASK_MODES}")
+        if mask_mode not in ALLOWED_MASKS[fusion]:
+            raise ValueError(f"fusion {fusion!r} mixes the modalities inside the encoders, so no modality has a "
+                             f"feature of its own to zero: mask_mode {mask_mode!r} is not defined for it; use "
+                             f"{' or '.join(repr(mode) for mode in ALLOWED_MASKS[fusion])} (zero the absent input)")
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         input_specs = [tuple(spec) for spec in input_specs]
@@ -290,11 +447,31 @@ class MultimodalClassifier(nn.Module):
         self.mask_mode = mask_mode
         # True for fusions whose cross-modal modules sit between encoder stages (CentralNet, MMTM): a coalition
         # then needs the whole network, not just the head (see coalition_predictor)
-        self.mixes_inside = False
+        self.mixes_inside = fusion in MIXING_FUSIONS
         # pretrained applies to the ResNets; vector encoders start from scratch
         self.encoders = nn.ModuleList(build_encoder(kind, channels, pretrained and kind != "vector")
                                       for kind, channels in input_specs)
-        self.head = FUSION_HEADS[fusion]([encoder.out_dim for encoder in self.encoders], num_classes)
+        feature_dims = [encoder.out_dim for encoder in self.encoders]
+        if not self.mixes_inside:
+            self.head = FUSION_HEADS[fusion](feature_dims, num_classes)
+            return
+        # the levels: every encoder's last `levels` taps, so that the deepest features of all encoders meet
+        taps = [MIXING_TAPS[fusion][type(encoder)] for encoder in self.encoders]
+        levels = min(len(encoder_taps) for encoder_taps in taps)
+        # per encoder: the stage names of each level, then the tail after the last level
+        self.stage_groups = [split_stages(encoder, encoder_taps[-levels:])
+                             for encoder, encoder_taps in zip(self.encoders, taps)]
+        channels = [[stage_channels(encoder.stages.get_submodule(groups[level][-1]))
+                     for encoder, groups in zip(self.encoders, self.stage_groups)]
+                    for level in range(levels)]  # [levels][n]
+        if fusion == "mmtm":
+            self.mixers = nn.ModuleList(MMTM(level_channels) for level_channels in channels)
+            self.head = ConcatFusion(feature_dims, num_classes)
+        else:  # centralnet: one central width, the widest stream at any level
+            width = max(max(level_channels) for level_channels in channels)
+            self.mixers = nn.ModuleList(CentralNetLevel(level_channels, width, first=(level == 0))
+                                        for level, level_channels in enumerate(channels))
+            self.head = nn.Linear(width, num_classes)  # the central branch's classifier
 
     def check_inputs(self, inputs):
         """Raise a ValueError unless `inputs` holds one tensor per modality, shaped as its spec says."""
@@ -320,6 +497,12 @@ class MultimodalClassifier(nn.Module):
                              f"present), got {got}")
         return mask.to(device)
 
+    def check_late_fusion(self, method):
+        """Raise a ValueError for CentralNet and MMTM, which have no per-modality features for encode / fuse."""
+        if self.mixes_inside:
+            raise ValueError(f"{method}: fusion {self.fusion!r} mixes the modalities inside the encoders and has no "
+                             f"per-modality pooled features; call the model itself, forward(inputs, mask)")
+
     def absent_feature(self, i, x):
         """What the head sees for modality i where it is absent, [d_i]: zeros in feature mode; in input mode, the
         encoder's answer to one all-zero sample shaped like x's rows (exact in eval mode, where the encoder maps
@@ -337,6 +520,7 @@ class MultimodalClassifier(nn.Module):
         from the samples in which its modality is present: uni-modal copies of other modalities do not dilute
         them with zeros, and a uni-modal copy costs about one encoder. A modality present in a single row of a
         training batch is normalised with BatchNorm's running statistics (see run_encoder)."""
+        self.check_late_fusion("encode")
         self.check_inputs(inputs)
         batch = inputs[0].shape[0]
         present = self.check_mask(present, batch, inputs[0].device)
@@ -363,6 +547,7 @@ class MultimodalClassifier(nn.Module):
 
         Where mask [B, n] is False, modality i's row is first replaced by absent[i] ([d_i]; zeros when absent is
         None). Features from encode(inputs, mask) need no mask: encode has already removed the absent modalities."""
+        self.check_late_fusion("fuse")
         if len(features) != self.num_modalities:
             raise ValueError(f"features: expected {self.num_modalities} tensors, got {len(features)}")
         if mask is not None:
@@ -373,17 +558,52 @@ class MultimodalClassifier(nn.Module):
                         for i, (feature, fill) in enumerate(zip(features, absent))]
         return self.head(features)
 
+    def interact(self, inputs):
+        """Logits [B, K] of CentralNet / MMTM for inputs in which the absent modalities are already zeroed.
+
+        The encoders' stages are walked in lock-step, level by level (stage_groups); after each level, MMTM
+        rescales every stream, and CentralNet's central branch takes its next step from its state and the streams.
+        Video clips run as frames ([B*T, C, H, W], to_frames) and are pooled over T by the mixers and at the end."""
+        streams, frames = [], []
+        for encoder, x in zip(self.encoders, inputs):
+            x, num_frames = encoder.to_frames(x)
+            streams.append(x)
+            frames.append(num_frames)
+        central = None  # CentralNet's central state [B, width]
+        for level, mixer in enumerate(self.mixers):
+            streams = [run_stages(encoder, groups[level], h)
+                       for encoder, groups, h in zip(self.encoders, self.stage_groups, streams)]
+            if self.fusion == "mmtm":
+                streams = mixer(streams, frames)
+            else:
+                central = mixer(central, streams, frames)
+        if self.fusion == "centralnet":
+            return self.head(central)
+        features = [encoder.from_frames(run_stages(encoder, groups[-1], h), num_frames)
+                    for encoder, groups, h, num_frames in zip(self.encoders, self.stage_groups, streams, frames)]
+        return self.head(features)  # [B, K]
+
     def forward(self, inputs, mask=None):
-        return self.fuse(self.encode(inputs, mask))
+        if not self.mixes_inside:
+            return self.fuse(self.encode(inputs, mask))
+        # CentralNet, MMTM: an absent modality's input is zeroed and the whole batch runs through every encoder
+        self.check_inputs(inputs)
+        batch = inputs[0].shape[0]
+        present = self.check_mask(mask, batch, inputs[0].device)
+        zeroed = [x.masked_fill(~present[:, i].view(-1, *[1] * (x.dim() - 1)), 0) for i, x in enumerate(inputs)]
+        if self.training and batch == 1:  # no batch statistics for one row (see run_encoder)
+            with batchnorm_running_statistics(self):
+                return self.interact(zeroed)
+        return self.interact(zeroed)
 
     def coalition_predictor(self, inputs):
         """predict(mask) -> logits [B, K] for the coalitions in mask [B, n] (what shapley_mm.valuate calls).
 
-        The batch is encoded once with every modality present; each call then only swaps in the absent features
-        (zeros, or the constant zero-input feature in input mode) and runs the fusion head. Fusions that mix
-        modalities inside the encoders, and a model in training mode (where BatchNorm's batch statistics depend on
-        which rows are present), run the whole network per coalition instead. Either way predict(mask) equals
-        forward(inputs, mask)."""
+        Late fusion: the batch is encoded once with every modality present; each call then only swaps in the
+        absent features (zeros, or the constant zero-input feature in input mode) and runs the fusion head.
+        CentralNet and MMTM, which mix modalities inside the encoders, and a model in training mode (where
+        BatchNorm's batch statistics depend on which rows are present), run the whole network per call instead,
+        as one batched forward of the whole batch. Either way predict(mask) equals forward(inputs, mask)."""
         if self.mixes_inside or self.training:
             return lambda mask: self(inputs, mask)
         features = self.encode(inputs)

@@ -1,4 +1,5 @@
-"""Tests for models.py: encoder shapes, modality masks, the coalition predictor, fusion heads and argument checks."""
+"""Tests for models.py: encoder shapes, modality masks, the coalition predictor, late fusion heads, CentralNet and
+MMTM, and argument checks."""
 
 import urllib.error
 
@@ -14,6 +15,8 @@ SHAPES = {("image", 1): (1, 32, 32), ("image", 3): (3, 32, 32), ("video", 3): (3
           ("video", 2): (2, 2, 32, 32), ("vector", 6): (6,), ("vector", 4): (4,)}
 TWO = [("image", 1), ("vector", 6)]
 THREE = [("image", 1), ("vector", 6), ("vector", 4)]
+# every fusion with every masking it allows (CentralNet and MMTM: input masking only)
+FUSION_MASKS = [(fusion, mask_mode) for fusion in models.FUSIONS for mask_mode in models.ALLOWED_MASKS[fusion]]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -143,7 +146,7 @@ def zeroed(inputs, mask):
     return [x * mask[:, i].view(-1, *[1] * (x.dim() - 1)) for i, x in enumerate(inputs)]
 
 
-@pytest.mark.parametrize("fusion", models.FUSIONS)
+@pytest.mark.parametrize("fusion", models.FUSION_HEADS)
 def test_input_mode_eval_constant_feature_equals_zeroed_inputs(fusion):
     torch.manual_seed(0)
     specs = [("image", 1), ("video", 2), ("vector", 6)]
@@ -170,34 +173,50 @@ def test_input_mode_training_runs_encoders_on_zeroed_inputs():
     assert torch.allclose(masked, model(zeroed(inputs, mask)), atol=1e-5)
 
 
+def explicitly_masked_logits(model, inputs, mask):
+    """The full network on explicitly removed modalities, without the mask argument: the head on encoder features
+    multiplied by the mask (feature masking), or the model on zeroed inputs (input masking)."""
+    if model.mask_mode == "feature":
+        features = [encoder(x) * mask[:, i, None] for i, (encoder, x) in enumerate(zip(model.encoders, inputs))]
+        return model.head(features)
+    return model(zeroed(inputs, mask))
+
+
 @pytest.mark.parametrize("specs", [TWO, THREE], ids=["2 modalities", "3 modalities"])
-@pytest.mark.parametrize("mask_mode", models.MASK_MODES)
-@pytest.mark.parametrize("fusion", models.FUSIONS)
-def test_coalition_predictor_equals_forward(fusion, mask_mode, specs):
+@pytest.mark.parametrize("fusion, mask_mode", FUSION_MASKS)
+def test_coalition_predictor_equals_explicitly_masked_network(fusion, mask_mode, specs):
     torch.manual_seed(0)
     model = models.MultimodalClassifier(specs, 5, fusion=fusion, mask_mode=mask_mode)
     model(make_inputs(specs, batch=8))  # one training step's worth of BatchNorm statistics
     model.eval()
     inputs = make_inputs(specs)
-    calls = count_calls(model.encoders[0])
+    # late fusion: the encoders run as a whole; CentralNet, MMTM: their stages run in lock-step
+    calls = count_calls(model.encoders[0].stages[0] if model.mixes_inside else model.encoders[0])
     masks = list(coalition_masks(len(specs), batch=6)) + [torch.rand(6, len(specs)) > 0.5]  # last: mixed rows
     with torch.no_grad():
         predict = model.coalition_predictor(inputs)
         predicted = [predict(mask) for mask in masks]
-        assert len(calls) == (1 if mask_mode == "feature" else 2)  # the batch (and one zero sample), once
+        if model.mixes_inside:  # the whole network per coalition, each time one call over the whole batch
+            assert calls == [6] * len(masks)
+        else:  # the batch (and, in input mode, one zero sample) encoded once; only the head per coalition
+            assert calls == ([6] if mask_mode == "feature" else [6, 1])
         for mask, logits in zip(masks, predicted):
-            assert torch.allclose(logits, model(inputs, mask), atol=1e-5), mask.tolist()
+            assert torch.allclose(logits, explicitly_masked_logits(model, inputs, mask), atol=1e-5), mask.tolist()
 
 
-@pytest.mark.parametrize("mask_mode", models.MASK_MODES)
-def test_coalition_predictor_in_training_mode_equals_forward(mask_mode):
+@pytest.mark.parametrize("fusion, mask_mode", [("concat", "feature"), ("concat", "input"), ("centralnet", "input"),
+                                               ("mmtm", "input")])
+def test_coalition_predictor_in_training_mode_equals_forward(fusion, mask_mode):
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5, mask_mode=mask_mode).train()
+    model = models.MultimodalClassifier(TWO, 5, fusion=fusion, mask_mode=mask_mode).train()
     inputs = make_inputs(TWO)
     predict = model.coalition_predictor(inputs)
-    mixed = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    mixed = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)  # uni-modal copies
     for mask in list(coalition_masks(2, batch=6)) + [mixed]:  # batch statistics depend on the present rows
-        assert torch.allclose(predict(mask), model(inputs, mask), atol=1e-5), mask.tolist()
+        logits = predict(mask)
+        assert torch.allclose(logits, model(inputs, mask), atol=1e-5), mask.tolist()
+        if mask_mode == "input":  # the whole batch, absent inputs zeroed, in BatchNorm's batch statistics
+            assert torch.allclose(logits, model(zeroed(inputs, mask)), atol=1e-5), mask.tolist()
 
 
 def test_decision_fusion_averages_the_classifiers_over_zeroed_features():
@@ -222,6 +241,123 @@ def test_conditioning_modality_changes_the_prediction(fusion):
         changed = list(features)
         changed[i] = torch.randn(3, features[i].shape[1])
         assert not torch.allclose(head(changed), head(features))
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-modal interaction: CentralNet and MMTM
+
+
+def fold_frames(clip):
+    """[B, C, T, H, W] -> [B*T, C, H, W], clip b's frames in rows b*T .. b*T + T - 1 (as ResNetEncoder.to_frames)."""
+    return clip.transpose(1, 2).flatten(0, 1)
+
+
+# (specs, levels per fusion): ResNets alone meet after every tap; with an MLP, at the MLP's two hidden layers
+INTERACTION_SPECS = [
+    ([("image", 3), ("video", 2)], {"centralnet": 4, "mmtm": 3}),
+    ([("video", 3), ("image", 1), ("vector", 6)], {"centralnet": 2, "mmtm": 2}),
+    ([("vector", 6), ("vector", 4)], {"centralnet": 2, "mmtm": 2}),
+]
+
+
+@pytest.mark.parametrize("specs, levels", INTERACTION_SPECS, ids=["image+video", "video+image+vector", "vector+vector"])
+@pytest.mark.parametrize("fusion", models.MIXING_FUSIONS)
+def test_interaction_fusion_shapes_and_levels(fusion, specs, levels):
+    torch.manual_seed(0)
+    model = models.build_model(specs, 7, fusion=fusion)
+    assert model.mixes_inside and model.mask_mode == "input" and len(model.mixers) == levels[fusion]
+    inputs = make_inputs(specs, batch=3)
+    mask = torch.tensor([[True] * len(specs), [True] + [False] * (len(specs) - 1), [False] + [True] * (len(specs) - 1)])
+    assert model(inputs).shape == (3, 7) and model(inputs, mask).shape == (3, 7)
+    model.eval()
+    with torch.no_grad():  # in eval mode a row's logits depend on that row alone: frames never cross samples
+        together = model(inputs, mask)
+        for row in range(3):
+            alone = model([x[row:row + 1] for x in inputs], mask[row:row + 1])
+            assert torch.allclose(alone, together[row:row + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", models.MIXING_FUSIONS)
+def test_interaction_fusions_refuse_feature_masking(fusion):
+    with pytest.raises(ValueError, match="'input'"):
+        models.MultimodalClassifier(TWO, 5, fusion=fusion, mask_mode="feature")
+    with pytest.raises(ValueError, match="'input'"):
+        models.build_model(TWO, 5, fusion=fusion, mask_mode="feature")
+    model = models.build_model(TWO, 5, fusion=fusion)
+    assert model.mask_mode == "input"
+    inputs = make_inputs(TWO)
+    with pytest.raises(ValueError, match="forward"):
+        model.encode(inputs)
+    with pytest.raises(ValueError, match="forward"):
+        model.fuse([torch.randn(6, 512), torch.randn(6, 128)])
+
+
+@pytest.mark.parametrize("fusion, mask_mode", FUSION_MASKS)
+def test_gradients_reach_every_encoder(fusion, mask_mode):
+    torch.manual_seed(0)
+    specs = [("video", 2), ("image", 1), ("vector", 6)]
+    model = models.MultimodalClassifier(specs, 5, fusion=fusion, mask_mode=mask_mode).train()
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
+    F.cross_entropy(model(make_inputs(specs), mask), torch.randint(0, 5, (6,))).backward()
+    assert all(p.grad is not None for p in model.parameters())  # every encoder stage, mixer and head took part
+    for encoder in model.encoders:
+        assert any(torch.count_nonzero(p.grad) > 0 for p in encoder.parameters())
+
+
+def test_mmtm_gates_each_clip_channel_wise_from_all_modalities():
+    torch.manual_seed(0)
+    mmtm = models.MMTM([4, 3])
+    assert mmtm.joint.out_features == 2 * (4 + 3) // 4  # C_Z = 2 * sum C_i / ratio, ratio 4
+    clip, vector = torch.randn(2, 4, 3, 5, 5), torch.randn(2, 3)  # a video stream [B, C, T, H, W], a vector stream
+    out_clip, out_vector = mmtm([fold_frames(clip), vector], [3, 1])
+    # Joze et al. 2020, Sec. 3.1: squeeze over space and time, joint FC + ReLU, per-modality excitation FC
+    joint = torch.relu(mmtm.joint(torch.cat([clip.mean(dim=(2, 3, 4)), vector], dim=1)))
+    gates = [2 * torch.sigmoid(excitation(joint)) for excitation in mmtm.excitations]  # [B, 4], [B, 3]
+    assert all(((gate > 0) & (gate < 2)).all() for gate in gates)
+    assert torch.allclose(out_clip, fold_frames(clip * gates[0][:, :, None, None, None]), atol=1e-6)
+    assert torch.allclose(out_vector, vector * gates[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_centralnet_level_steps_from_a_weighted_sum(first):
+    torch.manual_seed(0)
+    level = models.CentralNetLevel([4, 3], width=5, first=first)
+    with torch.no_grad():
+        level.weights.copy_(torch.rand(level.weights.shape))
+    level.eval()
+    assert level.weights.shape == ((2,) if first else (3,))  # alpha_1, alpha_2[, alpha_C]
+    clip, vector, central = torch.randn(2, 4, 3, 5, 5), torch.randn(2, 3), torch.randn(2, 5)
+    # Vielzeuf et al. 2018: z = alpha_C * c + sum_i alpha_i * h_i, here h_i = P_i(stream i pooled over space, time)
+    z = (level.weights[0] * level.projections[0](clip.mean(dim=(2, 3, 4)))
+         + level.weights[1] * level.projections[1](vector))
+    if not first:
+        z = z + level.weights[2] * central
+    assert torch.allclose(level(central, [fold_frames(clip), vector], [3, 1]), level.layer(z), atol=1e-6)
+
+
+def test_centralnet_ignores_a_modality_whose_weights_are_zero():
+    torch.manual_seed(0)
+    model = models.build_model(THREE, 5, fusion="centralnet").eval()
+    inputs = make_inputs(THREE)
+    changed = [inputs[0], torch.randn_like(inputs[1]), inputs[2]]
+    with torch.no_grad():
+        assert not torch.allclose(model(changed), model(inputs))
+        for level in model.mixers:
+            level.weights[1] = 0.0  # alpha of modality 1 at every level
+        assert torch.allclose(model(changed), model(inputs), atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", models.MIXING_FUSIONS)
+def test_interaction_fusion_trains_a_single_row_on_running_statistics(fusion):
+    torch.manual_seed(0)
+    model = models.build_model(TWO, 3, fusion=fusion).train()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    running = [norm.running_mean.clone() for norm in norms]
+    loss = F.cross_entropy(model(make_inputs(TWO, batch=1), torch.tensor([[True, False]])), torch.tensor([2]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.equal(norm.running_mean, before) for norm, before in zip(norms, running))
+    assert all(norm.training for norm in norms)
 
 
 def test_adapt_first_conv_averages_rgb_kernels():
@@ -266,8 +402,7 @@ def test_pretrained_without_weights_raises_a_clear_error(monkeypatch):
     assert torch.hub.get_dir() in str(error.value) and "TORCH_HOME" in str(error.value)
 
 
-@pytest.mark.parametrize("mask_mode", models.MASK_MODES)
-@pytest.mark.parametrize("fusion", models.FUSIONS)
+@pytest.mark.parametrize("fusion, mask_mode", FUSION_MASKS)
 def test_every_fusion_trains(fusion, mask_mode):
     torch.manual_seed(0)
     model = models.MultimodalClassifier(TWO, 5, fusion=fusion, mask_mode=mask_mode).train()
@@ -287,10 +422,13 @@ def test_every_fusion_trains(fusion, mask_mode):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.head.parameters()))
 
 
-def test_default_mask_names_a_mode_for_every_fusion():
-    assert set(models.DEFAULT_MASK) == set(models.FUSIONS)
-    assert all(mode in models.MASK_MODES for mode in models.DEFAULT_MASK.values())
-    assert models.build_model(TWO, 5, fusion="gated").mask_mode == models.DEFAULT_MASK["gated"]
+def test_default_mask_names_an_allowed_mode_for_every_fusion():
+    assert models.FUSIONS == ("concat", "sum", "decision", "film", "gated", "centralnet", "mmtm")
+    assert set(models.DEFAULT_MASK) == set(models.ALLOWED_MASKS) == set(models.FUSIONS)
+    assert all(models.DEFAULT_MASK[fusion] in models.ALLOWED_MASKS[fusion] for fusion in models.FUSIONS)
+    assert all(models.ALLOWED_MASKS[fusion] == models.MASK_MODES for fusion in models.FUSION_HEADS)
+    assert models.build_model(TWO, 5, fusion="gated").mask_mode == models.DEFAULT_MASK["gated"] == "feature"
+    assert models.build_model(TWO, 5, fusion="mmtm").mask_mode == models.DEFAULT_MASK["mmtm"] == "input"
 
 
 def test_bad_arguments_raise():
