@@ -52,8 +52,11 @@ DEFAULTS = {
     "synthetic": dict(epochs=6, warmup=2, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0,
                       lr_step=0, workers=0),
 }
-# Flags a resumed run may change; every other setting comes from the checkpoint.
+# Flags a resumed run (--resume) or an evaluation (--eval-only) may change; every other setting comes from the
+# checkpoint, and a flag given that disagrees with it is an error.
 RESUME_OVERRIDES = ("epochs", "gpu", "workers", "data_root", "split_file")
+EVAL_OVERRIDES = ("gpu", "workers", "data_root", "split_file")
+RUN_CONTROL = ("resume", "eval_only", "checkpoint", "eval_split", "overwrite", "out")
 
 
 class TrainingError(Exception):
@@ -140,11 +143,16 @@ def resolve_args(args):
         raise TrainingError(f"--warmup must be >= 0, got {args.warmup}")
     if not 0.0 < args.subset_ratio <= 1.0:
         raise TrainingError(f"--subset-ratio must be in (0, 1], got {args.subset_ratio}")
+    if args.dataset == "mfeat":
+        unknown = [v for v in args.views.split(",") if v not in data.MFEAT_VIEWS]
+        if unknown or not args.views:
+            raise TrainingError(f"--views {args.views!r}: unknown view {', '.join(unknown)}; "
+                                f"choose from {','.join(data.MFEAT_VIEWS)}")
+    if args.dataset in AV_DATASETS and args.data_root is None:
+        raise TrainingError(f"--dataset {args.dataset} needs --data-root (the folder holding its clips)")
     if args.mode != "baseline" and args.warmup >= args.epochs:
         print(f"warning: --warmup {args.warmup} is not smaller than --epochs {args.epochs}: "
               f"no re-sampling will ever happen in mode '{args.mode}'", file=sys.stderr)
-    if args.dataset in AV_DATASETS and args.data_root is None:
-        raise TrainingError(f"--dataset {args.dataset} needs --data-root (the folder holding its clips)")
     return args
 
 
@@ -201,7 +209,7 @@ def build_optimizer(args, model):
                                     weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step = args.lr_step if args.lr_step > 0 else max(args.epochs, 1) + 1  # 0: never decays
+    step = args.lr_step if args.lr_step > 0 else 2 ** 62  # 0: never decays (whatever --epochs a resume sets)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=args.lr_gamma)
     return optimizer, scheduler
 
@@ -366,8 +374,9 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False):
             logits = model(to_device(inputs, device), mask)
             loss = F.cross_entropy(logits.float(), target)
         if not torch.isfinite(loss):
-            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopped; "
-                                f"last.pt and best.pt hold the last good epoch")
+            kept = (f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0
+                    else "no checkpoint was written")
+            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopped; {kept}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -417,13 +426,24 @@ def load_checkpoint(path, config=None):
     return checkpoint
 
 
+RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "results.json")
+
+
 def prepare_run_dir(out, overwrite):
-    """Create the run directory; refuse to write into one that already holds a run."""
-    existing = [f for f in ("args.json", "log.jsonl", "last.pt", "best.pt") if os.path.exists(os.path.join(out, f))]
+    """Create the run directory; refuse to write into one that already holds a run unless told to
+    overwrite it, and then remove the old run's files first, so that none of them outlives it."""
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if existing and not overwrite:
         raise TrainingError(f"run directory {out} already holds a run ({', '.join(existing)}); "
                             f"pass --resume {os.path.join(out, 'last.pt')} to continue it or --overwrite to replace it")
-    os.makedirs(os.path.join(out, "contributions"), exist_ok=True)
+    for name in existing:
+        os.remove(os.path.join(out, name))
+    contributions = os.path.join(out, "contributions")
+    if os.path.isdir(contributions):
+        for name in os.listdir(contributions):
+            if name.startswith("epoch_") and name.endswith(".npz"):
+                os.remove(os.path.join(contributions, name))
+    os.makedirs(contributions, exist_ok=True)
 
 
 def save_contributions(out, epoch, dataset, valued_index, phi):
@@ -461,16 +481,27 @@ def loader_settings(args, device):
                 persistent_workers=False)
 
 
-def train(args):
+def checkpoint_args(checkpoint, args, given, changeable):
+    """The settings `checkpoint` was trained with. Flags given now that are in `changeable` replace them;
+    any other flag given now must agree with them."""
+    saved = dict(checkpoint["args"])
+    for key in given:
+        if key in changeable:
+            saved[key] = getattr(args, key)
+        elif key not in RUN_CONTROL and saved.get(key) != getattr(args, key):
+            allowed = ", ".join("--" + k.replace("_", "-") for k in changeable)
+            raise TrainingError(f"--{key.replace('_', '-')} {getattr(args, key)!r} differs from the checkpoint's "
+                                f"{saved.get(key)!r}: a checkpoint keeps its settings (only {allowed} may change)")
+    return argparse.Namespace(**saved)
+
+
+def train(args, given=()):
     device = select_device(args.gpu)
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:  # the run goes on with its own settings, in its own directory
-        saved = dict(resume["args"])
-        for key in RESUME_OVERRIDES:
-            if getattr(args, key) is not None:
-                saved[key] = getattr(args, key)
-        saved.update(resume=args.resume, out=os.path.dirname(os.path.abspath(args.resume)))
-        args = argparse.Namespace(**saved)
+        resume_path = args.resume
+        args = checkpoint_args(resume, args, given, RESUME_OVERRIDES)
+        args.resume, args.out = resume_path, os.path.dirname(os.path.abspath(resume_path))
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -575,15 +606,12 @@ def train(args):
     return results
 
 
-def eval_only(args):
+def eval_only(args, given=()):
     """Evaluate a saved model on --eval-split and write a CSV of per-sample valuation."""
     if args.checkpoint is None:
         raise TrainingError("--eval-only needs --checkpoint PATH")
     checkpoint = load_checkpoint(args.checkpoint)
-    saved = argparse.Namespace(**checkpoint["args"])
-    for key in ("gpu", "workers", "data_root", "split_file"):
-        if getattr(args, key) is not None:
-            setattr(saved, key, getattr(args, key))
+    saved = checkpoint_args(checkpoint, args, given, EVAL_OVERRIDES)
     device = select_device(saved.gpu)
     splits = build_datasets(saved)
     dataset = splits["train_eval" if args.eval_split == "train" else args.eval_split]
@@ -618,19 +646,36 @@ def eval_only(args):
     return results
 
 
+def given_flags(parser, argv):
+    """Names of the flags given on the command line (as opposed to left at their defaults)."""
+    unset = object()
+    probe = argparse.Namespace(**{action.dest: unset for action in parser._actions})
+    parser.parse_args(argv, namespace=probe)
+    return [key for key, value in vars(probe).items() if value is not unset]
+
+
+def one_line(error):
+    """The message of `error`; for one re-raised from a DataLoader worker, the original's last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
     try:
         if args.eval_only:
-            return eval_only(args)
+            return eval_only(args, given)
         if args.resume is None:
             args = resolve_args(args)
             if args.out is None:
                 args.out = os.path.join("runs", f"{args.dataset}-{args.mode}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return train(args)
+        return train(args, given)
     except (TrainingError, data.DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -1,0 +1,256 @@
+"""Reliability of train.py: deterministic runs, exact resume, atomic checkpoints, and one clear line
+for every kind of bad input (the file or flag at fault and what was expected), with nothing already
+written lost."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from test_data import KS_LISTS, MMDEBIASED_TABLE, make_ks_tree, make_mmdebiased_tree, make_ucf_tree
+
+MFEAT = ["--dataset", "mfeat", "--batch-size", "200", "--gpu", "-1"]
+TIMING = ("seconds", "valuation_seconds")
+
+
+def run(out, *flags):
+    return train.main(list(flags) + ["--out", str(out)])
+
+
+def metrics(out):
+    """log.jsonl without its wall-clock fields."""
+    return [{k: v for k, v in record.items() if k not in TIMING}
+            for record in train.load_log(os.path.join(out, "log.jsonl"))]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def fails(capsys, argv):
+    """Run train.main expecting the one-line error exit; return the message."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# determinism and exact resume
+
+
+@pytest.mark.parametrize("flags", [
+    MFEAT + ["--mode", "sample", "--epochs", "3", "--warmup", "1"],
+    ["--dataset", "synthetic", "--synthetic-samples", "40", "--synthetic-size", "8", "--batch-size", "16",
+     "--mode", "naive", "--epochs", "2", "--warmup", "1", "--gpu", "-1"],
+], ids=["mfeat-sample", "synthetic-naive"])
+def test_same_flags_and_seed_give_identical_logs_and_weights(tmp_path, flags):
+    run(tmp_path / "a", *flags)
+    run(tmp_path / "b", *flags)
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert_same_weights(weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt"))
+    assert json.load(open(tmp_path / "a" / "results.json"))["test_acc"] == \
+        json.load(open(tmp_path / "b" / "results.json"))["test_acc"]
+
+
+@pytest.mark.parametrize("mode", ["baseline", "sample", "modality"])
+@pytest.mark.parametrize("stop", [1, 3], ids=["stop-in-warmup", "stop-after-warmup"])
+def test_resume_continues_exactly(tmp_path, mode, stop):
+    flags = MFEAT + ["--mode", mode, "--warmup", "2", "--lr-step", "2", "--seed", "3"]
+    run(tmp_path / "straight", *flags, "--epochs", "4")
+    run(tmp_path / "split", *flags, "--epochs", str(stop))
+    train.main(["--resume", str(tmp_path / "split" / "last.pt"), "--epochs", "4"])
+    assert metrics(tmp_path / "split") == metrics(tmp_path / "straight")
+    assert_same_weights(weights(tmp_path / "split" / "last.pt"), weights(tmp_path / "straight" / "last.pt"))
+    assert_same_weights(weights(tmp_path / "split" / "best.pt"), weights(tmp_path / "straight" / "best.pt"))
+    saved = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "plan", "rng", "args"):
+        assert key in saved
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes and run directories
+
+
+def test_a_run_killed_while_saving_leaves_loadable_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    flags = MFEAT + ["--mode", "sample", "--warmup", "1", "--epochs", "3"]
+    run(tmp_path / "straight", *flags)
+    real_save = torch.save
+
+    def killed_while_saving_last_of_epoch_1(obj, f):
+        if obj["epoch"] == 1 and os.path.basename(f.name).startswith("last.pt"):
+            f.write(b"partial")
+            raise KeyboardInterrupt
+        real_save(obj, f)
+
+    monkeypatch.setattr(train.torch, "save", killed_while_saving_last_of_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", *flags)
+    monkeypatch.setattr(train.torch, "save", real_save)
+    last = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
+    assert last["epoch"] == 0  # the previous last.pt, intact
+    torch.load(tmp_path / "killed" / "best.pt", weights_only=False)
+    train.main(["--resume", str(tmp_path / "killed" / "last.pt")])
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "straight")
+    assert_same_weights(weights(tmp_path / "killed" / "last.pt"), weights(tmp_path / "straight" / "last.pt"))
+
+
+def test_a_second_run_into_a_run_directory_refuses_unless_told(tmp_path, capsys):
+    flags = MFEAT + ["--mode", "sample", "--warmup", "1", "--epochs", "2"]
+    run(tmp_path / "run", *flags)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    message = fails(capsys, flags + ["--out", str(tmp_path / "run")])
+    assert "already holds a run" in message and "--resume" in message and "--overwrite" in message
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    run(tmp_path / "run", *MFEAT, "--mode", "baseline", "--epochs", "1", "--overwrite")
+    assert len(train.load_log(tmp_path / "run" / "log.jsonl")) == 1
+    assert os.listdir(tmp_path / "run" / "contributions") == []  # the old run's valuations are gone
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line naming the file or flag, exit status 2
+
+
+@pytest.fixture
+def ks_root(tmp_path):
+    root = tmp_path / "ks"
+    make_ks_tree(root, KS_LISTS)
+    return root
+
+
+def ks_flags(root, *more):
+    return ["--dataset", "ks", "--data-root", str(root), "--image-size", "32", "--epochs", "1", "--warmup", "0",
+            "--batch-size", "4", "--workers", "0", "--gpu", "-1", "--mode", "baseline", "--out", str(root.parent / "run"),
+            *more]
+
+
+def test_ks_trains_end_to_end_from_a_fixture_tree(ks_root):
+    results = train.main(ks_flags(ks_root, "--mode", "sample"))
+    assert results["modalities"] == ["audio", "visual"] and len(results["test_acc_per_modality"]) == 2
+
+
+def test_missing_data_root(tmp_path, capsys):
+    message = fails(capsys, ks_flags(tmp_path / "nowhere"))
+    assert "nowhere" in message and "not found" in message
+    assert not (tmp_path / "run").exists()  # nothing written
+    assert "--data-root" in fails(capsys, ["--dataset", "ks", "--epochs", "1"])
+
+
+def test_missing_list_or_split_file(ks_root, tmp_path, capsys):
+    (ks_root / "ks_audio" / "val_1fps_path.txt").unlink()
+    assert "val_1fps_path.txt" in fails(capsys, ks_flags(ks_root))
+    message = fails(capsys, ["--dataset", "mmdebiased", "--data-root", str(tmp_path), "--epochs", "1", "--warmup", "0",
+                             "--split-file", str(tmp_path / "MM-Debiased.json")])
+    assert "MM-Debiased.json" in message and "not found" in message
+
+
+def test_missing_spectrogram_or_frames_and_skip_missing(ks_root, capsys):
+    (ks_root / "ks_audio" / "train" / "b1.npy").unlink()
+    assert "b1.npy not found" in fails(capsys, ks_flags(ks_root))
+    for frame in (ks_root / "ks_visual" / "train" / "a2").iterdir():
+        frame.unlink()
+    np.save(ks_root / "ks_audio" / "train" / "b1.npy", np.zeros((16, 8), dtype=np.float32))
+    assert "a2 holds no .jpg frames" in fails(capsys, ks_flags(ks_root))
+    train.main(ks_flags(ks_root, "--skip-missing"))
+    out = capsys.readouterr().out
+    assert "skipped 1 train clips with missing files: a2" in out
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_corrupt_jpeg_found_while_training(ks_root, capsys, workers):
+    for frame in (ks_root / "ks_visual" / "train" / "b1").iterdir():
+        frame.write_bytes(b"not a jpeg")
+    message = fails(capsys, ks_flags(ks_root, "--workers", workers))
+    assert "b1" in message and ".jpg: cannot read JPEG" in message
+
+
+@pytest.mark.parametrize("array, expected", [
+    (np.zeros((2, 16, 8), dtype=np.float32), "spectrogram must be 2-D"),
+    (np.full((16, 8), np.nan, dtype=np.float32), "spectrogram contains NaN"),
+])
+def test_bad_spectrogram(ks_root, capsys, array, expected):
+    np.save(ks_root / "ks_audio" / "train" / "a1.npy", array)
+    message = fails(capsys, ks_flags(ks_root))
+    assert "a1.npy" in message and expected in message
+
+
+def test_label_out_of_range_unknown_class_and_empty_split(tmp_path, capsys):
+    quick = ["--epochs", "1", "--warmup", "0", "--workers", "0", "--gpu", "-1"]
+    ucf = tmp_path / "ucf"
+    make_ucf_tree(ucf, groups=range(8, 10), clips_per_group=1, test_groups=range(1, 2))
+    trainlist, testlist = ucf / "splits" / "trainlist01.txt", ucf / "splits" / "testlist01.txt"
+    lines = trainlist.read_text().splitlines()
+    trainlist.write_text("\n".join([lines[0].rsplit(" ", 1)[0] + " 99"] + lines[1:]) + "\n")
+    message = fails(capsys, ["--dataset", "ucf101", "--data-root", str(ucf)] + quick)
+    assert "trainlist01.txt:1" in message and "label 99 out of range" in message
+
+    trainlist.write_text("\n".join(lines) + "\n")
+    testlist.write_text(testlist.read_text() + "Juggling/v_Juggling_g01_c01.avi\n")
+    message = fails(capsys, ["--dataset", "ucf101", "--data-root", str(ucf)] + quick)
+    assert "testlist01.txt" in message and "unknown class name 'Juggling'" in message
+
+    table = {k: v for k, v in MMDEBIASED_TABLE.items() if v["subset"] != "validation"}
+    split_file = make_mmdebiased_tree(tmp_path / "mmd", table)
+    message = fails(capsys, ["--dataset", "mmdebiased", "--data-root", str(tmp_path / "mmd"),
+                             "--split-file", str(split_file)] + quick)
+    assert "MM-Debiased.json" in message and "no clips with subset 'validation'" in message
+
+
+def test_unknown_view_name(capsys):
+    message = fails(capsys, ["--views", "pix,shape"])
+    assert "--views" in message and "shape" in message and "fou" in message
+
+
+def test_checkpoint_from_another_data_set_class_count_or_model(tmp_path, ks_root, capsys):
+    run(tmp_path / "mfeat", *MFEAT, "--epochs", "1", "--warmup", "0")
+    checkpoint = str(tmp_path / "mfeat" / "last.pt")
+    message = fails(capsys, ["--resume", checkpoint, "--dataset", "synthetic"])
+    assert "--dataset 'synthetic' differs from the checkpoint's 'mfeat'" in message
+    assert "--fusion 'sum' differs" in fails(capsys, ["--eval-only", "--checkpoint", checkpoint, "--fusion", "sum"])
+
+    train.main(ks_flags(ks_root))  # 3 classes
+    other = tmp_path / "ks4"
+    make_ks_tree(other, dict(KS_LISTS, test=[("a3", 0), ("d3", 3)]))  # 4 classes
+    message = fails(capsys, ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"),
+                             "--data-root", str(other)])
+    assert "num_classes: checkpoint 3, this run 4" in message
+
+    (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
+    assert "foreign.pt could not be read" in fails(capsys, ["--eval-only", "--checkpoint",
+                                                            str(tmp_path / "foreign.pt")])
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    assert "not written by train.py" in fails(capsys, ["--resume", str(tmp_path / "other.pt")])
+
+
+def test_warmup_not_smaller_than_epochs_warns(tmp_path, capsys):
+    run(tmp_path / "run", *MFEAT, "--mode", "sample", "--epochs", "2", "--warmup", "2")
+    err = capsys.readouterr().err
+    assert "--warmup 2 is not smaller than --epochs 2" in err and "no re-sampling" in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    flags = MFEAT + ["--mode", "baseline", "--epochs", "3", "--out", str(tmp_path / "run")]
+    original = train.train_one_epoch
+
+    def poisoned(model, loader, optimizer, scaler, device, epoch, amp):
+        if epoch == 1:  # poison a weight, as a diverging run would
+            with torch.no_grad():
+                model.head.fc.weight.fill_(float("nan"))
+        return original(model, loader, optimizer, scaler, device, epoch, amp)
+
+    monkeypatch.setattr(train, "train_one_epoch", poisoned)
+    message = fails(capsys, flags)
+    assert "non-finite loss" in message and "epoch 1, step 1" in message and "last.pt holds epoch 0" in message
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert len(train.load_log(tmp_path / "run" / "log.jsonl")) == 1
