@@ -254,3 +254,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert len(train.load_log(tmp_path / "run" / "log.jsonl")) == 1
+
+
+def test_feature_masking_refused_for_fusions_that_mix_inside(capsys):
+    message = fails(capsys, ["--fusion", "mmtm", "--mask", "feature", "--epochs", "1", "--warmup", "0"])
+    assert "--fusion mmtm" in message and "--mask input" in message

@@ -137,6 +137,9 @@ def resolve_args(args):
         args.pretrained = False
     if args.mask is None:
         args.mask = models.DEFAULT_MASK[args.fusion]
+    if args.mask not in models.ALLOWED_MASKS[args.fusion]:
+        raise TrainingError(f"--fusion {args.fusion} mixes the modalities inside the encoders: a modality is removed "
+                            f"by zeroing its input (--mask input), not its feature (--mask {args.mask})")
     if args.epochs < 1:
         raise TrainingError(f"--epochs must be at least 1, got {args.epochs}")
     if args.warmup < 0:
@@ -272,8 +275,9 @@ def to_device(inputs, device):
 def evaluate(model, loader, device, amp=False):
     """Accuracy and mAP with all modalities, and the accuracy of each modality alone.
 
-    The encoders run once per batch: the full and the uni-modal predictions are coalitions of the
-    same encoded batch (models.MultimodalClassifier.coalition_predictor)."""
+    The full and the uni-modal predictions are coalitions of the same batch
+    (models.MultimodalClassifier.coalition_predictor): for late fusion the encoders run once per
+    batch; for centralnet and mmtm the whole network runs once per coalition."""
     model.eval()
     n = model.num_modalities
     unimodal = torch.eye(n, dtype=torch.bool, device=device)
@@ -298,8 +302,9 @@ def valuate(model, loader, device, amp=False):
     """Sample-level modality valuation (Eq. 1-3) of every sample the loader yields.
 
     Returns (index [N] long, phi [N, n] float, prediction [N] long), in the loader's order. Runs in
-    eval mode; the loader should use evaluation transforms. The encoders run once per batch and only
-    the fusion head runs per coalition (models.MultimodalClassifier.coalition_predictor)."""
+    eval mode; the loader should use evaluation transforms. For late fusion the encoders run once per
+    batch and only the fusion head runs per coalition; for centralnet and mmtm the whole network runs
+    once per coalition (models.MultimodalClassifier.coalition_predictor)."""
     model.eval()
     n = model.num_modalities
     indices, phis, predictions = [], [], []
