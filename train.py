@@ -423,12 +423,18 @@ def load_checkpoint(path, config=None):
         raise TrainingError(f"checkpoint {path} could not be read ({error.__class__.__name__}: {error})")
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise TrainingError(f"checkpoint {path} was not written by train.py (no model_config)")
-    if config is not None and checkpoint["model_config"] != config:
-        differing = [k for k in config if checkpoint["model_config"].get(k) != config[k]]
-        details = "; ".join(f"{k}: checkpoint {checkpoint['model_config'].get(k)!r}, this run {config[k]!r}"
-                            for k in differing)
-        raise TrainingError(f"checkpoint {path} does not match this run ({details})")
+    if config is not None:
+        check_config(checkpoint, config, path)
     return checkpoint
+
+
+def check_config(checkpoint, config, path):
+    """Refuse a checkpoint made for another data set, class count or model, naming what differs."""
+    saved = checkpoint["model_config"]
+    if saved != config:
+        details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {config[k]!r}"
+                            for k in config if saved.get(k) != config[k])
+        raise TrainingError(f"checkpoint {path} does not match this run ({details})")
 
 
 RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "results.json")
@@ -523,8 +529,7 @@ def train(args, given=()):
 
     out = args.out
     if resume is not None:
-        if resume["model_config"] != config:
-            load_checkpoint(args.resume, config)  # raises, naming what differs
+        check_config(resume, config, args.resume)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -620,7 +625,7 @@ def eval_only(args, given=()):
     device = select_device(saved.gpu)
     splits = build_datasets(saved)
     dataset = splits["train_eval" if args.eval_split == "train" else args.eval_split]
-    load_checkpoint(args.checkpoint, model_config(saved, dataset))
+    check_config(checkpoint, model_config(saved, dataset), args.checkpoint)
     model = build_model(saved, dataset).to(device)
     model.load_state_dict(checkpoint["model"])
     loader = DataLoader(dataset, shuffle=False, **loader_settings(saved, device))
