@@ -1,0 +1,136 @@
+"""Smoke tests of bench.py: a --quick run writes every target to JSON with sane values, and the baselines it times
+compute what they stand for. No timing is asserted: --quick sizes measure nothing."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bench
+import data
+import shapley_mm
+
+TARGET_NAMES = [
+    "valuation / eval pass, feature masking (concat)",
+    "valuation / eval pass, input masking (concat)",
+    *[f"valuation / eval pass, input masking ({fusion})" for fusion in bench.MIXING],
+    "modality-level plan (Z = 20%) / sample-level plan",
+    "training step, uni-modal copies / full samples",
+    "KS loader samples/s, data.py / PIL + transforms (train transforms)",
+    "KS loader samples/s, data.py / PIL + transforms (eval transforms)",
+    "shapley_values n = 2: per-sample loop time / shapley_values time",
+    "shapley_values n = 2: loop arithmetic only (Python numbers given) / shapley_values",
+    "shapley_values n = 6: seconds per 10^6 samples",
+    "peak memory, valuation / eval pass, feature masking (concat)",
+    "peak memory, valuation / eval pass, input masking (concat)",
+    "baseline epoch, samples/s",
+    "sample-level epoch, samples/s (valuation included, copies count)",
+]
+
+
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "results" / "bench.json"
+    returned = bench.main(["--quick", "--json", str(path)])
+    with open(path) as f:
+        return json.load(f), returned
+
+
+def test_quick_run_writes_every_target(quick_rows):
+    rows, returned = quick_rows
+    assert rows == returned
+    assert [r["name"] for r in rows] == TARGET_NAMES
+    for r in rows:
+        assert set(r) == {"name", "value", "target", "met"}
+        assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] > 0, r
+
+
+def test_met_agrees_with_value_and_target(quick_rows):
+    rows, _ = quick_rows
+    for r in rows:
+        if r["target"] == "informational":
+            assert r["met"] is None
+        elif r["target"] == "batched":  # a property of the code, not a timing: every coalition call is batched
+            assert r["met"] is True, r
+        else:
+            op, bound = r["target"].split()
+            assert op in ("<=", ">=")
+            assert r["met"] is (r["value"] <= float(bound) if op == "<=" else r["value"] >= float(bound)), r
+
+
+def test_values_are_sane(quick_rows):
+    rows, _ = quick_rows
+    value = {r["name"]: r["value"] for r in rows}
+    # same computation, same memory: the valuation pass cannot need less than half or ten times the evaluation's
+    for mask_mode in ("feature", "input"):
+        assert 0.5 < value[f"peak memory, valuation / eval pass, {mask_mode} masking (concat)"] < 10
+    # valuing 20 % of the samples cannot cost more than valuing all of them twice over
+    assert value["modality-level plan (Z = 20%) / sample-level plan"] < 2
+    # the full loop includes the arithmetic-only loop
+    assert (value["shapley_values n = 2: per-sample loop time / shapley_values time"]
+            > 0.5 * value["shapley_values n = 2: loop arithmetic only (Python numbers given) / shapley_values"])
+
+
+def test_authors_loop_computes_the_shapley_values():
+    correct = torch.rand(200, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    values = shapley_mm.benefit(correct)
+    assert torch.equal(torch.tensor(bench.authors_loop(values.tolist())), shapley_mm.shapley_values(values))
+
+
+def test_authors_reader_matches_data_py(tmp_path):
+    """The baseline loader reads the same clips into the same tensors as data.py (up to resampling filters)."""
+    bench.write_ks_fixture(str(tmp_path), clips=2)
+    ours = data.build_dataset("ks", "train", root=str(tmp_path), augment=False)
+    authors = bench.AuthorsKSClips(str(tmp_path), augment=False)
+    assert len(ours) == len(authors) == 2
+    for i in range(2):
+        (audio, visual), label, index = ours[i]
+        (audio_b, visual_b), label_b, index_b = authors[i]
+        assert (label, index) == (label_b, index_b)
+        assert torch.equal(audio, audio_b) and audio.shape == (1,) + bench.KS_SPECTROGRAM
+        assert visual.shape == visual_b.shape == (3, 3, 224, 224)
+        assert (visual - visual_b).abs().mean() < 0.05  # PIL's and torchvision's antialiased resize differ a little
+    frame = os.path.join(str(tmp_path), "ks_visual", "train", "clip00000", "frame_00001.jpg")
+    assert 10_000 < os.path.getsize(frame) < 100_000  # a realistic JPEG, not a flat one
+
+
+def test_copies_mask_keeps_one_modality_per_row_half_each():
+    mask = bench.copies_mask(10, torch.Generator().manual_seed(0))
+    assert mask.shape == (10, 2) and mask.dtype == torch.bool
+    assert (mask.sum(1) == 1).all() and mask[:, 0].sum() == 5
+    assert not torch.equal(mask[:, 0], torch.arange(10) < 5)  # shuffled, so both kinds mix in a batch
+
+
+def test_forward_batch_sizes_sees_whole_batch_calls_of_mixing_fusions():
+    dataset = bench.synthetic_set(16, 4)
+    loader = bench.loader_of(dataset, 4, torch.device("cpu"))
+    concat = bench.build_model(dataset, "concat", "feature", torch.device("cpu"))
+    assert bench.forward_batch_sizes(concat, lambda: bench.train.valuate(concat, loader, torch.device("cpu"))) == []
+    for fusion in bench.MIXING:
+        model = bench.build_model(dataset, fusion, None, torch.device("cpu"))
+        sizes = bench.forward_batch_sizes(model, lambda: bench.train.valuate(model, loader, torch.device("cpu")))
+        assert sizes == [4] * 4  # 3 coalitions and the prediction, each one call over the whole batch
+
+
+def test_peak_bytes_sees_an_allocation():
+    """In a process set up as bench_memory sets up its probe, where freed memory is given back to the system."""
+    size = 64 * 2 ** 20
+    program = ("import torch, bench\n"
+               f"print(bench.peak_bytes(lambda: torch.ones({size // 4}).sum(), torch.device('cpu')))")
+    result = subprocess.run([sys.executable, "-c", program], env=dict(os.environ, **bench.PROBE_ENV),
+                            cwd=os.path.dirname(os.path.abspath(bench.__file__)), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert 0.9 * size < int(result.stdout) < 2 * size
+
+
+def test_side_by_side_interleaves_and_warms_up():
+    calls = []
+    seconds = bench.side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3,
+                                 torch.device("cpu"), bench.time.perf_counter)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then 3 timed rounds
+    assert {name: len(times) for name, times in seconds.items()} == {"a": 3, "b": 3}
+    assert np.all(np.array(seconds["a"] + seconds["b"]) >= 0)
