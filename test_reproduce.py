@@ -1,0 +1,137 @@
+"""Smoke tests of reproduce.py: one setting, baseline and sample, one seed, two epochs; the JSON records, the
+Markdown table, exact reproduction, re-running one cell, the Figure 4 pick and the optional figures."""
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+import models
+import reproduce
+import train
+
+QUICK = ["--settings", "sample-level", "--modes", "baseline,sample", "--fusions", "concat", "--seeds", "0",
+         "--epochs", "2", "--warmup", "1"]
+
+
+def run(out, runs_dir, *flags):
+    reproduce.main(list(flags) + ["--out", str(out), "--runs-dir", str(runs_dir)])
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def without_time(records):
+    return [{k: v for k, v in r.items() if k not in reproduce.TIME_FIELDS + ("run_dir",)} for r in records]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    return root, run(root / "results", root / "runs", *QUICK)
+
+
+def test_records_hold_every_reported_number(quick):
+    root, results = quick
+    records = results["records"]
+    assert [(r["setting"], r["fusion"], r["mode"], r["seed"]) for r in records] == [
+        ("sample-level", "concat", "baseline", 0), ("sample-level", "concat", "sample", 0)]
+    for r in records:
+        assert r["views"] == "fou,zer" and r["degrade"] == reproduce.SETTINGS["sample-level"]["degrade"]
+        assert r["modalities"] == ["fou", "zer"]
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["test_map"] <= 1.0
+        assert len(r["test_acc_per_modality"]) == 2 and len(r["test_mean_phi"]) == 2
+        assert np.array(r["train_mean_phi"]).shape == (2, 2) == np.array(r["train_std_phi"]).shape  # [epochs, n]
+        assert r["wall_seconds"] > 0 and r["method_seconds"] > 0
+        # the record agrees with the run's own files
+        with open(os.path.join(r["run_dir"], "results.json")) as f:
+            assert json.load(f)["test_acc"] == r["test_acc"]
+        log = train.load_log(os.path.join(r["run_dir"], "log.jsonl"))
+        assert r["train_samples"] == sum(e["train_samples"] for e in log)
+        _, _, _, phi, _ = reproduce.read_valuation_csv(os.path.join(r["run_dir"], "valuation_test.csv"))
+        assert np.allclose(r["test_mean_phi"], phi.mean(0)) and len(phi) == 400
+    baseline, sample = records
+    assert baseline["train_samples"] == 2 * 1200 and baseline["valued_samples"] == 0 and baseline["copies"] == [0, 0]
+    # the warm-up epoch is identical; the sample-level epoch adds uni-modal copies of valued samples (Eq. 10)
+    assert sample["train_mean_phi"][0] == baseline["train_mean_phi"][0]
+    assert sample["valued_samples"] == 1200 and sample["train_samples"] == 2400 + sum(sample["copies"]) > 2400
+
+
+def test_markdown_table(quick):
+    root, results = quick
+    with open(root / "results" / "results.md") as f:
+        text = f.read()
+    baseline, sample = results["records"]
+    assert "## sample-level: views fou + zer" in text
+    assert "| fusion | method | seeds | test acc | test mAP | fou alone | zer alone |" in text
+    assert f"| concat | baseline | 1 | {100 * baseline['test_acc']:.2f} ± 0.00 | {100 * baseline['test_map']:.2f}" in text
+    ratio = sample["train_samples"] / baseline["train_samples"]
+    assert f"| concat | sample | 1 | {100 * sample['test_acc']:.2f} ± 0.00 |" in text and f"{ratio:.2f}x |" in text
+    diff = 100 * (sample["test_acc"] - baseline["test_acc"])
+    assert f"- sample-level > baseline (Tables 1, 2): test acc {diff:+.2f} ± 0.00 points" in text
+    assert "| baseline | fou | " in text and "| epoch 0 | epoch 1 |" in text  # contributions per epoch
+    assert "Figure 4: two test samples of class" in text and "## dataset-level" not in text  # not run
+
+
+def test_same_seeds_reproduce_the_table_exactly(quick, tmp_path):
+    root, results = quick
+    again = run(tmp_path / "results", tmp_path / "runs", *QUICK)
+    assert without_time(again["records"]) == without_time(results["records"])
+    assert again["examples"]["sample-level"]["samples"] == results["examples"]["sample-level"]["samples"]
+    tables = [open(path / "results.md").read().split("## Cost")[0] for path in (root / "results", tmp_path / "results")]
+    assert tables[0] == tables[1]
+
+
+def test_rerunning_one_cell_replaces_only_its_record(quick, tmp_path):
+    root, results = quick
+    shutil.copytree(root / "results", tmp_path / "results")
+    flags = [f if f != "baseline,sample" else "sample" for f in QUICK]
+    merged = run(tmp_path / "results", tmp_path / "runs", *flags)
+    assert [r["mode"] for r in merged["records"]] == ["baseline", "sample"]
+    assert merged["records"][0] == results["records"][0]  # kept as it was
+    assert merged["records"][1]["run_dir"] != results["records"][1]["run_dir"]  # re-run
+    assert without_time(merged["records"][1:]) == without_time(results["records"][1:])
+    # a run with other training settings starts afresh instead of mixing incomparable records
+    fresh = run(tmp_path / "results", tmp_path / "runs", *[f if f != "2" else "3" for f in flags])
+    assert [(r["mode"], len(r["train_mean_phi"])) for r in fresh["records"]] == [("sample", 3)]
+
+
+def test_figure4_samples_lean_most_on_each_modality(quick):
+    _, results = quick
+    example = results["examples"]["sample-level"]
+    baseline = results["records"][0]
+    ids, labels, _, phi, _ = reproduce.read_valuation_csv(os.path.join(baseline["run_dir"], "valuation_test.csv"))
+    row = {sample_id: k for k, sample_id in enumerate(ids)}
+    a, b = example["samples"]
+    in_class = labels == example["label"]
+    assert labels[row[a["id"]]] == labels[row[b["id"]]] == example["label"]
+    assert phi[row[a["id"]], 0] - phi[row[a["id"]], 1] == (phi[in_class, 0] - phi[in_class, 1]).max()
+    assert phi[row[b["id"]], 1] - phi[row[b["id"]], 0] == (phi[in_class, 1] - phi[in_class, 0]).max()
+    assert a["baseline"]["phi"] == phi[row[a["id"]]].tolist()
+    assert a["degraded_view"] in ("fou", "zer") and 0 <= a["degrade_strength"] <= 0.6
+
+
+def test_grid_takes_every_fusion_at_run_time():
+    cells = reproduce.grid(["dataset-level"], train.MODES, models.FUSIONS)
+    assert [c for c in cells if c[1] == "concat"] == [("dataset-level", "concat", m) for m in train.MODES]
+    others = [f for f in models.FUSIONS if f != "concat"]
+    assert [c for c in cells if c[1] != "concat"] == [("dataset-level", f, m) for f in others
+                                                      for m in reproduce.FUSION_MODES]
+
+
+def test_figures_are_optional(quick, tmp_path, monkeypatch):
+    _, results = quick
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert reproduce.write_figures(str(tmp_path), results["records"], results["examples"], results["training"]) == []
+    assert os.listdir(tmp_path) == []
+
+
+def test_figures_when_matplotlib_is_installed(quick, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, results = quick
+    names = reproduce.write_figures(str(tmp_path), results["records"], results["examples"], results["training"])
+    assert names == ["contributions_sample-level.png", "valuation_examples_sample-level.png"]
+    for name in names:
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
