@@ -305,8 +305,19 @@ def transform_frames(frames, augment, image_size, mean, std, flow=False):
                 frames[:, 0] = 255 - frames[:, 0]
     else:
         frames = v2.Resize((image_size, image_size), antialias=True)(frames)
-    frames = v2.functional.normalize(v2.functional.to_dtype(frames, torch.float32, scale=True), mean, std)
+    # one pass to float in [T, C, S, S] memory order (whatever order the frames came in), then normalised in
+    # place: (x / 255 - mean) / std = (x - 255 mean) / (255 std)
+    frames = frames.to(torch.float32, memory_format=torch.contiguous_format)
+    scale = 255 * torch.tensor(std).view(-1, 1, 1)
+    frames = frames.sub_(255 * torch.tensor(mean).view(-1, 1, 1)).div_(scale)
     return frames.permute(1, 0, 2, 3)
+
+
+def stack_frames(frames):
+    """RGB frames, uint8 [C, H, W] each as decode_jpeg returns them (a CHW view of HWC memory) -> [T, C, H, W]
+    in channels-last memory. torch.stack of the CHW views would transpose every pixel into planar order; the
+    channels-last stack is a plain copy, and the uint8 resize kernels run fastest on channels-last input."""
+    return torch.stack([frame.permute(1, 2, 0) for frame in frames]).permute(0, 3, 1, 2)
 
 
 def find_missing(spectrograms=(), frame_folders=()):
@@ -379,8 +390,8 @@ class AudioVisualClips(Dataset):
         audio = read_spectrogram(self.spectrograms[i])
         folder = self.frame_folders[i]
         names = list_frames(folder)
-        frames = torch.stack([read_jpeg(os.path.join(folder, names[p]), ImageReadMode.RGB)
-                              for p in frame_positions(len(names), self.augment)])
+        frames = stack_frames([read_jpeg(os.path.join(folder, names[p]), ImageReadMode.RGB)
+                               for p in frame_positions(len(names), self.augment)])
         visual = transform_frames(frames, self.augment, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
         return (audio, visual), self.labels[i].item(), i
 
@@ -544,8 +555,8 @@ class RGBFlowClips(Dataset):
     def __getitem__(self, i):
         folder = self.rgb_folders[i]
         names = list_frames(folder)
-        frames = torch.stack([read_jpeg(os.path.join(folder, names[p]), ImageReadMode.RGB)
-                              for p in frame_positions(len(names), self.augment)])
+        frames = stack_frames([read_jpeg(os.path.join(folder, names[p]), ImageReadMode.RGB)
+                               for p in frame_positions(len(names), self.augment)])
         rgb = transform_frames(frames, self.augment, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
         u_folder, v_folder = self.u_folders[i], self.v_folders[i]
         names = list_frames(u_folder)  # v/ holds the same file names

@@ -333,6 +333,22 @@ def test_ks_clip_with_other_frame_counts(tmp_path):
     assert picked_frames(d[1][0][1]) == [2, 6, 10]  # segments [0, 4), [4, 8), [8, 12)
 
 
+def test_stack_frames_keeps_decoded_frames_channels_last(tmp_path):
+    frames = [torch.randint(0, 256, (3, 24, 40), dtype=torch.uint8) for _ in range(3)]
+    for k, frame in enumerate(frames):
+        write_jpeg(frame, str(tmp_path / f"f{k}.jpg"), quality=95)
+    decoded = [data.read_jpeg(str(tmp_path / f"f{k}.jpg"), data.ImageReadMode.RGB) for k in range(3)]
+    stacked = data.stack_frames(decoded)  # [T, C, H, W]
+    assert torch.equal(stacked, torch.stack(decoded))
+    assert stacked.is_contiguous(memory_format=torch.channels_last)  # a plain copy of decode_jpeg's HWC memory
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    video = data.transform_frames(stacked, False, 16, mean, std)  # [C, T, 16, 16]
+    reference = torch.nn.functional.interpolate(torch.stack(decoded).float(), size=(16, 16), mode="bilinear",
+                                                antialias=True, align_corners=False).round().clamp(0, 255)
+    reference = (reference / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(video, reference.permute(1, 0, 2, 3), atol=0.03)
+
+
 def test_train_transform_crops_and_flips_the_frames_alike():
     # left half dark, right half bright: a flip swaps them, in every frame of the clip at once
     frames = torch.zeros(3, 3, 40, 32, dtype=torch.uint8)
