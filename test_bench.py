@@ -113,7 +113,7 @@ def test_forward_batch_sizes_sees_whole_batch_calls_of_mixing_fusions():
     for fusion in bench.MIXING:
         model = bench.build_model(dataset, fusion, None, torch.device("cpu"))
         sizes = bench.forward_batch_sizes(model, lambda: bench.train.valuate(model, loader, torch.device("cpu")))
-        assert sizes == [4] * 4  # 3 coalitions and the prediction, each one call over the whole batch
+        assert sizes == [4] * 3  # one call per non-empty coalition, each over the whole batch
 
 
 def test_peak_bytes_sees_an_allocation():

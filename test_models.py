@@ -219,6 +219,25 @@ def test_coalition_predictor_in_training_mode_equals_forward(fusion, mask_mode):
             assert torch.allclose(logits, model(zeroed(inputs, mask)), atol=1e-5), mask.tolist()
 
 
+def test_coalition_predictor_absent_cache_encodes_the_zero_sample_once_per_pass():
+    torch.manual_seed(0)
+    model = models.MultimodalClassifier(TWO, 5, fusion="concat", mask_mode="input")
+    model(make_inputs(TWO, batch=8))  # BatchNorm statistics of one training step
+    model.eval()
+    batches = [make_inputs(TWO) for _ in range(3)]
+    calls = count_calls(model.encoders[0])
+    cache = {}
+    with torch.no_grad():
+        predicted = []
+        for inputs in batches:  # three batches of one pass share one cache
+            predict = model.coalition_predictor(inputs, cache)
+            predicted.append([predict(mask) for mask in coalition_masks(2, batch=6)])
+        assert calls == [6, 1, 6, 6]  # the all-zero sample is encoded once, with the first batch
+        for inputs, logits in zip(batches, predicted):
+            for mask, expected in zip(coalition_masks(2, batch=6), logits):
+                assert torch.allclose(expected, model(inputs, mask), atol=1e-5), mask[0].tolist()
+
+
 def test_decision_fusion_averages_the_classifiers_over_zeroed_features():
     torch.manual_seed(0)
     model = models.MultimodalClassifier(THREE, 5, fusion="decision").eval()

@@ -282,10 +282,11 @@ def evaluate(model, loader, device, amp=False):
     n = model.num_modalities
     unimodal = torch.eye(n, dtype=torch.bool, device=device)
     scores, labels, correct_alone = [], [], []
+    absent_cache = {}  # absent modalities' features, computed once per pass (models.coalition_predictor)
     for inputs, target, _ in loader:
         target = target.to(device)
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            predict = model.coalition_predictor(to_device(inputs, device))
+            predict = model.coalition_predictor(to_device(inputs, device), absent_cache)
             full = predict(torch.ones(len(target), n, dtype=torch.bool, device=device))
             alone = [predict(unimodal[i].expand(len(target), n)).argmax(1) == target for i in range(n)]
         scores.append(full.float().softmax(1).cpu())
@@ -298,26 +299,30 @@ def evaluate(model, loader, device, amp=False):
 
 
 @torch.no_grad()
-def valuate(model, loader, device, amp=False):
+def valuate(model, loader, device, amp=False, with_predictions=False):
     """Sample-level modality valuation (Eq. 1-3) of every sample the loader yields.
 
-    Returns (index [N] long, phi [N, n] float, prediction [N] long), in the loader's order. Runs in
+    Returns (index [N] long, phi [N, n] float), in the loader's order, and with with_predictions also the
+    prediction [N] long from all modalities (one more coalition call per batch). Runs in
     eval mode; the loader should use evaluation transforms. For late fusion the encoders run once per
     batch and only the fusion head runs per coalition; for centralnet and mmtm the whole network runs
     once per coalition (models.MultimodalClassifier.coalition_predictor)."""
     model.eval()
     n = model.num_modalities
     indices, phis, predictions = [], [], []
+    absent_cache = {}  # absent modalities' features, computed once per pass (models.coalition_predictor)
     for inputs, target, index in loader:
         target = target.to(device)
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            predict = model.coalition_predictor(to_device(inputs, device))
+            predict = model.coalition_predictor(to_device(inputs, device), absent_cache)
             phi = shapley_mm.valuate(predict, target, n)
-            prediction = predict(torch.ones(len(target), n, dtype=torch.bool, device=device)).argmax(1)
+            if with_predictions:
+                predictions.append(predict(torch.ones(len(target), n, dtype=torch.bool, device=device)).argmax(1).cpu())
         indices.append(index)
         phis.append(phi.float().cpu())
-        predictions.append(prediction.cpu())
-    return torch.cat(indices), torch.cat(phis), torch.cat(predictions)
+    if with_predictions:
+        return torch.cat(indices), torch.cat(phis), torch.cat(predictions)
+    return torch.cat(indices), torch.cat(phis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +341,7 @@ def resampling_plan(args, model, train_eval, loader_kwargs, generator, device):
     else:  # Alg. 1: value every training sample
         valued = torch.arange(num_samples)
     loader = DataLoader(Subset(train_eval, valued.tolist()), shuffle=False, **loader_kwargs)
-    valued_index, phi, _ = valuate(model, loader, device, args.amp)
+    valued_index, phi = valuate(model, loader, device, args.amp)
 
     if args.mode == "modality":  # Eq. 11: re-sample the overall low-contributing modality with probability p
         modality, probability = shapley_mm.modality_level_plan(phi, alpha=args.alpha, f_m=args.f_m)
@@ -562,7 +567,7 @@ def train(args, given=()):
         elif args.track_phi:
             tracked = time.time()
             loader = DataLoader(train_eval, shuffle=False, **loader_kwargs)
-            valued_index, phi, _ = valuate(model, loader, device, args.amp)
+            valued_index, phi = valuate(model, loader, device, args.amp)
             valuation_seconds = time.time() - tracked
         if phi is not None:
             save_contributions(out, epoch, train_eval, valued_index, phi)
@@ -602,7 +607,7 @@ def train(args, given=()):
     model.load_state_dict(best_state["model"])
     test_loader = DataLoader(splits["test"], shuffle=False, **loader_kwargs)
     test = evaluate(model, test_loader, device, args.amp)
-    _, test_phi, _ = valuate(model, test_loader, device, args.amp)
+    _, test_phi = valuate(model, test_loader, device, args.amp)
     results = dict(best_epoch=best_state["epoch"], val_acc=best_state["best"]["val_acc"],
                    test_acc=test["acc"], test_map=test["map"], test_acc_per_modality=test["acc_per_modality"],
                    test_mean_phi=test_phi.mean(0).tolist(), modalities=list(train_set.modalities),
@@ -630,7 +635,7 @@ def eval_only(args, given=()):
     model.load_state_dict(checkpoint["model"])
     loader = DataLoader(dataset, shuffle=False, **loader_settings(saved, device))
     metrics = evaluate(model, loader, device, saved.amp)
-    index, phi, prediction = valuate(model, loader, device, saved.amp)
+    index, phi, prediction = valuate(model, loader, device, saved.amp, with_predictions=True)
 
     out = os.path.dirname(os.path.abspath(args.checkpoint))
     csv_path = os.path.join(out, f"valuation_{args.eval_split}.csv")
