@@ -126,9 +126,9 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir):
     method = [r for r in log if r["phase"] not in ("baseline", "warmup")]  # the others valued only to log phi
     train_mean_phi, train_std_phi = [], []  # per epoch: phi of the training set, valued before that epoch
     for record in log:
-        phi = np.load(os.path.join(out, "contributions", f"epoch_{record['epoch']:03d}.npz"))["phi"]  # [V, n]
-        train_mean_phi.append(phi.mean(0).tolist())
-        train_std_phi.append(phi.std(0).tolist())
+        phi = np.load(os.path.join(out, "contributions", f"epoch_{record['epoch']:03d}.npz"))["phi"].astype(float)
+        train_mean_phi.append(np.round(phi.mean(0), 4).tolist())  # [n]; 4 decimals keep results.json small
+        train_std_phi.append(np.round(phi.std(0), 4).tolist())
     return dict(
         setting=setting, views=SETTINGS[setting]["views"], degrade=SETTINGS[setting]["degrade"], mode=mode,
         fusion=fusion, seed=seed, modalities=results["modalities"], best_epoch=results["best_epoch"],
@@ -201,10 +201,12 @@ def epoch_columns(num_epochs, warmup):
 def pick_examples(setting, cells):
     """Valuation before (baseline) and after (sample) of two test samples of one class, as in Figure 4.
 
-    The samples are chosen on the baseline model's test valuation alone (never on the result after): in each
-    class, A is the sample with the largest phi_1 - phi_2 and B the one with the largest phi_2 - phi_1; the class
-    whose A and B lean most clearly (the larger min of the two gaps; ties: the lower class, the first sample) wins.
-    Both models are the concat runs of the first seed they share."""
+    The samples are chosen on the baseline model's test valuation and on the data alone, never on the result
+    after: in each class, A is the sample with the largest phi_1 - phi_2 and B the one with the largest
+    phi_2 - phi_1, among equal gaps the one whose other view is the most degraded (the reason to lean on one view,
+    like the hidden motorcycle of Figure 2a; no degradation: the first); the class whose A and B lean most clearly
+    (the larger min of the two gaps, then of the two degradations; ties: the lower class) wins. Both models are
+    the concat runs of the first seed they share."""
     baseline = {r["seed"]: r for r in cells.get((setting, "concat", "baseline"), [])}
     sample = {r["seed"]: r for r in cells.get((setting, "concat", "sample"), [])}
     seeds = sorted(baseline.keys() & sample.keys())
@@ -215,20 +217,23 @@ def pick_examples(setting, cells):
     if not (os.path.exists(before_path) and os.path.exists(after_path)):
         return None
     ids, labels, predictions, phi, modalities = read_valuation_csv(before_path)
+    test_set = data.build_dataset("mfeat", "test", views=SETTINGS[setting]["views"].split(","),
+                                  degrade=SETTINGS[setting]["degrade"])
+    test_row = {sample_id: k for k, sample_id in enumerate(test_set.sample_ids)}
+    rows = [test_row[sample_id] for sample_id in ids]
+    degraded = np.zeros_like(phi)  # [N, 2]: the degradation strength of each sample's modalities
+    degraded[np.arange(len(ids)), test_set.degraded_view[rows].numpy()] = test_set.degrade_strength[rows].numpy()
     best = None
     for label in sorted(set(labels.tolist())):
-        rows = np.flatnonzero(labels == label)
-        a = rows[np.argmax(phi[rows, 0] - phi[rows, 1])]  # argmax: the first of equal gaps
-        b = rows[np.argmax(phi[rows, 1] - phi[rows, 0])]
-        score = min(phi[a, 0] - phi[a, 1], phi[b, 1] - phi[b, 0])
+        in_class = np.flatnonzero(labels == label).tolist()
+        a = max(in_class, key=lambda k: (phi[k, 0] - phi[k, 1], degraded[k, 1]))  # max: the first of equal keys
+        b = max(in_class, key=lambda k: (phi[k, 1] - phi[k, 0], degraded[k, 0]))
+        score = (min(phi[a, 0] - phi[a, 1], phi[b, 1] - phi[b, 0]), min(degraded[a, 1], degraded[b, 0]))
         if best is None or score > best[0]:
             best = (score, label, a, b)
     _, label, a, b = best
     after_ids, _, after_predictions, after_phi, _ = read_valuation_csv(after_path)
     after_row = {sample_id: k for k, sample_id in enumerate(after_ids)}
-    test_set = data.build_dataset("mfeat", "test", views=SETTINGS[setting]["views"].split(","),
-                                  degrade=SETTINGS[setting]["degrade"])
-    test_row = {sample_id: k for k, sample_id in enumerate(test_set.sample_ids)}
     examples = []
     for name, k in (("A", a), ("B", b)):
         j, t = after_row[ids[k]], test_row[ids[k]]
@@ -470,7 +475,8 @@ SWEEP_STRONG, SWEEP_WEAK = ("fac", "pix", "kar"), ("fou", "zer", "mor")
 SWEEP_SIMILAR = ("fou,zer", "fac,kar", "pix,kar")
 SWEEP_DEGRADE = (0.3, 0.6, 1.0)
 # (epochs, batch) pairs whose full grid fits in 20 minutes on 2 shared CPU cores (the cost grows with epochs / batch)
-SWEEP_TRAINING = [dict(epochs=e, batch_size=b, lr=lr) for e, b in ((20, 64), (20, 128), (30, 128)) for lr in (0.01, 0.03)]
+SWEEP_TRAINING = [dict(epochs=e, batch_size=b, lr=lr)
+                  for e, b in ((20, 64), (20, 128), (30, 128)) for lr in (0.01, 0.03)]
 SWEEP_WARMUP = (2, 5, 8)
 
 
@@ -546,8 +552,8 @@ def sweep(out, runs_dir):
     lines += ["", f"Chosen: {sample_level['name']} (balanced means, largest spread across samples).", ""]
 
     print("3. training")
-    settings = [["--views", dataset_level["name"]],
-                ["--views", sample_level["name"].split("-S")[0], "--mfeat-degrade", sample_level["name"].split("-S")[1]]]
+    similar_views, degrade = sample_level["name"].split("-S")
+    settings = [["--views", dataset_level["name"]], ["--views", similar_views, "--mfeat-degrade", degrade]]
 
     def training_flags(t):
         return ["--epochs", str(t["epochs"]), "--batch-size", str(t["batch_size"]), "--lr", str(t["lr"])]
@@ -626,7 +632,7 @@ def reproduce(settings, modes, fusions, seeds, out, runs_dir, training):
         if example is not None:
             examples[setting] = example
     with open(json_path, "w") as f:
-        json.dump(dict(training=training, settings=SETTINGS, records=records, examples=examples), f, indent=1)
+        json.dump(dict(training=training, settings=SETTINGS, records=records, examples=examples), f)
     figures = write_figures(out, records, examples, training)
     write_markdown(os.path.join(out, "results.md"), records, examples, training, figures)
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min: {json_path}, {os.path.join(out, 'results.md')}"

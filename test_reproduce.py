@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import data
 import models
 import reproduce
 import train
@@ -65,7 +66,8 @@ def test_markdown_table(quick):
     baseline, sample = results["records"]
     assert "## sample-level: views fou + zer" in text
     assert "| fusion | method | seeds | test acc | test mAP | fou alone | zer alone |" in text
-    assert f"| concat | baseline | 1 | {100 * baseline['test_acc']:.2f} ± 0.00 | {100 * baseline['test_map']:.2f}" in text
+    acc, mean_ap = 100 * baseline["test_acc"], 100 * baseline["test_map"]
+    assert f"| concat | baseline | 1 | {acc:.2f} ± 0.00 | {mean_ap:.2f} ± 0.00 |" in text
     ratio = sample["train_samples"] / baseline["train_samples"]
     assert f"| concat | sample | 1 | {100 * sample['test_acc']:.2f} ± 0.00 |" in text and f"{ratio:.2f}x |" in text
     diff = 100 * (sample["test_acc"] - baseline["test_acc"])
@@ -109,7 +111,17 @@ def test_figure4_samples_lean_most_on_each_modality(quick):
     assert phi[row[a["id"]], 0] - phi[row[a["id"]], 1] == (phi[in_class, 0] - phi[in_class, 1]).max()
     assert phi[row[b["id"]], 1] - phi[row[b["id"]], 0] == (phi[in_class, 1] - phi[in_class, 0]).max()
     assert a["baseline"]["phi"] == phi[row[a["id"]]].tolist()
-    assert a["degraded_view"] in ("fou", "zer") and 0 <= a["degrade_strength"] <= 0.6
+    # among the samples that lean as much, A's other view (zer) is the most degraded one, B's (fou) likewise
+    test_set = data.MfeatDataset("test", views=("fou", "zer"), degrade=reproduce.SETTINGS["sample-level"]["degrade"])
+    test_row = {sample_id: k for k, sample_id in enumerate(test_set.sample_ids)}
+    for sample, lean, other in ((a, 0, 1), (b, 1, 0)):
+        gap = phi[row[sample["id"]], lean] - phi[row[sample["id"]], other]
+        ties = [ids[k] for k in np.flatnonzero(in_class & (phi[:, lean] - phi[:, other] == gap))]
+        strength = [test_set.degrade_strength[test_row[i]].item() if test_set.degraded_view[test_row[i]] == other
+                    else 0.0 for i in ties]
+        assert sample["degraded_view"] == ("fou", "zer")[test_set.degraded_view[test_row[sample["id"]]].item()]
+        assert sample["degrade_strength"] * (sample["degraded_view"] == ("fou", "zer")[other]) == pytest.approx(
+            max(strength))
 
 
 def test_grid_takes_every_fusion_at_run_time():
