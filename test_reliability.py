@@ -174,6 +174,18 @@ def test_corrupt_jpeg_found_while_training(ks_root, capsys, workers):
     assert "b1" in message and ".jpg: cannot read JPEG" in message
 
 
+def test_corrupt_jpeg_found_later_keeps_what_was_written(ks_root, capsys):
+    train.main(ks_flags(ks_root))
+    run_dir = ks_root.parent / "run"
+    written = {name: (run_dir / name).read_bytes() for name in ("last.pt", "best.pt", "log.jsonl")}
+    for frame in (ks_root / "ks_visual" / "train" / "b1").iterdir():
+        frame.write_bytes(b"not a jpeg")
+    message = fails(capsys, ["--resume", str(run_dir / "last.pt"), "--epochs", "2"])
+    assert "b1" in message and ".jpg: cannot read JPEG" in message
+    assert {name: (run_dir / name).read_bytes() for name in written} == written
+    assert torch.load(run_dir / "last.pt", weights_only=False)["epoch"] == 0
+
+
 @pytest.mark.parametrize("array, expected", [
     (np.zeros((2, 16, 8), dtype=np.float32), "spectrogram must be 2-D"),
     (np.full((16, 8), np.nan, dtype=np.float32), "spectrogram contains NaN"),
