@@ -31,6 +31,7 @@ Usage with your own model, masking a modality by zeroing its features before the
 import functools
 import itertools
 import math
+from fractions import Fraction
 
 import torch
 
@@ -66,12 +67,13 @@ def benefit(correct):
 
 
 @functools.lru_cache(maxsize=None)
-def _shapley_weights(n):
-    """Eq. 2-3 as a matrix W [2**n, n] (float64, CPU) with phi = v @ W.
+def _shapley_counts(n):
+    """Eq. 2-3 as an integer matrix W [2**n, n] (float64, CPU) with phi = (v @ W) / n!.
 
     Walks all n! permutations: in each, modality i adds +1 on the coalition (predecessors u {i})
-    and -1 on the coalition of its predecessors (Eq. 2); the sum is divided by n! (Eq. 3).
-    Cost n * n! steps, once per n (n = 8: 0.3 M steps)."""
+    and -1 on the coalition of its predecessors (Eq. 2). The sum over permutations stays an integer
+    count; the division by n! of Eq. 3 is left to the end. Cost n * n! steps, once per n
+    (n = 8: 0.3 M steps)."""
     counts = [[0] * n for _ in range(2 ** n)]
     for order in itertools.permutations(range(n)):
         predecessors = 0  # bit mask of S_pi(x^i)
@@ -79,20 +81,26 @@ def _shapley_weights(n):
             counts[predecessors | 1 << i][i] += 1  # + v(S_pi(x^i) u x^i)
             counts[predecessors][i] -= 1           # - v(S_pi(x^i))
             predecessors |= 1 << i
-    return torch.tensor(counts, dtype=torch.float64) / math.factorial(n)
+    return torch.tensor(counts, dtype=torch.float64)
 
 
 def shapley_values(v):
     """Eq. 2-3, exact: the Shapley value phi [B, n] of every modality from a value table v [B, 2**n].
 
     v may hold any real values (not only Eq. 1 benefits), laid out as in coalitions(n); phi has
-    v's dtype and device. One matrix product for the whole batch."""
+    v's dtype and device. One matrix product for the whole batch, in float64 on the integer
+    permutation counts, then one division by n!. Under Eq. 1 every v(C) is an integer, so the
+    product is an exact integer p and phi = p / n! is the correctly rounded value of that rational:
+    a row whose coalitions are all correct gives exactly 1, and the thresholds of Eq. 10 and every
+    comparison between contributions decide as exact arithmetic would (distinct contributions
+    differ by at least 1 / n!, far above float32 resolution for n <= 8)."""
     if not v.is_floating_point():
         raise ValueError(f"v must be a floating-point tensor [B, 2**n], got {v.dtype}")
     n = _num_modalities(v.shape[-1], "v")
-    weights = _shapley_weights(n).to(v.device, v.dtype)  # [2**n, n]
-    with torch.autocast(v.device.type, enabled=False):  # keep v's dtype under mixed precision
-        return v @ weights  # [B, 2**n] @ [2**n, n] -> [B, n]
+    counts = _shapley_counts(n).to(v.device)  # [2**n, n], n! * the weights of Eq. 3
+    with torch.autocast(v.device.type, enabled=False):  # keep full precision under mixed precision
+        numerators = v.double() @ counts  # [B, 2**n] @ [2**n, n] -> [B, n], n! * phi
+    return (numerators / math.factorial(n)).to(v.dtype)
 
 
 def valuate(predict, labels, n):
@@ -126,7 +134,10 @@ def sample_level_copies(phi, f_s=None):
         1 copy  for  0.4 <= phi < 1      (f_s(x) = 1 for 0 < x <= 0.6)
         2 copies for -0.1 <= phi < 0.4   (f_s(x) = 2 for 0.6 < x <= 1.1)
         3 copies for phi < -0.1          (f_s(x) = 3 for x > 1.1)
-    On the two-modality grid phi in {-0.5, 0, 0.5, 1, 1.5} this is f_s(x) = 2x, rounded.
+    On the two-modality grid phi in {-0.5, 0, 0.5, 1, 1.5} this is f_s(x) = 2x, rounded. The
+    authors' code uses open intervals (0.4 < phi < 1, -0.1 < phi < 0.4), so a contribution of
+    exactly 0.4 or -0.1, possible from n = 5 on, gets no copy there; here it falls in the lower
+    bracket, as the closed form f_s(x) = 2x suggests.
 
     Another monotonically increasing f_s can be passed: a callable mapping the tensor 1 - phi
     [B, n] to counts of the same shape; they are rounded and clamped to integers >= 0."""
@@ -147,6 +158,21 @@ def sample_level_copies(phi, f_s=None):
 F_M_CHOICES = ("linear", "tanh", "square")  # Eq. 11's f_m, the authors' three choices
 
 
+def _exact_column_sums(phi):
+    """The column sums of phi [Z, n] as exact Fractions, when every entry is a multiple of 1/n!.
+
+    Eq. 1-3 contributions always are (shapley_values returns p / n!, correctly rounded), so the
+    integer numerators p come back by rounding n! * phi and add up without error, however large Z
+    is. Other tables (general real contributions) are summed in float64."""
+    n = phi.shape[1]
+    scale = math.factorial(n)
+    scaled = phi.detach().cpu().double() * scale  # [Z, n], n! * phi
+    numerators = scaled.round()
+    if ((scaled - numerators).abs() <= 1e-6 * numerators.abs().clamp(min=1)).all():
+        return [Fraction(int(total), scale) for total in numerators.long().sum(0).tolist()]
+    return [Fraction(total) for total in scaled.sum(0).div(scale).tolist()]
+
+
 def modality_level_plan(phi_subset, alpha=1.0, f_m="linear"):
     """Eq. 11: which modality to re-sample alone, and with what probability (Algorithm 2).
 
@@ -160,6 +186,9 @@ def modality_level_plan(phi_subset, alpha=1.0, f_m="linear"):
     practice x <= 2/3.) Then p = f_m(x): "linear" alpha * x, "tanh" tanh(alpha * x), "square"
     alpha * x**1.5, clipped to [0, 1].
 
+    The means, the argmin and d are computed in exact rational arithmetic on Eq. 1 contributions
+    (_exact_column_sums), so modalities with equal means tie exactly and a zero gap gives p = 0.
+
     Returns (modality: int, probability: float)."""
     if f_m not in F_M_CHOICES:
         raise ValueError(f"f_m must be one of {F_M_CHOICES}, got {f_m!r}")
@@ -168,11 +197,11 @@ def modality_level_plan(phi_subset, alpha=1.0, f_m="linear"):
     if phi_subset.dim() != 2 or phi_subset.shape[0] < 1 or phi_subset.shape[1] < 2:
         raise ValueError(f"phi_subset must be [Z, n] with Z >= 1 samples and n >= 2 modalities, "
                          f"got shape {tuple(phi_subset.shape)}")
-    n = phi_subset.shape[1]
-    mean_phi = phi_subset.detach().cpu().double().mean(0)  # [n], mean contribution over Z
-    modality = int(mean_phi.argmin())
-    gap = (mean_phi.sum() - n * mean_phi[modality]).item() / (n - 1)  # d of Eq. 11
-    x = gap * 2 / 3  # Norm(d)
+    subset_size, n = phi_subset.shape
+    sums = _exact_column_sums(phi_subset)  # [n], Z * mean contribution
+    modality = min(range(n), key=lambda i: (sums[i], i))
+    gap = (sum(sums) - n * sums[modality]) / (subset_size * (n - 1))  # d of Eq. 11, >= 0
+    x = float(gap) * 2 / 3  # Norm(d)
     if f_m == "linear":
         probability = alpha * x
     elif f_m == "tanh":
@@ -220,16 +249,19 @@ def naive_copies(copies, generator=None):
     return shuffled
 
 
-def reversed_copies(phi, copies):
+def reversed_copies(phi, copies, generator=None):
     """Table 4 "reversed re-sample": every copy of a sample goes to its highest-contributing modality.
 
     phi: [B, n], copies: [B, n]. Each sample keeps its number of copies (row sum), all given to
-    argmax phi (ties: lowest index)."""
+    argmax phi. Ties (for example phi = (0, 0) when every coalition is wrong) are broken uniformly
+    at random with the given CPU generator, so that no modality is favoured by its index."""
     _check_copies(copies)
     if phi.shape != copies.shape:
         raise ValueError(f"phi and copies must have the same shape [B, n], "
                          f"got {tuple(phi.shape)} and {tuple(copies.shape)}")
-    highest = phi.argmax(1, keepdim=True).to(copies.device)  # [B, 1]
+    tied = phi == phi.max(1, keepdim=True).values  # [B, n], the highest-contributing modalities
+    draw = torch.rand(phi.shape, generator=generator).to(phi.device)  # [B, n], a random order among ties
+    highest = torch.where(tied, draw, -1.0).argmax(1, keepdim=True).to(copies.device)  # [B, 1]
     return torch.zeros_like(copies).scatter_(1, highest, copies.sum(1, keepdim=True))
 
 

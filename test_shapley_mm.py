@@ -3,6 +3,7 @@ Algorithms 1-2, the Table 4 ablations)."""
 
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -278,11 +279,24 @@ def test_naive_copies_keep_per_modality_totals_and_are_reproducible():
 
 
 def test_reversed_copies_go_to_the_highest_contributing_modality():
-    phi = torch.tensor([[-0.5, 1.5, 0.0], [1.0, 0.2, 1.0], [0.3, 0.1, 0.9]])
-    copies = torch.tensor([[3, 0, 2], [0, 1, 0], [1, 2, 0]])
-    assert shapley_mm.reversed_copies(phi, copies).tolist() == [[0, 5, 0], [1, 0, 0], [0, 0, 3]]
+    phi = torch.tensor([[-0.5, 1.5, 0.0], [0.3, 0.1, 0.9]])
+    copies = torch.tensor([[3, 0, 2], [1, 2, 0]])
+    assert shapley_mm.reversed_copies(phi, copies).tolist() == [[0, 5, 0], [0, 0, 3]]
     with pytest.raises(ValueError, match="same shape"):
         shapley_mm.reversed_copies(phi[:, :2], copies)
+
+
+def test_reversed_copies_break_ties_at_random_without_favouring_an_index():
+    # phi = (0, 0, -1): every coalition wrong for modalities 0 and 1; modality 2 is never among the highest
+    phi = torch.tensor([[0.0, 0.0, -1.0]]).repeat(2000, 1)
+    copies = torch.tensor([[1, 1, 1]]).repeat(2000, 1)
+    reversed_ = shapley_mm.reversed_copies(phi, copies, generator=torch.Generator().manual_seed(0))
+    assert (reversed_.sum(1) == 3).all() and (reversed_[:, 2] == 0).all()
+    assert ((reversed_ == 3).sum(1) == 1).all()  # all copies of a sample go to one modality
+    share = (reversed_[:, 0] == 3).float().mean().item()
+    assert 0.45 < share < 0.55  # binomial(2000, 1/2): 0.5 +- 0.011 (one std)
+    again = shapley_mm.reversed_copies(phi, copies, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(reversed_, again)  # reproducible from the run's generator
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,3 +384,130 @@ def test_copy_tables_must_be_non_negative_long_tables():
         shapley_mm.expand_copies(torch.tensor([[1.0, 2.0]]))
     with pytest.raises(ValueError, match="copies"):
         shapley_mm.naive_copies(torch.tensor([1, 2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactness for any n: the rules decide as exact rational arithmetic does (Fraction reference)
+
+
+def exact_shapley(correct_row, n):
+    """Eq. 1-3 in exact rational arithmetic with the subset form of the Shapley value:
+    phi_i = sum over S not holding i of |S|! (n - |S| - 1)! / n! * (v(S u {i}) - v(S))."""
+    def value(coalition):  # Eq. 1
+        return len(bits(coalition)) if coalition and correct_row[coalition] else 0
+
+    phi = []
+    for i in range(n):
+        total = Fraction(0)
+        for coalition in range(2 ** n):
+            if coalition >> i & 1:
+                continue
+            size = len(bits(coalition))
+            weight = Fraction(math.factorial(size) * math.factorial(n - size - 1), math.factorial(n))
+            total += weight * (value(coalition | 1 << i) - value(coalition))
+        phi.append(total)
+    return phi
+
+
+def exact_copies(phi_row):
+    """The authors' f_s of Eq. 10 on exact contributions."""
+    return [(p < 1) + (p < Fraction(2, 5)) + (p < Fraction(-1, 10)) for p in phi_row]
+
+
+def correctness_table(n, rows, seed):
+    """Random coalition correctness [rows, 2**n], with an all-correct and an all-wrong row, and rows whose
+    contributions sit exactly on the thresholds 0.4 and -0.1 where such rows exist (n >= 5)."""
+    generator = torch.Generator().manual_seed(seed)
+    correct = torch.rand(rows, 2 ** n, generator=generator) < torch.rand(rows, 1, generator=generator)
+    correct[0], correct[1] = True, False
+    if n >= 5:  # candidates from float values, kept only when exactly on a threshold
+        search = torch.rand(20000, 2 ** n, generator=generator) < 0.5
+        phi = shapley_mm.shapley_values(shapley_mm.benefit(search)).double()
+        near = (((phi - 0.4).abs() < 1e-4) | ((phi + 0.1).abs() < 1e-4)).any(1)
+        on_threshold = [row for row in search[near][:20] if any(p in (Fraction(2, 5), Fraction(-1, 10))
+                                                                for p in exact_shapley(row.tolist(), n))]
+        assert on_threshold, "no row with a contribution of exactly 0.4 or -0.1 found"
+        correct = torch.cat([correct, torch.stack(on_threshold[:4])])
+    return correct
+
+
+@pytest.mark.parametrize("n", range(2, 9))
+def test_decisions_equal_exact_rational_arithmetic(n):
+    correct = correctness_table(n, rows=40 if n < 8 else 12, seed=n)
+    exact = [exact_shapley(row, n) for row in correct.tolist()]
+    phi = shapley_mm.shapley_values(shapley_mm.benefit(correct))  # float32, as valuate returns
+    assert phi.dtype == torch.float32
+    assert phi[0].tolist() == [1.0] * n  # all coalitions correct: exactly 1 each
+    assert phi[1].tolist() == [0.0] * n
+    # every value is the rational correctly rounded to float32
+    assert torch.equal(phi, torch.tensor([[float(p) for p in row] for row in exact], dtype=torch.float64).float())
+    # efficiency: exactly on the numerators, to rounding on the floats
+    for row_phi, row_exact, row_correct in zip(phi, exact, correct):
+        assert sum(row_exact) == (n if row_correct[-1] else 0)
+        assert row_phi.double().sum().item() == pytest.approx(n if row_correct[-1] else 0, abs=1e-5)
+
+    copies = shapley_mm.sample_level_copies(phi)  # Eq. 10
+    assert copies.tolist() == [exact_copies(row) for row in exact]
+    if n >= 5:
+        assert any(p in (Fraction(2, 5), Fraction(-1, 10)) for row in exact for p in row)
+
+    # naive: a permutation of each column of the exact table
+    exact_table = torch.tensor([exact_copies(row) for row in exact])
+    naive = shapley_mm.naive_copies(copies, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(naive, shapley_mm.naive_copies(exact_table, generator=torch.Generator().manual_seed(1)))
+
+    # reversed: every copy of a sample goes to one of its exactly highest modalities
+    reversed_ = shapley_mm.reversed_copies(phi, copies, generator=torch.Generator().manual_seed(2))
+    for row_exact, row_copies, row_reversed in zip(exact, copies.tolist(), reversed_.tolist()):
+        highest = {i for i, p in enumerate(row_exact) if p == max(row_exact)}
+        assert sum(row_reversed) == sum(row_copies)
+        assert {i for i, c in enumerate(row_reversed) if c} <= highest
+
+    # Eq. 11: the argmin of the exact means and the exact gap
+    means = [sum(column) / len(exact) for column in zip(*exact)]
+    low = min(range(n), key=lambda i: (means[i], i))
+    gap = sum(m - means[low] for m in means) / (n - 1)
+    for f_m in shapley_mm.F_M_CHOICES:
+        modality, probability = shapley_mm.modality_level_plan(phi, f_m=f_m)
+        assert modality == low
+        expected = {"linear": float(gap) * 2 / 3, "tanh": math.tanh(float(gap) * 2 / 3),
+                    "square": (float(gap) * 2 / 3) ** 1.5}[f_m]
+        assert probability == pytest.approx(min(expected, 1.0), rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("n", [6, 7, 8])
+@pytest.mark.parametrize("f_m", shapley_mm.F_M_CHOICES)
+def test_modality_level_plan_with_equal_means_gives_probability_zero(n, f_m):
+    # rows that are permutations of one another give every modality the same mean; the float sums differ
+    generator = torch.Generator().manual_seed(n)
+    row = torch.rand(1, 2 ** n, generator=generator) < 0.5
+    phi = shapley_mm.shapley_values(shapley_mm.benefit(row))[0]  # [n]
+    phi = torch.stack([phi.roll(k) for k in range(n)])  # [n, n], each column holds every value once
+    assert shapley_mm.modality_level_plan(phi, f_m=f_m) == (0, 0.0)
+
+
+def test_modality_level_plan_on_general_real_contributions_uses_float_means():
+    phi = torch.tensor([[0.123, 0.7], [0.4567, 0.2]], dtype=torch.float64)  # not multiples of 1/2
+    mean = phi.mean(0)
+    assert shapley_mm.modality_level_plan(phi) == (0, pytest.approx((mean[1] - mean[0]).item() * 2 / 3))
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_valuate_on_a_toy_model_gives_the_exact_copies(n):
+    toy_predict, labels = toy_model(n, batch_size=128, num_classes=2, seed=10 + n)
+    always_right = torch.zeros(128, 2)
+    always_right[:16] = 100 * torch.nn.functional.one_hot(labels[:16], 2)  # the first 16 rows: every coalition correct
+
+    def predict(mask):
+        return toy_predict(mask) + always_right
+
+    members = shapley_mm.coalitions(n)
+    correct = [[bool(k) for k in range(2 ** n)] for _ in labels]  # filled below, coalition by coalition
+    for k in range(1, 2 ** n):
+        hit = predict(members[k].repeat(len(labels), 1)).argmax(1) == labels
+        for row, value in zip(correct, hit.tolist()):
+            row[k] = value
+    exact = [exact_shapley(row, n) for row in correct]
+    phi = shapley_mm.valuate(predict, labels, n)
+    assert shapley_mm.sample_level_copies(phi).tolist() == [exact_copies(row) for row in exact]
+    assert all(all(row[1:]) for row in correct[:16])  # the case float rounding used to break

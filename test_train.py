@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -93,9 +94,21 @@ def test_reversed_gives_all_copies_to_the_higher_contributing_modality(synthetic
     out, _, log = synthetic_runs["reversed"]
     checkpoint = torch.load(os.path.join(out, "last.pt"), weights_only=False)
     phi, copies = checkpoint["plan"]["phi"], checkpoint["plan"]["copies"]
-    expected = shapley_mm.reversed_copies(phi, shapley_mm.sample_level_copies(phi))
-    assert torch.equal(copies, expected)
-    assert log[-1]["copies"] == expected.sum(0).tolist()
+    assert torch.equal(copies.sum(1), shapley_mm.sample_level_copies(phi).sum(1))  # each sample keeps its count
+    highest = phi == phi.max(1, keepdim=True).values  # [N, n], ties broken at random among these
+    assert (highest | (copies == 0)).all() and ((copies > 0).sum(1) <= 1).all()
+    assert log[-1]["copies"] == copies.sum(0).tolist()
+
+
+def test_three_views_log_the_copies_of_exact_contributions(tmp_path):
+    out, _, log = run(tmp_path, *MFEAT, "--views", "fac,pix,kar", "--mode", "sample")
+    for record in log[1:]:
+        saved = contributions(out, record["epoch"])
+        assert list(saved["modalities"]) == ["fac", "pix", "kar"]
+        exact = [[Fraction(float(p)).limit_denominator(6) for p in row] for row in saved["phi"]]  # n! = 6
+        copies = [sum(sum((p < 1, p < Fraction(2, 5), p < Fraction(-1, 10))) for p in column)
+                  for column in zip(*exact)]
+        assert record["copies"] == copies
 
 
 def test_three_modalities(tmp_path):
@@ -156,3 +169,50 @@ def test_mean_average_precision_matches_a_hand_computed_example():
     # class 1 ranks them 2, 1, 0, 3; its positives 1 and 3 come 2nd and 4th -> AP = (1/2 + 2/4) / 2
     expected = ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 4) / 2) / 2
     assert train.mean_average_precision(scores, labels) == pytest.approx(expected)
+
+
+def reference_average_precision(scores, positives):
+    """Average precision by its definition: over the distinct score thresholds t, from the highest,
+    (recall(t) - recall(previous t)) * precision(t), where a threshold takes every row scoring >= t."""
+    total = sum(positives)
+    ap, previous_recall = 0.0, 0.0
+    for threshold in sorted(set(scores), reverse=True):
+        taken = [p for s, p in zip(scores, positives) if s >= threshold]
+        recall, precision = sum(taken) / total, sum(taken) / len(taken)
+        ap += (recall - previous_recall) * precision
+        previous_recall = recall
+    return ap
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mean_average_precision_treats_tied_scores_as_one_threshold(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = (torch.rand(40, 4, generator=generator) * 4).round() / 4  # few distinct values: many ties
+    if seed == 0:
+        scores = torch.rand(40, 4, generator=generator)  # and once without ties
+    labels = torch.randint(4, (40,), generator=generator)
+    expected = sum(reference_average_precision(scores[:, k].tolist(), (labels == k).tolist())
+                   for k in range(4)) / 4
+    for order in (torch.arange(40), torch.arange(40).flip(0), torch.randperm(40, generator=generator)):
+        assert train.mean_average_precision(scores[order], labels[order]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_mean_average_precision_on_the_tied_example_of_the_standard_definition():
+    scores = torch.tensor([[.5, .5], [.5, .5], [.2, .8], [.1, .9]])
+    labels = torch.tensor([1, 0, 1, 1])
+    assert train.mean_average_precision(scores, labels) == pytest.approx(0.708333333333, abs=1e-6)
+    assert train.mean_average_precision(scores[[1, 0, 2, 3]], labels[[1, 0, 2, 3]]) == pytest.approx(0.708333333333)
+    metrics = pytest.importorskip("sklearn.metrics")
+    one_hot = torch.nn.functional.one_hot(labels, 2).numpy()
+    assert train.mean_average_precision(scores, labels) == pytest.approx(
+        metrics.average_precision_score(one_hot, scores.numpy(), average="macro"))
+
+
+@pytest.mark.parametrize("flags", [["--views", "pix"], ["--dataset", "synthetic", "--synthetic-modalities", "1"]])
+def test_resampling_modes_refuse_a_single_modality_before_writing(tmp_path, capsys, flags):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags + ["--mode", "modality", "--out", str(out)])
+    assert stop.value.code == 2
+    assert "needs at least two modalities" in capsys.readouterr().err
+    assert not out.exists()

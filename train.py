@@ -151,6 +151,10 @@ def resolve_args(args):
         if unknown or not args.views:
             raise TrainingError(f"--views {args.views!r}: unknown view {', '.join(unknown)}; "
                                 f"choose from {','.join(data.MFEAT_VIEWS)}")
+    num_modalities = {"mfeat": len(args.views.split(",")), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
+    if args.mode != "baseline" and num_modalities < 2:
+        raise TrainingError(f"--mode {args.mode} re-samples one modality against the others and needs at least two "
+                            f"modalities; this run has {num_modalities} (use --mode baseline)")
     if args.dataset in AV_DATASETS and args.data_root is None:
         raise TrainingError(f"--dataset {args.dataset} needs --data-root (the folder holding its clips)")
     if args.mode != "baseline" and args.warmup >= args.epochs:
@@ -255,15 +259,23 @@ def load_log(path):
 
 
 def mean_average_precision(scores, labels):
-    """mAP: mean over classes (with at least one positive) of the average precision of ranking
-    all samples by that class's score. scores [N, K] float, labels [N] long."""
-    num_classes = scores.shape[1]
-    positives = F.one_hot(labels, num_classes).bool()  # [N, K]
-    order = scores.argsort(dim=0, descending=True)  # [N, K]
-    hits = positives.gather(0, order).float()  # [N, K], 1 where the r-th ranked sample is a positive
-    precision_at_rank = hits.cumsum(0) / torch.arange(1, len(labels) + 1, dtype=torch.float32).unsqueeze(1)
-    num_positives = hits.sum(0)
-    ap = (precision_at_rank * hits).sum(0) / num_positives.clamp(min=1)
+    """mAP: the mean over classes (those with at least one positive) of the average precision of
+    ranking all samples by that class's score, as scikit-learn's average_precision_score (macro):
+    AP = sum over score thresholds t of (R(t) - R(t_prev)) * P(t). Tied scores form one threshold,
+    so the result does not depend on the order of tied rows. scores [N, K], labels [N]."""
+    num_samples, num_classes = scores.shape
+    positives = F.one_hot(labels, num_classes).float()  # [N, K]
+    sorted_scores, order = scores.sort(dim=0, descending=True)  # [N, K]
+    hits = positives.gather(0, order)  # [N, K], 1 where the r-th ranked sample is a positive
+    rank = torch.arange(1, num_samples + 1, dtype=torch.float32).unsqueeze(1)  # [N, 1]
+    precision = hits.cumsum(0) / rank  # [N, K], precision of the top r
+    # each row takes the precision at the last row of its tie, where the threshold really lies
+    last_of_tie = torch.ones_like(hits, dtype=torch.bool)
+    last_of_tie[:-1] = sorted_scores[:-1] != sorted_scores[1:]
+    row = torch.arange(num_samples).unsqueeze(1).expand_as(hits)  # [N, K]
+    tie_end = torch.where(last_of_tie, row, num_samples).flip(0).cummin(0).values.flip(0)  # [N, K]
+    num_positives = hits.sum(0)  # [K]
+    ap = (hits * precision.gather(0, tie_end)).sum(0) / num_positives.clamp(min=1)
     return ap[num_positives > 0].mean().item()
 
 
@@ -354,7 +366,7 @@ def resampling_plan(args, model, train_eval, loader_kwargs, generator, device):
     elif args.mode == "reversed":  # Table 4: the copies go to each sample's highest-contributing modality
         full_phi = torch.zeros(num_samples, n)
         full_phi[valued_index] = phi
-        copies = shapley_mm.reversed_copies(full_phi, copies)
+        copies = shapley_mm.reversed_copies(full_phi, copies, generator=generator)
     return valued_index, phi, copies
 
 
