@@ -4,7 +4,7 @@ The paper sells sample-level valuation as cheap next to heavier re-balancing met
 modality-level method for when valuing every sample every epoch costs too much (Sec. 3.4.2). Each target below is
 a ratio of two things measured side by side in one run (interleaved repetitions, the median of each side):
 
-  1. valuation ~ one evaluation pass: train.valuate over a data set (Eq. 1-3 for every sample) / a plain
+  1. valuation ~ one evaluation pass: train.run_pass + Eq. 1-3 over a data set (Eq. 1-3 for every sample) / a plain
      evaluation pass (model(inputs) over the same loader, eval mode, no_grad), <= 1.10, for feature masking and
      for input masking of a late-fusion model (concat). Fusions that mix modalities inside the network
      (centralnet, mmtm) run the whole network per coalition: their ratio is informational, and the row checks
@@ -168,6 +168,11 @@ def evaluation_pass(model, loader, device, amp):
     return torch.cat(predictions)
 
 
+def valuate(model, loader, device, amp):
+    """phi [N, n] of every sample of the loader: train.py's valuation (one pass, then Eq. 1-3)."""
+    return train.contributions(train.run_pass(model, loader, device, amp))
+
+
 def forward_batch_sizes(model, fn):
     """The rows of every call of model.forward while fn() runs (a forward pre-hook); [] when fn never calls it."""
     sizes = []
@@ -177,11 +182,6 @@ def forward_batch_sizes(model, fn):
     finally:
         handle.remove()
     return sizes
-
-
-def plan_args(mode, amp):
-    """The flags train.resampling_plan reads."""
-    return argparse.Namespace(mode=mode, subset_ratio=SUBSET_RATIO, alpha=1.0, f_m="linear", amp=amp)
 
 
 def sgd(model):
@@ -207,7 +207,7 @@ def bench_valuation(s, device, amp, clock):
     for mask_mode in ("feature", "input"):
         model = build_model(dataset, "concat", mask_mode, device)
         seconds = side_by_side({"eval": lambda: evaluation_pass(model, loader, device, amp),
-                                "valuate": lambda: train.valuate(model, loader, device, amp)},
+                                "valuate": lambda: valuate(model, loader, device, amp)},
                                s["repeats"], device, clock)
         rows.append(at_most(f"valuation / eval pass, {mask_mode} masking (concat)",
                             median_ratio(seconds, "valuate", "eval"), 1.10))
@@ -216,9 +216,9 @@ def bench_valuation(s, device, amp, clock):
     for fusion in MIXING:
         model = build_model(dataset, fusion, None, device)
         seconds = side_by_side({"eval": lambda: evaluation_pass(model, one_batch, device, amp),
-                                "valuate": lambda: train.valuate(model, one_batch, device, amp)},
+                                "valuate": lambda: valuate(model, one_batch, device, amp)},
                                s["repeats"], device, clock)
-        sizes = forward_batch_sizes(model, lambda: train.valuate(model, one_batch, device, amp))
+        sizes = forward_batch_sizes(model, lambda: valuate(model, one_batch, device, amp))
         batched = len(sizes) > 0 and all(size == s["batch_size"] for size in sizes)
         rows.append(row(f"valuation / eval pass, input masking ({fusion})",
                         median_ratio(seconds, "valuate", "eval"), "batched", batched))
@@ -232,8 +232,8 @@ def bench_modality_level(s, device, amp, clock):
     loader_kwargs = dict(batch_size=s["batch_size"], num_workers=0, pin_memory=device.type == "cuda")
     generator = torch.Generator().manual_seed(0)
     seconds = side_by_side(
-        {mode: lambda mode=mode: train.resampling_plan(plan_args(mode, amp), model, dataset, loader_kwargs,
-                                                       generator, device)
+        {mode: lambda mode=mode: train.resampling_plan(mode, model, dataset, loader_kwargs, device, generator,
+                                                       SUBSET_RATIO, amp=amp)
          for mode in ("sample", "modality")}, s["repeats"], device, clock)
     return [at_most(f"modality-level plan (Z = {SUBSET_RATIO:.0%}) / sample-level plan",
                     median_ratio(seconds, "modality", "sample"), 0.25)]
@@ -291,7 +291,7 @@ def memory_probe(s, device, amp):
     for mask_mode in ("feature", "input"):
         model = build_model(dataset, "concat", mask_mode, device)
         passes = {"eval": lambda: evaluation_pass(model, loader, device, amp),
-                  "valuate": lambda: train.valuate(model, loader, device, amp)}
+                  "valuate": lambda: valuate(model, loader, device, amp)}
         for run in passes.values():
             run()
         peaks[mask_mode] = {name: [] for name in passes}
@@ -453,8 +453,7 @@ def bench_epochs(s, device, amp, clock):
     def epoch(mode):
         copies = torch.zeros(len(dataset), 2, dtype=torch.long)
         if mode == "sample":
-            _, _, copies = train.resampling_plan(plan_args("sample", amp), model, dataset, loader_kwargs,
-                                                 generator, device)
+            _, _, copies = train.resampling_plan("sample", model, dataset, loader_kwargs, device, generator, amp=amp)
         epoch_set = data.ResampledDataset(dataset, *shapley_mm.expand_copies(copies))
         loader = DataLoader(epoch_set, shuffle=True, generator=generator, **loader_kwargs)
         trained[mode].append(train.train_one_epoch(model, loader, optimizer, scaler, device, 0, amp)[1])

@@ -4,7 +4,6 @@ The paper's numbers need GPUs and Kinetics-scale data; this script shows the sam
 
     python reproduce.py                                            # the grid below; writes results/
     python reproduce.py --settings sample-level --modes naive --seeds 3   # re-run one cell, merged into results/
-    python reproduce.py --sweep                                    # the validation sweep that chose the settings
 
 Two settings, built deterministically from the real mfeat views (data.MfeatDataset; the split is fixed):
   dataset-level  views fac (216 profile correlations, 97.8 % val accuracy alone) + fou (76 Fourier coefficients,
@@ -17,11 +16,11 @@ Two settings, built deterministically from the real mfeat views (data.MfeatDatas
 
 The grid, for each setting and each seed (SEEDS): concat fusion with every mode of train.py (baseline, sample,
 modality, naive, reversed: Tables 1, 2, 4), and every other fusion in models.FUSIONS, read at run time, with
-baseline and sample (Table 3). Each run calls train.main in-process on the CPU (--gpu -1, one torch thread, so that
-the same seeds on the same machine give the same numbers), with --track-phi so that the contributions of baseline
-and of warm-up epochs are logged too, then train.main --eval-only on its validation-chosen checkpoint for the
-per-sample valuation of the test split (valuation_test.csv). Runs go to --runs-dir (scratch, default
-runs/reproduce); results go to --out (default results/):
+baseline and sample (Table 3). Each run calls train.train in-process on the CPU (one torch thread, so that the
+same seeds on the same machine give the same numbers), with --track-phi so that the contributions of baseline and
+of warm-up epochs are logged too, then train.evaluate_checkpoint on its validation-chosen checkpoint for the
+per-sample valuation of the test split. Runs go to --runs-dir (scratch, default runs/reproduce); results go to
+--out (default results/):
   results.json  one record per run (setting, mode, fusion, seed, test_acc, test_map, per-modality accuracy, test
                 contributions and their spread, per-epoch training-set contributions, trained samples, wall time),
                 plus the Figure 4 examples; a re-run cell replaces its records, the others are kept
@@ -31,24 +30,11 @@ runs/reproduce); results go to --out (default results/):
 Every number comes from these runs; settings were chosen on the validation split, the test split is only reported.
 Everything but the wall-time columns is reproduced exactly by a second run with the same seeds.
 
-Sweep (python reproduce.py --sweep, about 10 minutes; validation split only, seeds 100-102, never the reported
-seeds; the tables are in results/sweep.md):
-  1. each view alone (train.py's mfeat defaults: 40 epochs, batch 64, lr 0.01): fac 97.8, pix 96.8, kar 96.0,
-     fou 85.0, zer 83.8, mor 77.1 % val accuracy.
-  2. dataset-level: the 9 pairs strong (fac, pix, kar) + weak (fou, zer, mor), baseline. fac + fou has the largest
-     gap of mean contributions on val (phi 1.13 vs 0.83), and its weak view loses the most in the joint model
-     against its own accuracy alone (65.8 vs 85.0 %): the joint model leans on fac, yet fou has room to learn.
-     sample-level: similar pairs (fou + zer, fac + kar, pix + kar) with degradation S in {0.3, 0.6, 1.0}. Among
-     the balanced ones (|mean phi gap| < 0.05) fou + zer at S = 0.6 has the largest spread of phi across samples
-     (std 0.47 / 0.45, phi 0.83 / 0.88); the strong pairs stay near 97 % and lean on one view (gap 0.07-0.09).
-  3. training, on both settings: (epochs, batch) in {(20, 64), (20, 128), (30, 128)} (the ones whose grid fits the
-     time budget) x lr in {0.01, 0.03}, SGD, by mean baseline val accuracy: 30 epochs, batch 128, lr 0.03 (91.79 %;
-     the six candidates lie within 0.6 points, about the seed-to-seed spread). Then the warm-up in {2, 5, 8} by mean
-     sample-level val accuracy: 2 (92.96 %, tied with 8; 5: 92.83 %).
+The views, the degradation and the training settings were chosen on the validation split by sweep.py (its
+tables: results/sweep.md).
 """
 import argparse
 import contextlib
-import csv
 import json
 import os
 import time
@@ -67,9 +53,8 @@ SETTINGS = {
                          about="sample-level imbalance at dataset-level balance: two similar views, one of them "
                                "degraded per sample (like MM-Debiased)"),
 }
-TRAINING = dict(epochs=30, warmup=2, lr=0.03, batch_size=128)  # chosen by --sweep on validation
+TRAINING = dict(epochs=30, warmup=2, lr=0.03, batch_size=128)  # chosen by sweep.py on validation
 SEEDS = (0, 1, 2, 3, 4)
-SWEEP_SEEDS = (100, 101, 102)
 FUSION_MODES = ("baseline", "sample")  # what every fusion other than concat runs (Table 3)
 TIME_FIELDS = ("wall_seconds", "method_seconds", "valuation_seconds")  # vary with the machine's load
 
@@ -84,31 +69,21 @@ def grid(settings, modes, fusions):
             if fusion == "concat" or mode in FUSION_MODES]
 
 
-def train_flags(setting, fusion, mode, seed, training, out):
-    views, degrade = SETTINGS[setting]["views"], SETTINGS[setting]["degrade"]
-    return ["--dataset", "mfeat", "--views", views, "--mfeat-degrade", str(degrade), "--mode", mode,
-            "--fusion", fusion, "--seed", str(seed), "--epochs", str(training["epochs"]),
-            "--warmup", str(training["warmup"]), "--lr", str(training["lr"]),
-            "--batch-size", str(training["batch_size"]), "--track-phi", "--gpu", "-1", "--out", out, "--overwrite"]
-
-
-def call_quietly(argv, stdout_path):
-    """train.main(argv) with its per-epoch lines sent to a file (warnings still reach stderr)."""
+def train_quietly(stdout_path, **settings):
+    """train.train with `settings` (train.py's flags, underscored), its per-epoch lines sent to a file (warnings
+    still reach stderr); returns its results."""
+    args = train.make_args(dataset="mfeat", gpu=-1, overwrite=True, **settings)
     with open(stdout_path, "w") as f, contextlib.redirect_stdout(f):
-        return train.main(argv)
+        return train.train(args)
 
 
-def read_valuation_csv(path):
-    """valuation_<split>.csv (train.py --eval-only) -> ids, labels [N], predictions [N], phi [N, n], modalities."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    header, rows = rows[0], rows[1:]
-    modalities = [name[len("phi_"):] for name in header[3:]]
-    ids = [row[0] for row in rows]
-    labels = np.array([int(row[1]) for row in rows])
-    predictions = np.array([int(row[2]) for row in rows])
-    phi = np.array([[float(x) for x in row[3:]] for row in rows]).reshape(len(rows), len(modalities))
-    return ids, labels, predictions, phi, modalities
+def valuation_of(run_dir, split="test"):
+    """The per-sample valuation of a run's validation-chosen checkpoint on `split`: ids, labels [N],
+    predictions [N], phi [N, n] (numpy), modalities."""
+    result, dataset = train.evaluate_checkpoint(os.path.join(run_dir, "best.pt"), split)
+    ids = [dataset.sample_ids[i] for i in result["index"].tolist()]
+    return (ids, result["labels"].numpy(), result["prediction"].numpy(), result["phi"].numpy().astype(float),
+            list(dataset.modalities))
 
 
 def run_cell(setting, fusion, mode, seed, training, runs_dir):
@@ -116,11 +91,11 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir):
     out = os.path.join(runs_dir, setting, f"{fusion}-{mode}-s{seed}")
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
-    results = call_quietly(train_flags(setting, fusion, mode, seed, training, out), os.path.join(out, "stdout.txt"))
+    results = train_quietly(os.path.join(out, "stdout.txt"), views=SETTINGS[setting]["views"].split(","),
+                            mfeat_degrade=SETTINGS[setting]["degrade"], mode=mode, fusion=fusion, seed=seed,
+                            track_phi=True, out=out, **training)
     wall_seconds = time.perf_counter() - start
-    call_quietly(["--eval-only", "--checkpoint", os.path.join(out, "best.pt"), "--eval-split", "test", "--gpu", "-1"],
-                 os.path.join(out, "stdout_eval.txt"))
-    _, _, _, test_phi, _ = read_valuation_csv(os.path.join(out, "valuation_test.csv"))
+    _, _, _, test_phi, _ = valuation_of(out)
 
     log = train.load_log(os.path.join(out, "log.jsonl"))
     method = [r for r in log if r["phase"] not in ("baseline", "warmup")]  # the others valued only to log phi
@@ -212,11 +187,10 @@ def pick_examples(setting, cells):
     seeds = sorted(baseline.keys() & sample.keys())
     if not seeds:
         return None
-    before_path = os.path.join(baseline[seeds[0]]["run_dir"], "valuation_test.csv")
-    after_path = os.path.join(sample[seeds[0]]["run_dir"], "valuation_test.csv")
-    if not (os.path.exists(before_path) and os.path.exists(after_path)):
+    before, after = baseline[seeds[0]]["run_dir"], sample[seeds[0]]["run_dir"]
+    if not (os.path.exists(os.path.join(before, "best.pt")) and os.path.exists(os.path.join(after, "best.pt"))):
         return None
-    ids, labels, predictions, phi, modalities = read_valuation_csv(before_path)
+    ids, labels, predictions, phi, modalities = valuation_of(before)
     test_set = data.build_dataset("mfeat", "test", views=SETTINGS[setting]["views"].split(","),
                                   degrade=SETTINGS[setting]["degrade"])
     test_row = {sample_id: k for k, sample_id in enumerate(test_set.sample_ids)}
@@ -232,7 +206,7 @@ def pick_examples(setting, cells):
         if best is None or score > best[0]:
             best = (score, label, a, b)
     _, label, a, b = best
-    after_ids, _, after_predictions, after_phi, _ = read_valuation_csv(after_path)
+    after_ids, _, after_predictions, after_phi, _ = valuation_of(after)
     after_row = {sample_id: k for k, sample_id in enumerate(after_ids)}
     examples = []
     for name, k in (("A", a), ("B", b)):
@@ -469,129 +443,6 @@ def write_figures(out, records, examples, training):
 
 
 # ----------------------------------------------------------------------------------------------
-# the validation sweep behind SETTINGS and TRAINING
-
-SWEEP_STRONG, SWEEP_WEAK = ("fac", "pix", "kar"), ("fou", "zer", "mor")
-SWEEP_SIMILAR = ("fou,zer", "fac,kar", "pix,kar")
-SWEEP_DEGRADE = (0.3, 0.6, 1.0)
-# (epochs, batch) pairs whose full grid fits in 20 minutes on 2 shared CPU cores (the cost grows with epochs / batch)
-SWEEP_TRAINING = [dict(epochs=e, batch_size=b, lr=lr)
-                  for e, b in ((20, 64), (20, 128), (30, 128)) for lr in (0.01, 0.03)]
-SWEEP_WARMUP = (2, 5, 8)
-
-
-def validation_summary(name, flags, runs_dir):
-    """Mean over SWEEP_SEEDS of a run's validation accuracy, the accuracy of each modality alone and the
-    contributions (mean, std across samples), all on the validation split, for its validation-chosen checkpoint."""
-    summary = dict(name=name, flags=flags, val_acc=[], alone=[], phi=[], phi_std=[])
-    for seed in SWEEP_SEEDS:
-        out = os.path.join(runs_dir, "sweep", f"{name}-s{seed}")
-        os.makedirs(out, exist_ok=True)
-        results = call_quietly(flags + ["--seed", str(seed), "--gpu", "-1", "--out", out, "--overwrite"],
-                               os.path.join(out, "stdout.txt"))
-        evaluation = call_quietly(["--eval-only", "--checkpoint", os.path.join(out, "best.pt"), "--eval-split", "val",
-                                   "--gpu", "-1"], os.path.join(out, "stdout_eval.txt"))
-        _, _, _, phi, _ = read_valuation_csv(os.path.join(out, "valuation_val.csv"))
-        summary["val_acc"].append(results["val_acc"])
-        summary["alone"].append(evaluation["acc_per_modality"])
-        summary["phi"].append(phi.mean(0).tolist())
-        summary["phi_std"].append(phi.std(0).tolist())
-    for key in ("val_acc", "alone", "phi", "phi_std"):
-        summary[key] = np.mean(summary[key], axis=0).tolist()
-    print(f"  {name}: val acc {100 * summary['val_acc']:.2f}", flush=True)
-    return summary
-
-
-def sweep_row(summary, *extra):
-    return ([summary["name"], f"{100 * summary['val_acc']:.2f}"] + [f"{100 * a:.1f}" for a in summary["alone"]]
-            + [f"{p:.3f} ({s:.3f})" for p, s in zip(summary["phi"], summary["phi_std"])] + list(extra))
-
-
-def sweep(out, runs_dir):
-    """Choose the views, the degradation and the training settings on the validation split (SWEEP_SEEDS):
-      1. each view alone (train.py's mfeat defaults);
-      2. dataset-level: strong + weak pairs, baseline; the pair with the largest gap of mean contributions wins.
-         sample-level: similar views (alone within 2 points) with degradation S; among the settings whose mean
-         contributions stay balanced (gap < 0.05), the one with the largest spread of phi across samples wins;
-      3. training on both chosen settings: epochs x batch x lr by mean baseline val accuracy, then the warm-up by
-         mean sample-level val accuracy (ties: the earlier candidate).
-    Writes sweep.json and sweep.md into `out`; prints the choices (copy them into SETTINGS and TRAINING)."""
-    torch.set_num_threads(1)
-    os.makedirs(out, exist_ok=True)
-    base = ["--dataset", "mfeat", "--mode", "baseline"]
-    lines = ["# Validation sweep behind reproduce.py's settings",
-             "", f"Validation split only, mean over seeds {', '.join(map(str, SWEEP_SEEDS))}; *alone*: accuracy of "
-             f"each modality alone in the joint model; *phi*: mean contribution on val (std across samples).", ""]
-
-    print("1. each view alone")
-    alone = {v: validation_summary(f"alone-{v}", base + ["--views", v], runs_dir) for v in data.MFEAT_VIEWS}
-    lines += ["## 1. Each view alone (40 epochs, batch 64, lr 0.01)", ""]
-    lines += table(["view", "val acc"], [[v, f"{100 * s['val_acc']:.2f}"] for v, s in alone.items()]) + [""]
-
-    print("2. settings")
-    pairs = [validation_summary(f"{a},{b}", base + ["--views", f"{a},{b}"], runs_dir)
-             for a in SWEEP_STRONG for b in SWEEP_WEAK]
-    gap = lambda s: s["phi"][0] - s["phi"][1]
-    dataset_level = max(pairs, key=gap)
-    lines += ["## 2a. Dataset-level imbalance: strong + weak view, baseline", ""]
-    header = ["views", "val acc", "alone 1", "alone 2", "phi 1 (std)", "phi 2 (std)"]
-    lines += table(header + ["phi gap", "weak view: alone in joint - alone trained"],
-                   [sweep_row(s, f"{gap(s):.3f}",
-                              f"{100 * (s['alone'][1] - alone[s['name'].split(',')[1]]['val_acc']):+.1f}")
-                    for s in pairs]) + ["", f"Chosen: {dataset_level['name']} (largest gap).", ""]
-    degraded = []
-    for views in SWEEP_SIMILAR:
-        a, b = views.split(",")
-        if abs(alone[a]["val_acc"] - alone[b]["val_acc"]) < 0.02:
-            degraded += [validation_summary(f"{views}-S{s}", base + ["--views", views, "--mfeat-degrade", str(s)],
-                                            runs_dir) for s in SWEEP_DEGRADE]
-    balanced = [s for s in degraded if abs(gap(s)) < 0.05]
-    sample_level = max(balanced or degraded, key=lambda s: np.mean(s["phi_std"]))
-    lines += ["## 2b. Sample-level imbalance: similar views, one degraded per sample, baseline", ""]
-    lines += table(header + ["phi gap"], [sweep_row(s, f"{gap(s):.3f}") for s in degraded])
-    lines += ["", f"Chosen: {sample_level['name']} (balanced means, largest spread across samples).", ""]
-
-    print("3. training")
-    similar_views, degrade = sample_level["name"].split("-S")
-    settings = [["--views", dataset_level["name"]], ["--views", similar_views, "--mfeat-degrade", degrade]]
-
-    def training_flags(t):
-        return ["--epochs", str(t["epochs"]), "--batch-size", str(t["batch_size"]), "--lr", str(t["lr"])]
-
-    rows, scores = [], []
-    for t in SWEEP_TRAINING:
-        name = f"e{t['epochs']}-b{t['batch_size']}-lr{t['lr']}"
-        runs = [validation_summary(f"{name}-{k}", base + flags + training_flags(t), runs_dir)
-                for k, flags in enumerate(settings)]
-        scores.append(np.mean([s["val_acc"] for s in runs]))
-        rows.append([t["epochs"], t["batch_size"], t["lr"]] + [f"{100 * s['val_acc']:.2f}" for s in runs]
-                    + [f"{100 * scores[-1]:.2f}"])
-    chosen = SWEEP_TRAINING[int(np.argmax(scores))]
-    lines += ["## 3a. Training, baseline", ""]
-    lines += table(["epochs", "batch", "lr", "dataset-level", "sample-level", "mean"], rows)
-    lines += ["", f"Chosen: {chosen}.", ""]
-    rows, scores = [], []
-    for warmup in SWEEP_WARMUP:
-        flags = ["--dataset", "mfeat", "--mode", "sample", "--warmup", str(warmup)] + training_flags(chosen)
-        runs = [validation_summary(f"warmup{warmup}-{k}", flags + setting, runs_dir)
-                for k, setting in enumerate(settings)]
-        scores.append(np.mean([s["val_acc"] for s in runs]))
-        rows.append([warmup] + [f"{100 * s['val_acc']:.2f}" for s in runs] + [f"{100 * scores[-1]:.2f}"])
-    warmup = SWEEP_WARMUP[int(np.argmax(scores))]
-    lines += ["## 3b. Warm-up, sample-level method", ""]
-    lines += table(["warm-up", "dataset-level", "sample-level", "mean"], rows) + ["", f"Chosen: {warmup}.", ""]
-
-    choice = dict(dataset_level=dataset_level["name"], sample_level=sample_level["name"],
-                  training=dict(chosen, warmup=warmup))
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump(dict(choice=choice, alone=alone, pairs=pairs, degraded=degraded), f, indent=1)
-    with open(os.path.join(out, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"chosen: {choice}")
-    return choice
-
-
-# ----------------------------------------------------------------------------------------------
 
 
 def load_previous(path, training):
@@ -661,7 +512,6 @@ def main(argv=None):
     parser.add_argument("--runs-dir", default=os.path.join("runs", "reproduce"), help="scratch folder of the runs")
     parser.add_argument("--epochs", type=int, default=TRAINING["epochs"], help="total epochs (quick checks only)")
     parser.add_argument("--warmup", type=int, default=TRAINING["warmup"], help="warm-up epochs (quick checks only)")
-    parser.add_argument("--sweep", action="store_true", help="run the validation sweep behind SETTINGS and TRAINING")
     args = parser.parse_args(argv)
     try:
         settings = comma_list(args.settings, tuple(SETTINGS), "settings")
@@ -671,8 +521,6 @@ def main(argv=None):
     except (argparse.ArgumentTypeError, ValueError) as error:
         parser.error(str(error))
     training = dict(TRAINING, epochs=args.epochs, warmup=args.warmup)
-    if args.sweep:
-        return sweep(args.out, args.runs_dir)
     return reproduce(settings, modes, fusions, seeds, args.out, args.runs_dir, training)
 
 

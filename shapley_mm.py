@@ -8,7 +8,9 @@ Valuation" (Wei, Feng, Wang, Hu, CVPR 2024) for any number n of modalities, with
 - Eq. 2-3: the contribution phi^i of modality i is its exact Shapley value: its marginal
   contribution v(S u {i}) - v(S), with S its predecessors, averaged over all n! orders of the
   modalities. It is linear in the 2**n values of v, so a whole batch is one matrix product
-  [B, 2**n] @ [2**n, n]. The contributions add up to v(N): 0 or n.
+  [B, 2**n] @ [2**n, n] on integer permutation counts, divided by n! once, so every phi is the
+  correctly rounded rational p / n! and the rules below decide exactly. The contributions add up
+  to v(N): 0 or n.
 - Eq. 10 (Algorithm 1): a sample whose modality i contributes phi^i < 1 gets s = f_s(1 - phi^i)
   extra copies in which only modality i is kept.
 - Eq. 11 (Algorithm 2): on a random subset Z, the modality with the lowest mean contribution is
@@ -26,6 +28,10 @@ Usage with your own model, masking a modality by zeroing its features before the
         phi = shapley_mm.valuate(predict, labels, n=len(features))  # [B, n], Eq. 1-3
     copies = shapley_mm.sample_level_copies(phi)                     # [B, n], Eq. 10
     sample_index, modality = shapley_mm.expand_copies(copies)        # the uni-modal copies of D^rs
+
+With your own evaluation loop, coalition_correctness(predict, labels, n) gives the step before
+Eq. 1 (which coalitions predict each sample correctly, and the all-modality logits): accuracy,
+per-modality accuracy and phi = shapley_values(benefit(correct)) then come from one pass.
 """
 
 import functools
@@ -103,13 +109,16 @@ def shapley_values(v):
     return (numerators / math.factorial(n)).to(v.dtype)
 
 
-def valuate(predict, labels, n):
-    """Sample-level modality valuation (Eq. 1-3) of one batch.
+def coalition_correctness(predict, labels, n):
+    """Which coalitions of modalities predict each sample of a batch correctly: y_hat_C = y (Sec. 3.2).
 
     predict(mask) -> logits [B, K], with mask a BoolTensor [B, n] saying which modalities are kept
     (the same coalition for every sample, on labels.device); it is called once for each of the
-    2**n - 1 non-empty coalitions (the empty coalition has value 0 and is never predicted).
-    labels: LongTensor [B]. Returns phi, FloatTensor [B, n]."""
+    2**n - 1 non-empty coalitions, the full coalition N last (the empty coalition is never
+    predicted; Eq. 1 gives it the value 0). labels: LongTensor [B].
+    Returns (correct, full_logits): correct a BoolTensor [B, 2**n], coalitions laid out as in
+    coalitions(n), and the logits [B, K] of the prediction from all modalities, which evaluation
+    needs anyway."""
     if labels.dim() != 1:
         raise ValueError(f"labels must be a 1-D tensor [B], got shape {tuple(labels.shape)}")
     members = coalitions(n).to(labels.device)  # [2**n, n]
@@ -121,6 +130,14 @@ def valuate(predict, labels, n):
             raise ValueError(f"predict(mask) must return logits [B={batch_size}, K], "
                              f"got shape {tuple(logits.shape)}")
         correct[:, k] = logits.argmax(1) == labels  # is y_hat_C = y
+    return correct, logits
+
+
+def valuate(predict, labels, n):
+    """Sample-level modality valuation (Eq. 1-3) of one batch: phi, FloatTensor [B, n].
+
+    predict and labels as in coalition_correctness, which this is followed by Eq. 1-3."""
+    correct, _ = coalition_correctness(predict, labels, n)
     return shapley_values(benefit(correct))  # Eq. 1, then Eq. 2-3
 
 

@@ -94,8 +94,9 @@ def test_a_run_killed_while_saving_leaves_loadable_checkpoints_and_resumes_exact
         real_save(obj, f)
 
     monkeypatch.setattr(train.torch, "save", killed_while_saving_last_of_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stop:
         run(tmp_path / "killed", *flags)
+    assert stop.value.code == 130
     monkeypatch.setattr(train.torch, "save", real_save)
     last = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
     assert last["epoch"] == 0  # the previous last.pt, intact
@@ -228,17 +229,17 @@ def test_checkpoint_from_another_data_set_class_count_or_model(tmp_path, ks_root
     checkpoint = str(tmp_path / "mfeat" / "last.pt")
     message = fails(capsys, ["--resume", checkpoint, "--dataset", "synthetic"])
     assert "--dataset 'synthetic' differs from the checkpoint's 'mfeat'" in message
-    assert "--fusion 'sum' differs" in fails(capsys, ["--eval-only", "--checkpoint", checkpoint, "--fusion", "sum"])
+    assert "--fusion 'sum' differs" in fails(capsys, ["--eval-only", "--resume", checkpoint, "--fusion", "sum"])
 
     train.main(ks_flags(ks_root))  # 3 classes
     other = tmp_path / "ks4"
     make_ks_tree(other, dict(KS_LISTS, test=[("a3", 0), ("d3", 3)]))  # 4 classes
-    message = fails(capsys, ["--eval-only", "--checkpoint", str(tmp_path / "run" / "last.pt"),
+    message = fails(capsys, ["--eval-only", "--resume", str(tmp_path / "run" / "last.pt"),
                              "--data-root", str(other)])
     assert "num_classes: checkpoint 3, this run 4" in message
 
     (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint")
-    assert "foreign.pt could not be read" in fails(capsys, ["--eval-only", "--checkpoint",
+    assert "foreign.pt could not be read" in fails(capsys, ["--eval-only", "--resume",
                                                             str(tmp_path / "foreign.pt")])
     torch.save({"weights": 1}, tmp_path / "other.pt")
     assert "not written by train.py" in fails(capsys, ["--resume", str(tmp_path / "other.pt")])
@@ -271,3 +272,76 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
 def test_feature_masking_refused_for_fusions_that_mix_inside(capsys):
     message = fails(capsys, ["--fusion", "mmtm", "--mask", "feature", "--epochs", "1", "--warmup", "0"])
     assert "--fusion mmtm" in message and "--mask input" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# flags no run can use, run directories that cannot be written, history, interruptions
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch-size", "0"], "--batch-size: expected a value >= 1, got 0"),
+    (["--lr", "-0.1"], "--lr: expected a value > 0.0, got -0.1"),
+    (["--lr", "0"], "--lr: expected a value > 0.0, got 0"),
+    (["--workers", "-1"], "--workers: expected a value >= 0, got -1"),
+    (["--views", "pix,pix"], "--views: pix,pix: each view may be named once"),
+    (["--mfeat-degrade", "2"], "--mfeat-degrade: expected a value >= 0.0 and <= 1.0, got 2"),
+    (["--dataset", "synthetic", "--synthetic-samples", "0"], "--synthetic-samples: expected a value >= 3, got 0"),
+    (["--image-size", "0"], "--image-size: expected a value >= 8, got 0"),
+    (["--epochs", "ten"], "--epochs: expected an integer, got 'ten'"),
+    (["--split-file", "x.json"], "--split-file applies to --dataset mmdebiased only, not mfeat"),
+])
+def test_flags_no_run_can_use_are_refused_in_one_line(tmp_path, capsys, flags, expected):
+    assert expected in fails(capsys, flags + ["--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_first(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("kept")
+    for out in (blocker, blocker / "run"):
+        message = fails(capsys, MFEAT + ["--mode", "baseline", "--epochs", "1", "--out", str(out)])
+        assert f"--out {out}" in message and "is a file, not a folder" in message
+    assert blocker.read_text() == "kept"
+
+
+@pytest.mark.parametrize("damage", ["cut", "deleted"])
+def test_resume_restores_the_history_from_the_checkpoint(tmp_path, damage):
+    flags = MFEAT + ["--mode", "sample", "--warmup", "1"]
+    run(tmp_path / "straight", *flags, "--epochs", "3")
+    run(tmp_path / "split", *flags, "--epochs", "2")
+    log = tmp_path / "split" / "log.jsonl"
+    if damage == "cut":
+        log.write_bytes(log.read_bytes()[:-20])  # the last record cut mid-line
+    else:
+        log.unlink()
+    train.main(["--resume", str(tmp_path / "split" / "last.pt"), "--epochs", "3"])
+    assert metrics(tmp_path / "split") == metrics(tmp_path / "straight")
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    run(tmp_path / "run", *MFEAT, "--mode", "baseline", "--epochs", "1")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "run" / "last.pt")]) is None
+    assert "nothing left to train" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files
+
+
+def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch):
+    original = train.train_one_epoch
+
+    def interrupted(model, loader, optimizer, scaler, device, epoch, amp):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(model, loader, optimizer, scaler, device, epoch, amp)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run(tmp_path / "run", *MFEAT, "--mode", "baseline", "--epochs", "3")
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    last = tmp_path / "run" / "last.pt"
+    assert err == [f"error: interrupted in epoch 1: {last} holds epoch 0; continue with: python train.py --resume {last}"]
+    monkeypatch.setattr(train, "train_one_epoch", original)
+    train.main(["--resume", str(last)])
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == [0, 1, 2]

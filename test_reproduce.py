@@ -11,6 +11,7 @@ import pytest
 import data
 import models
 import reproduce
+import sweep
 import train
 
 QUICK = ["--settings", "sample-level", "--modes", "baseline,sample", "--fusions", "concat", "--seeds", "0",
@@ -50,7 +51,7 @@ def test_records_hold_every_reported_number(quick):
             assert json.load(f)["test_acc"] == r["test_acc"]
         log = train.load_log(os.path.join(r["run_dir"], "log.jsonl"))
         assert r["train_samples"] == sum(e["train_samples"] for e in log)
-        _, _, _, phi, _ = reproduce.read_valuation_csv(os.path.join(r["run_dir"], "valuation_test.csv"))
+        _, _, _, phi, _ = reproduce.valuation_of(r["run_dir"])
         assert np.allclose(r["test_mean_phi"], phi.mean(0)) and len(phi) == 400
     baseline, sample = records
     assert baseline["train_samples"] == 2 * 1200 and baseline["valued_samples"] == 0 and baseline["copies"] == [0, 0]
@@ -103,7 +104,7 @@ def test_figure4_samples_lean_most_on_each_modality(quick):
     _, results = quick
     example = results["examples"]["sample-level"]
     baseline = results["records"][0]
-    ids, labels, _, phi, _ = reproduce.read_valuation_csv(os.path.join(baseline["run_dir"], "valuation_test.csv"))
+    ids, labels, _, phi, _ = reproduce.valuation_of(baseline["run_dir"])
     row = {sample_id: k for k, sample_id in enumerate(ids)}
     a, b = example["samples"]
     in_class = labels == example["label"]
@@ -147,3 +148,12 @@ def test_figures_when_matplotlib_is_installed(quick, tmp_path):
     for name in names:
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_summarises_validation_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "SEEDS", (100, 101))
+    summary = sweep.validation_summary("fou,zer", dict(views=["fou", "zer"], mode="baseline", epochs=1), str(tmp_path))
+    runs = [json.load(open(tmp_path / "sweep" / f"fou,zer-s{seed}" / "results.json")) for seed in (100, 101)]
+    assert summary["val_acc"] == pytest.approx(np.mean([r["val_acc"] for r in runs]))
+    assert len(summary["alone"]) == len(summary["phi"]) == len(summary["phi_std"]) == 2
+    assert all(0.0 <= a <= 1.0 for a in summary["alone"]) and all(s >= 0 for s in summary["phi_std"])

@@ -9,17 +9,24 @@ One script for every mode of the paper:
     naive      Table 4: as many uni-modal copies per modality as `sample`, on random samples
     reversed   Table 4: the copies go to each sample's highest-contributing modality
 
-    python train.py                                   # bundled UCI digits, CPU, about two minutes
+    python train.py                                   # bundled UCI digits, CPU, about ten seconds
     python train.py --dataset ks --data-root /data/ks --mode sample --gpu 0
+    python train.py --resume runs/X/last.pt --epochs 80          # continue a run
+    python train.py --resume runs/X/best.pt --eval-only          # evaluate a checkpoint, per-sample CSV
 
 Each run writes into its directory (--out): args.json, log.jsonl (one JSON object per epoch),
 contributions/epoch_NNN.npz (phi of every valued sample), best.pt, last.pt and results.json.
+
+How Algorithm 1 reads here: train() runs the epochs; for an epoch after the warm-up (line 2),
+resampling_plan() values the samples (line 6, Eq. 1-3, through run_pass and shapley_mm) and
+plan_copies() turns their contributions into uni-modal copies (lines 7-9, Eq. 10; Eq. 11 for
+Algorithm 2; Table 4's ablations); data.ResampledDataset is D^rs, on which train_one_epoch()
+updates the model (line 11).
 """
 import argparse
 import csv
 import io
 import json
-import math
 import os
 import random
 import sys
@@ -37,130 +44,198 @@ import shapley_mm
 MODES = ("baseline", "sample", "modality", "naive", "reversed")
 AV_DATASETS = ("ks", "mmdebiased", "ucf101")
 
-# Defaults per data set for every flag left unset. The audio-visual ones follow the paper (Sec. 4.1:
-# SGD, momentum 0.9, lr 1e-3, batch 64, warm-up 5); the authors' code instead defaults to Adam,
-# lr 5e-5, weight decay 1e-4, StepLR(30, 0.1), 60 epochs. mfeat and synthetic are sized for a CPU.
-DEFAULTS = {
-    "ks": dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=1e-4,
-               lr_step=30, workers=4),
-    "mmdebiased": dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=1e-4,
-                       lr_step=30, workers=4),
-    "ucf101": dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=1e-4,
-                   lr_step=30, workers=4, pretrained=True),
-    "mfeat": dict(epochs=40, warmup=5, batch_size=64, optimizer="sgd", lr=1e-2, weight_decay=1e-4,
-                  lr_step=30, workers=0),
-    "synthetic": dict(epochs=6, warmup=2, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0,
-                      lr_step=0, workers=0),
+# The defaults of each data set, which --help shows for the --dataset given. The audio-visual ones follow the
+# paper (Sec. 4.1: SGD, momentum 0.9, lr 1e-3, batch 64, warm-up 5; UCF-101 from ImageNet weights); the authors'
+# code instead defaults to Adam, lr 5e-5, weight decay 1e-4, StepLR(30, 0.1), 60 epochs. mfeat and synthetic are
+# sized for a CPU.
+AUDIO_VISUAL = dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=1e-4, lr_step=30,
+                    workers=4, pretrained=False)
+PRESETS = {
+    "ks": AUDIO_VISUAL,
+    "mmdebiased": AUDIO_VISUAL,
+    "ucf101": dict(AUDIO_VISUAL, pretrained=True),
+    "mfeat": dict(epochs=40, warmup=5, batch_size=64, optimizer="sgd", lr=1e-2, weight_decay=1e-4, lr_step=30,
+                  workers=0, pretrained=False),
+    "synthetic": dict(epochs=6, warmup=2, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=0.0, lr_step=0,
+                      workers=0, pretrained=False),
 }
 # Flags a resumed run (--resume) or an evaluation (--eval-only) may change; every other setting comes from the
-# checkpoint, and a flag given that disagrees with it is an error.
-RESUME_OVERRIDES = ("epochs", "gpu", "workers", "data_root", "split_file")
-EVAL_OVERRIDES = ("gpu", "workers", "data_root", "split_file")
-RUN_CONTROL = ("resume", "eval_only", "checkpoint", "eval_split", "overwrite", "out")
+# checkpoint, and a flag given that disagrees with it is an error. RUN_CONTROL flags say what to do, not how.
+RESUME_OVERRIDES = ("epochs", "gpu", "workers", "data_root", "split_file", "list_dir")
+EVAL_OVERRIDES = ("gpu", "workers", "data_root", "split_file", "list_dir")
+RUN_CONTROL = ("resume", "eval_only", "eval_split", "overwrite", "out")
 
 
 class TrainingError(Exception):
-    """A failure worth one line on stderr rather than a traceback."""
+    """A failure worth one line on stderr rather than a traceback; `code` is the exit status."""
+
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(
-        description="Multimodal training with sample-level modality valuation (Wei et al., CVPR 2024).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# ----------------------------------------------------------------------------------------------
+# the command line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (the flag and what was expected), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def number(kind, low, high=None, low_open=False):
+    """An argparse type: `kind` (int or float) in [low, high], or (low, high] with low_open."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a value {bounds}, got {text}")
+        return value
+    return parse
+
+
+def view_list(text):
+    """--views: mfeat view names, comma-separated, each once."""
+    views = [v for v in text.split(",") if v]
+    unknown = [v for v in views if v not in data.MFEAT_VIEWS]
+    if unknown or not views:
+        raise argparse.ArgumentTypeError(f"unknown view {', '.join(unknown) or repr(text)}; "
+                                         f"choose from {','.join(data.MFEAT_VIEWS)}")
+    if len(set(views)) != len(views):
+        raise argparse.ArgumentTypeError(f"{text}: each view may be named once")
+    return views
+
+
+def get_args_parser(dataset="mfeat", add_help=True):
+    """The flags of train.py, with the defaults of `dataset` (PRESETS)."""
+    p = OneLineParser(
+        description="Multimodal training with sample-level modality valuation (Wei et al., CVPR 2024). The defaults "
+                    f"shown are those of --dataset {dataset}; `python train.py --dataset ks --help` shows another "
+                    "data set's.", add_help=add_help)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="mfeat", choices=data.DATASETS,
                    help="mfeat: bundled UCI Multiple Features digits (no download); ks: Kinetics-Sounds; "
-                        "mmdebiased: MM-Debiased; ucf101: UCF-101 RGB + optical flow; synthetic: generated in memory")
-    g.add_argument("--data-root", default=None, help="root folder of ks / mmdebiased / ucf101 (see README for layouts)")
-    g.add_argument("--split-file", default=None,
-                   help="mmdebiased: the JSON split file; ks: a folder of OGM-GE style 'id,10,label' lists")
-    g.add_argument("--views", default="pix,mor",
+                        "mmdebiased: MM-Debiased; ucf101: UCF-101 RGB + optical flow; synthetic: generated in memory"
+                        " (default: %(default)s)")
+    g.add_argument("--data-root", help="root folder of ks / mmdebiased / ucf101 (see README for layouts)")
+    g.add_argument("--split-file", help="mmdebiased: the JSON split file (default: DATA_ROOT/MM-Debiased.json)")
+    g.add_argument("--list-dir", help="ks: a folder of OGM-GE style 'id,10,label' lists (my_train.txt, my_test.txt, "
+                                      "my_val.txt) instead of the authors' ks_audio/*_1fps_path.txt")
+    g.add_argument("--views", type=view_list, default=list(data.MFEAT_DEFAULT_VIEWS),
                    help=f"mfeat views to use, comma-separated, in order (from {','.join(data.MFEAT_VIEWS)}); "
-                        "the default pairs a strong view with a weak one")
-    g.add_argument("--mfeat-degrade", type=float, default=0.0,
+                        "the default pairs a strong view with a weak one (default: pix,mor)")
+    g.add_argument("--mfeat-degrade", type=number(float, 0.0, 1.0), default=0.0,
                    help="mfeat: blend one random view of every sample with noise of strength U(0, this), giving "
-                        "sample-level imbalance at dataset-level balance (like MM-Debiased)")
-    g.add_argument("--image-size", type=int, default=224, help="frame / image side for ks, mmdebiased, ucf101")
-    g.add_argument("--synthetic-modalities", type=int, default=2, help="synthetic: number of modalities")
-    g.add_argument("--synthetic-samples", type=int, default=600, help="synthetic: training samples (val, test: a third)")
-    g.add_argument("--synthetic-size", type=int, default=32, help="synthetic: image side in pixels")
-    g.add_argument("--synthetic-discrepancy", type=float, default=0.5,
-                   help="synthetic: fraction of samples whose class only one modality carries")
+                        "sample-level imbalance at dataset-level balance (like MM-Debiased) (default: %(default)s)")
+    g.add_argument("--image-size", type=number(int, 8), default=224, help="frame / image side for ks, mmdebiased, ucf101 (default: %(default)s)")
+    g.add_argument("--synthetic-modalities", type=number(int, 1), default=2, help="synthetic: number of modalities (default: %(default)s)")
+    g.add_argument("--synthetic-samples", type=number(int, 3), default=600,
+                   help="synthetic: training samples (val, test: a third) (default: %(default)s)")
+    g.add_argument("--synthetic-size", type=number(int, 8), default=32, help="synthetic: image side in pixels (default: %(default)s)")
+    g.add_argument("--synthetic-discrepancy", type=number(float, 0.0, 1.0), default=0.5,
+                   help="synthetic: fraction of samples whose class only one modality carries (default: %(default)s)")
     g.add_argument("--skip-missing", action="store_true",
                    help="skip listed clips whose files are missing (counted and listed at start-up) instead of failing")
     g = p.add_argument_group("method")
     g.add_argument("--mode", default="sample", choices=MODES,
-                   help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4)")
-    g.add_argument("--fusion", default="concat", choices=models.FUSIONS, help="fusion design (concat is the paper's)")
-    g.add_argument("--mask", default=None, choices=("feature", "input"),
-                   help="how a modality is removed: zero its encoder feature (the authors' code) or its input "
-                        "(the paper's text); default feature, input for fusions that mix modalities inside the network")
-    g.add_argument("--warmup", type=int, default=None, help="epochs of plain joint training before the first valuation")
-    g.add_argument("--subset-ratio", type=float, default=0.2, help="modality mode: fraction of training samples in Z")
-    g.add_argument("--alpha", type=float, default=1.0, help="modality mode: scale inside f_m (Eq. 11)")
-    g.add_argument("--f-m", default="linear", choices=("linear", "tanh", "square"), help="modality mode: f_m of Eq. 11")
+                   help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4) (default: %(default)s)")
+    g.add_argument("--fusion", default="concat", choices=models.FUSIONS, help="fusion design (concat is the paper's) (default: %(default)s)")
+    g.add_argument("--mask", choices=models.MASK_MODES,
+                   help="how a modality is removed: zero its encoder feature (the authors' code) or its input (the "
+                        "paper's text); default: the fusion's own, feature for late fusion, input for fusions that "
+                        "mix modalities inside the network")
+    g.add_argument("--warmup", type=number(int, 0), help="epochs of plain joint training before the first valuation (default: %(default)s)")
+    g.add_argument("--subset-ratio", type=number(float, 0.0, 1.0, low_open=True), default=0.2,
+                   help="modality mode: fraction of training samples in Z (default: %(default)s)")
+    g.add_argument("--alpha", type=number(float, 0.0), default=1.0, help="modality mode: scale inside f_m (Eq. 11) (default: %(default)s)")
+    g.add_argument("--f-m", default="linear", choices=shapley_mm.F_M_CHOICES, help="modality mode: f_m of Eq. 11 (default: %(default)s)")
     g.add_argument("--track-phi", action="store_true",
                    help="also value the training set in warm-up epochs and in baseline mode, to log contributions")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="total epochs, warm-up included")
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--optimizer", default=None, choices=("sgd", "adam"))
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--lr-step", type=int, default=None, help="StepLR period in epochs; 0 keeps the lr constant")
-    g.add_argument("--lr-gamma", type=float, default=0.1, help="StepLR factor")
-    g.add_argument("--pretrained", action="store_true", default=None,
-                   help="start ResNet-18 encoders from ImageNet weights (default for ucf101, as in the paper)")
+    g.add_argument("--epochs", type=number(int, 1), help="total epochs, warm-up included (default: %(default)s)")
+    g.add_argument("--batch-size", type=number(int, 1), help="samples per batch (default: %(default)s)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), help="(default: %(default)s)")
+    g.add_argument("--lr", type=number(float, 0.0, low_open=True), help="learning rate (default: %(default)s)")
+    g.add_argument("--momentum", type=number(float, 0.0, 1.0), default=0.9, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", type=number(float, 0.0), help="(default: %(default)s)")
+    g.add_argument("--lr-step", type=number(int, 0), help="StepLR period in epochs; 0 keeps the lr constant (default: %(default)s)")
+    g.add_argument("--lr-gamma", type=number(float, 0.0, 1.0, low_open=True), default=0.1, help="StepLR factor (default: %(default)s)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
+                   help="start ResNet-18 encoders from torchvision's ImageNet weights (default: %(default)s)")
+    g.add_argument("--weights", metavar="FILE",
+                   help="with --pretrained: torchvision's ImageNet ResNet-18 file (resnet18-f37072fd.pth), "
+                        "downloaded beforehand; its SHA-256 is checked (default: the torch hub cache or a download)")
     g.add_argument("--amp", action="store_true", help="mixed precision on GPU (no-op on CPU)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--gpu", type=int, default=None, help="GPU index; -1 for the CPU; default: the first GPU if any")
-    g.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
-    g.add_argument("--out", default=None, help="run directory (default runs/<dataset>-<mode>-s<seed>-<time>)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights, the shuffling and the re-sampling draws (default: %(default)s)")
+    g.add_argument("--gpu", type=number(int, -1), help="GPU index; -1 for the CPU; default: the first GPU if any")
+    g.add_argument("--workers", type=number(int, 0), help="DataLoader worker processes (default: %(default)s)")
+    g.add_argument("--out", help="run directory (default runs/<dataset>-<mode>-s<seed>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="write into an existing run directory, replacing it")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR/last.pt",
-                   help="continue that run in its own directory (--epochs may extend it)")
+    g.add_argument("--resume", metavar="CHECKPOINT",
+                   help="a checkpoint (RUN_DIR/last.pt or best.pt): continue that run in its own directory "
+                        "(--epochs may extend it), or with --eval-only evaluate it")
     g.add_argument("--eval-only", action="store_true",
-                   help="evaluate --checkpoint on --eval-split and write a CSV of per-sample valuation")
-    g.add_argument("--checkpoint", default=None, help="checkpoint for --eval-only")
-    g.add_argument("--eval-split", default="test", choices=("train", "val", "test"), help="split for --eval-only")
+                   help="evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation")
+    g.add_argument("--eval-split", default="test", choices=("train", "val", "test"), help="split for --eval-only (default: %(default)s)")
+    p.set_defaults(**PRESETS[dataset])
     return p
 
 
-def resolve_args(args):
-    """Fill the flags left unset with the data set's defaults and check the combination."""
-    for key, value in DEFAULTS[args.dataset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.pretrained is None:
-        args.pretrained = False
-    if args.mask is None:
-        args.mask = models.DEFAULT_MASK[args.fusion]
-    if args.mask not in models.ALLOWED_MASKS[args.fusion]:
+def parse_args(argv=None):
+    """The flags with the defaults of the data set they name, and the names of the flags given on the command line
+    (a resumed run checks those against its checkpoint)."""
+    dataset = get_args_parser(add_help=False).parse_known_args(argv)[0].dataset
+    parser = get_args_parser(dataset)
+    args = parser.parse_args(argv)
+    unset = object()
+    probe = argparse.Namespace(**{key: unset for key in vars(args)})  # argparse fills only what was given
+    parser.parse_args(argv, namespace=probe)
+    return args, [key for key, value in vars(probe).items() if value is not unset]
+
+
+def make_args(**settings):
+    """The settings of a run as the command line would give them, for scripts: the defaults of
+    settings["dataset"], then `settings` (flag names with underscores), checked as train.py checks its flags."""
+    args = get_args_parser(settings.get("dataset", "mfeat")).parse_args([])
+    unknown = set(settings) - set(vars(args))
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    vars(args).update(settings)
+    return check_args(args)
+
+
+def check_args(args):
+    """Refuse combinations of flags no run can use, in one line; warn about ones that do nothing."""
+    allowed = models.ALLOWED_MASKS[args.fusion]
+    args.mask = args.mask or allowed[0]
+    if args.mask not in allowed:
         raise TrainingError(f"--fusion {args.fusion} mixes the modalities inside the encoders: a modality is removed "
                             f"by zeroing its input (--mask input), not its feature (--mask {args.mask})")
-    if args.epochs < 1:
-        raise TrainingError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.warmup < 0:
-        raise TrainingError(f"--warmup must be >= 0, got {args.warmup}")
-    if not 0.0 < args.subset_ratio <= 1.0:
-        raise TrainingError(f"--subset-ratio must be in (0, 1], got {args.subset_ratio}")
-    if args.dataset == "mfeat":
-        unknown = [v for v in args.views.split(",") if v not in data.MFEAT_VIEWS]
-        if unknown or not args.views:
-            raise TrainingError(f"--views {args.views!r}: unknown view {', '.join(unknown)}; "
-                                f"choose from {','.join(data.MFEAT_VIEWS)}")
-    num_modalities = {"mfeat": len(args.views.split(",")), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
+    num_modalities = {"mfeat": len(args.views), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
     if args.mode != "baseline" and num_modalities < 2:
         raise TrainingError(f"--mode {args.mode} re-samples one modality against the others and needs at least two "
                             f"modalities; this run has {num_modalities} (use --mode baseline)")
     if args.dataset in AV_DATASETS and args.data_root is None:
         raise TrainingError(f"--dataset {args.dataset} needs --data-root (the folder holding its clips)")
+    for flag, dataset in (("split_file", "mmdebiased"), ("list_dir", "ks")):
+        if getattr(args, flag) is not None and args.dataset != dataset:
+            raise TrainingError(f"--{flag.replace('_', '-')} applies to --dataset {dataset} only, not {args.dataset}")
+    if args.weights is not None and not args.pretrained:
+        raise TrainingError("--weights FILE is the ImageNet file of --pretrained; add --pretrained or drop --weights")
     if args.mode != "baseline" and args.warmup >= args.epochs:
         print(f"warning: --warmup {args.warmup} is not smaller than --epochs {args.epochs}: "
               f"no re-sampling will ever happen in mode '{args.mode}'", file=sys.stderr)
     return args
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run is made of: device, data, model, optimiser
 
 
 def select_device(gpu):
@@ -173,15 +248,21 @@ def select_device(gpu):
     return torch.device(f"cuda:{gpu}")
 
 
+def autocast(device, amp):
+    """Mixed precision on CUDA when --amp is given; full precision otherwise."""
+    return torch.autocast(device.type, enabled=amp and device.type == "cuda")
+
+
 def build_datasets(args):
     """train (training transforms), train_eval (the same samples, evaluation transforms), val, test."""
-    options = dict(root=args.data_root, split_file=args.split_file, skip_missing=args.skip_missing, seed=args.seed)
+    options = dict(root=args.data_root, split_file=args.split_file or args.list_dir, skip_missing=args.skip_missing,
+                   seed=args.seed)
     if args.dataset == "mfeat":
-        options.update(views=tuple(v for v in args.views.split(",") if v), degrade=args.mfeat_degrade)
+        options.update(views=tuple(args.views), degrade=args.mfeat_degrade)
     elif args.dataset == "synthetic":
         options.update(num_modalities=args.synthetic_modalities, size=args.synthetic_size,
                        sample_discrepancy=args.synthetic_discrepancy, train_size=args.synthetic_samples,
-                       val_size=max(1, args.synthetic_samples // 3), test_size=max(1, args.synthetic_samples // 3))
+                       val_size=args.synthetic_samples // 3, test_size=args.synthetic_samples // 3)
     else:
         options["image_size"] = args.image_size
     splits = {
@@ -206,8 +287,8 @@ def model_config(args, dataset):
 
 
 def build_model(args, dataset):
-    return models.MultimodalClassifier(dataset.input_specs, dataset.num_classes, fusion=args.fusion,
-                                       mask_mode=args.mask, pretrained=args.pretrained)
+    return models.build_model(dataset.input_specs, dataset.num_classes, fusion=args.fusion, mask_mode=args.mask,
+                              pretrained=args.pretrained)
 
 
 def build_optimizer(args, model):
@@ -221,8 +302,12 @@ def build_optimizer(args, model):
     return optimizer, scheduler
 
 
+def loader_settings(args, device):
+    return dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+
+
 # ----------------------------------------------------------------------------------------------
-# atomic file writes: a run killed at any moment leaves the previous files intact
+# files: every write is atomic, so a run killed at any moment leaves the previous files intact
 
 
 def write_atomic(path, write_bytes):
@@ -248,165 +333,51 @@ def save_checkpoint(path, state):
 
 
 def load_log(path):
-    if not os.path.exists(path):
-        return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-# ----------------------------------------------------------------------------------------------
-# metrics
+def save_contributions(out, epoch, dataset, valued_index, phi):
+    ids = np.array([dataset.sample_ids[i] for i in valued_index.tolist()])
+
+    def write(f):
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, ids=ids, index=valued_index.numpy(), phi=phi.numpy(),
+                            modalities=np.array(dataset.modalities))
+        f.write(buffer.getvalue())
+
+    write_atomic(os.path.join(out, "contributions", f"epoch_{epoch:03d}.npz"), write)
 
 
-def mean_average_precision(scores, labels):
-    """mAP: the mean over classes (those with at least one positive) of the average precision of
-    ranking all samples by that class's score, as scikit-learn's average_precision_score (macro):
-    AP = sum over score thresholds t of (R(t) - R(t_prev)) * P(t). Tied scores form one threshold,
-    so the result does not depend on the order of tied rows. scores [N, K], labels [N]."""
-    num_samples, num_classes = scores.shape
-    positives = F.one_hot(labels, num_classes).float()  # [N, K]
-    sorted_scores, order = scores.sort(dim=0, descending=True)  # [N, K]
-    hits = positives.gather(0, order)  # [N, K], 1 where the r-th ranked sample is a positive
-    rank = torch.arange(1, num_samples + 1, dtype=torch.float32).unsqueeze(1)  # [N, 1]
-    precision = hits.cumsum(0) / rank  # [N, K], precision of the top r
-    # each row takes the precision at the last row of its tie, where the threshold really lies
-    last_of_tie = torch.ones_like(hits, dtype=torch.bool)
-    last_of_tie[:-1] = sorted_scores[:-1] != sorted_scores[1:]
-    row = torch.arange(num_samples).unsqueeze(1).expand_as(hits)  # [N, K]
-    tie_end = torch.where(last_of_tie, row, num_samples).flip(0).cummin(0).values.flip(0)  # [N, K]
-    num_positives = hits.sum(0)  # [K]
-    ap = (hits * precision.gather(0, tie_end)).sum(0) / num_positives.clamp(min=1)
-    return ap[num_positives > 0].mean().item()
+RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "results.json")
 
 
-def to_device(inputs, device):
-    return [x.to(device, non_blocking=True) for x in inputs]
+def check_writable(out):
+    """Refuse, before any work, a run directory that is a file or lies where nothing can be written."""
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing):
+        raise TrainingError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrainingError(f"--out {out}: {existing} is not writable")
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, amp=False):
-    """Accuracy and mAP with all modalities, and the accuracy of each modality alone.
-
-    The full and the uni-modal predictions are coalitions of the same batch
-    (models.MultimodalClassifier.coalition_predictor): for late fusion the encoders run once per
-    batch; for centralnet and mmtm the whole network runs once per coalition."""
-    model.eval()
-    n = model.num_modalities
-    unimodal = torch.eye(n, dtype=torch.bool, device=device)
-    scores, labels, correct_alone = [], [], []
-    absent_cache = {}  # absent modalities' features, computed once per pass (models.coalition_predictor)
-    for inputs, target, _ in loader:
-        target = target.to(device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            predict = model.coalition_predictor(to_device(inputs, device), absent_cache)
-            full = predict(torch.ones(len(target), n, dtype=torch.bool, device=device))
-            alone = [predict(unimodal[i].expand(len(target), n)).argmax(1) == target for i in range(n)]
-        scores.append(full.float().softmax(1).cpu())
-        labels.append(target.cpu())
-        correct_alone.append(torch.stack(alone, 1).cpu())  # [B, n]
-    scores, labels, correct_alone = torch.cat(scores), torch.cat(labels), torch.cat(correct_alone)
-    return dict(acc=(scores.argmax(1) == labels).float().mean().item(),
-                map=mean_average_precision(scores, labels),
-                acc_per_modality=correct_alone.float().mean(0).tolist())
-
-
-@torch.no_grad()
-def valuate(model, loader, device, amp=False, with_predictions=False):
-    """Sample-level modality valuation (Eq. 1-3) of every sample the loader yields.
-
-    Returns (index [N] long, phi [N, n] float), in the loader's order, and with with_predictions also the
-    prediction [N] long from all modalities (one more coalition call per batch). Runs in
-    eval mode; the loader should use evaluation transforms. For late fusion the encoders run once per
-    batch and only the fusion head runs per coalition; for centralnet and mmtm the whole network runs
-    once per coalition (models.MultimodalClassifier.coalition_predictor)."""
-    model.eval()
-    n = model.num_modalities
-    indices, phis, predictions = [], [], []
-    absent_cache = {}  # absent modalities' features, computed once per pass (models.coalition_predictor)
-    for inputs, target, index in loader:
-        target = target.to(device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            predict = model.coalition_predictor(to_device(inputs, device), absent_cache)
-            phi = shapley_mm.valuate(predict, target, n)
-            if with_predictions:
-                predictions.append(predict(torch.ones(len(target), n, dtype=torch.bool, device=device)).argmax(1).cpu())
-        indices.append(index)
-        phis.append(phi.float().cpu())
-    if with_predictions:
-        return torch.cat(indices), torch.cat(phis), torch.cat(predictions)
-    return torch.cat(indices), torch.cat(phis)
-
-
-# ----------------------------------------------------------------------------------------------
-# Algorithms 1 and 2: build the re-sampled epoch D^rs
-
-
-def resampling_plan(args, model, train_eval, loader_kwargs, generator, device):
-    """Value the training set (or the subset Z) and decide the uni-modal copies of this epoch.
-
-    Returns (valued_index [V], phi [V, n], copies [N, n]): copies[k, i] is how many extra copies of
-    training sample k keep modality i alone."""
-    num_samples, n = len(train_eval), len(train_eval.modalities)
-    if args.mode == "modality":  # Alg. 2: value only a random subset Z of the training set
-        subset_size = max(1, int(round(args.subset_ratio * num_samples)))
-        valued = torch.randperm(num_samples, generator=generator)[:subset_size].sort().values
-    else:  # Alg. 1: value every training sample
-        valued = torch.arange(num_samples)
-    loader = DataLoader(Subset(train_eval, valued.tolist()), shuffle=False, **loader_kwargs)
-    valued_index, phi = valuate(model, loader, device, args.amp)
-
-    if args.mode == "modality":  # Eq. 11: re-sample the overall low-contributing modality with probability p
-        modality, probability = shapley_mm.modality_level_plan(phi, alpha=args.alpha, f_m=args.f_m)
-        copies = shapley_mm.modality_level_copies(num_samples, n, modality, probability, generator=generator)
-        return valued_index, phi, copies
-    copies = torch.zeros(num_samples, n, dtype=torch.long)
-    copies[valued_index] = shapley_mm.sample_level_copies(phi)  # Eq. 10
-    if args.mode == "naive":  # Table 4: same totals per modality, on random samples
-        copies = shapley_mm.naive_copies(copies, generator=generator)
-    elif args.mode == "reversed":  # Table 4: the copies go to each sample's highest-contributing modality
-        full_phi = torch.zeros(num_samples, n)
-        full_phi[valued_index] = phi
-        copies = shapley_mm.reversed_copies(full_phi, copies, generator=generator)
-    return valued_index, phi, copies
-
-
-def progress(step, total, start, stream=sys.stderr):
-    """A progress line for long epochs: rewritten in place on a terminal; in a log file, at most
-    one line per quarter of the epoch."""
-    if total < 50:
-        return
-    if stream.isatty():
-        elapsed = time.time() - start
-        stream.write(f"\r  step {step}/{total}  {elapsed / step:.2f}s/step ")
-        if step == total:
-            stream.write("\n")
-        stream.flush()
-    elif step % max(1, total // 4) == 0 and step < total:
-        print(f"  step {step}/{total}  {time.time() - start:.0f}s", file=stream, flush=True)
-
-
-def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False):
-    """One pass over D^rs. Each batch mixes full samples and uni-modal copies in shuffled order, as
-    the paper trains; `mask` [B, n] says which modalities each row keeps."""
-    model.train()
-    total_loss, total_samples, start = 0.0, 0, time.time()
-    for step, (inputs, target, _, mask) in enumerate(loader, start=1):
-        target, mask = target.to(device), mask.to(device)
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            logits = model(to_device(inputs, device), mask)
-            loss = F.cross_entropy(logits.float(), target)
-        if not torch.isfinite(loss):
-            kept = (f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0
-                    else "no checkpoint was written")
-            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopped; {kept}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total_loss += loss.item() * len(target)
-        total_samples += len(target)
-        progress(step, len(loader), start)
-    return total_loss / max(total_samples, 1), total_samples
+def prepare_run_dir(out, overwrite):
+    """Create the run directory; refuse to write into one that already holds a run unless told to
+    overwrite it, and then remove the old run's files first, so that none of them outlives it."""
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if existing and not overwrite:
+        raise TrainingError(f"run directory {out} already holds a run ({', '.join(existing)}); "
+                            f"pass --resume {os.path.join(out, 'last.pt')} to continue it or --overwrite to replace it")
+    for name in existing:
+        os.remove(os.path.join(out, name))
+    contributions = os.path.join(out, "contributions")
+    if os.path.isdir(contributions):
+        for name in os.listdir(contributions):
+            if name.startswith("epoch_") and name.endswith(".npz"):
+                os.remove(os.path.join(contributions, name))
+    os.makedirs(contributions, exist_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,8 +401,8 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path, config=None):
-    """Load a checkpoint; when `config` is given, refuse one made for another data set or model."""
+def load_checkpoint(path):
+    """A checkpoint written by train.py, or a TrainingError that says why not."""
     if not os.path.isfile(path):
         raise TrainingError(f"checkpoint {path} does not exist")
     try:
@@ -440,8 +411,6 @@ def load_checkpoint(path, config=None):
         raise TrainingError(f"checkpoint {path} could not be read ({error.__class__.__name__}: {error})")
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise TrainingError(f"checkpoint {path} was not written by train.py (no model_config)")
-    if config is not None:
-        check_config(checkpoint, config, path)
     return checkpoint
 
 
@@ -454,36 +423,172 @@ def check_config(checkpoint, config, path):
         raise TrainingError(f"checkpoint {path} does not match this run ({details})")
 
 
-RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "results.json")
+def checkpoint_args(checkpoint, args, given, changeable):
+    """The settings `checkpoint` was trained with. Flags given now that are in `changeable` replace them;
+    any other flag given now must agree with them."""
+    saved = dict(checkpoint["args"])
+    for key in given:
+        if key in changeable:
+            saved[key] = getattr(args, key)
+        elif key not in RUN_CONTROL and saved.get(key) != getattr(args, key):
+            allowed = ", ".join("--" + k.replace("_", "-") for k in changeable)
+            raise TrainingError(f"--{key.replace('_', '-')} {getattr(args, key)!r} differs from the checkpoint's "
+                                f"{saved.get(key)!r}: a checkpoint keeps its settings (only {allowed} may change)")
+    return argparse.Namespace(**saved)
 
 
-def prepare_run_dir(out, overwrite):
-    """Create the run directory; refuse to write into one that already holds a run unless told to
-    overwrite it, and then remove the old run's files first, so that none of them outlives it."""
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if existing and not overwrite:
-        raise TrainingError(f"run directory {out} already holds a run ({', '.join(existing)}); "
-                            f"pass --resume {os.path.join(out, 'last.pt')} to continue it or --overwrite to replace it")
-    for name in existing:
-        os.remove(os.path.join(out, name))
-    contributions = os.path.join(out, "contributions")
-    if os.path.isdir(contributions):
-        for name in os.listdir(contributions):
-            if name.startswith("epoch_") and name.endswith(".npz"):
-                os.remove(os.path.join(contributions, name))
-    os.makedirs(contributions, exist_ok=True)
+# ----------------------------------------------------------------------------------------------
+# one pass over a data set: evaluation and valuation (Sec. 3.2) in one read
 
 
-def save_contributions(out, epoch, dataset, valued_index, phi):
-    ids = np.array([dataset.sample_ids[i] for i in valued_index.tolist()])
+def to_device(inputs, device):
+    return [x.to(device, non_blocking=True) for x in inputs]
 
-    def write(f):
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, ids=ids, index=valued_index.numpy(), phi=phi.numpy(),
-                            modalities=np.array(dataset.modalities))
-        f.write(buffer.getvalue())
 
-    write_atomic(os.path.join(out, "contributions", f"epoch_{epoch:03d}.npz"), write)
+@torch.no_grad()
+def run_pass(model, loader, device, amp=False):
+    """The model over every sample the loader yields, in eval mode, once: which of the 2**n coalitions of
+    modalities predict each sample correctly (shapley_mm.coalition_correctness), and the prediction from all
+    modalities. Evaluation, valuation (Eq. 1-3 on `correct`) and the per-sample CSV all read this one pass.
+
+    Returns dict(index [N] long, labels [N] long, prediction [N] long, scores [N, K] float (softmax of the
+    all-modality logits), correct [N, 2**n] bool), in the loader's order. The loader should use evaluation
+    transforms. For late fusion the encoders run once per batch and only the fusion head runs per coalition; for
+    fusions that mix modalities inside the network the whole network runs once per coalition
+    (models coalition_predictor)."""
+    model.eval()
+    n = model.num_modalities
+    index, labels, scores, correct = [], [], [], []
+    absent_cache = {}  # absent modalities' features, computed once per pass (models coalition_predictor)
+    for inputs, target, sample_index in loader:
+        target = target.to(device)
+        with autocast(device, amp):
+            predict = model.coalition_predictor(to_device(inputs, device), absent_cache)
+            batch_correct, full_logits = shapley_mm.coalition_correctness(predict, target, n)
+        index.append(sample_index)
+        labels.append(target.cpu())
+        scores.append(full_logits.float().softmax(1).cpu())
+        correct.append(batch_correct.cpu())
+    scores = torch.cat(scores)
+    return dict(index=torch.cat(index), labels=torch.cat(labels), prediction=scores.argmax(1), scores=scores,
+                correct=torch.cat(correct))
+
+
+def contributions(result):
+    """phi [N, n] of every sample of a pass (Eq. 1-3)."""
+    return shapley_mm.shapley_values(shapley_mm.benefit(result["correct"]))
+
+
+def metrics(result):
+    """Accuracy and mAP with all modalities, and the accuracy of each modality alone, from one pass."""
+    n = result["correct"].shape[1].bit_length() - 1  # correct: [N, 2**n]
+    alone = result["correct"][:, [1 << i for i in range(n)]]  # [N, n], the one-modality coalitions
+    return dict(acc=(result["prediction"] == result["labels"]).float().mean().item(),
+                map=mean_average_precision(result["scores"], result["labels"]),
+                acc_per_modality=alone.float().mean(0).tolist())
+
+
+def mean_average_precision(scores, labels):
+    """mAP: the mean over classes (those with at least one positive) of the average precision of
+    ranking all samples by that class's score, as scikit-learn's average_precision_score (macro):
+    AP = sum over score thresholds t of (R(t) - R(t_prev)) * P(t). Tied scores form one threshold,
+    so the result does not depend on the order of tied rows. scores [N, K], labels [N]."""
+    num_samples, num_classes = scores.shape
+    positives = F.one_hot(labels, num_classes).float()  # [N, K]
+    sorted_scores, order = scores.sort(dim=0, descending=True)  # [N, K]
+    hits = positives.gather(0, order)  # [N, K], 1 where the r-th ranked sample is a positive
+    rank = torch.arange(1, num_samples + 1, dtype=torch.float32).unsqueeze(1)  # [N, 1]
+    precision = hits.cumsum(0) / rank  # [N, K], precision of the top r
+    # each row takes the precision at the last row of its tie, where the threshold really lies
+    last_of_tie = torch.ones_like(hits, dtype=torch.bool)
+    last_of_tie[:-1] = sorted_scores[:-1] != sorted_scores[1:]
+    row = torch.arange(num_samples).unsqueeze(1).expand_as(hits)  # [N, K]
+    tie_end = torch.where(last_of_tie, row, num_samples).flip(0).cummin(0).values.flip(0)  # [N, K]
+    num_positives = hits.sum(0)  # [K]
+    ap = (hits * precision.gather(0, tie_end)).sum(0) / num_positives.clamp(min=1)
+    return ap[num_positives > 0].mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithms 1 and 2: value the training set, then build the re-sampled epoch D^rs
+
+
+def choose_valued(mode, num_samples, subset_ratio, generator):
+    """The training samples to value: all of them (Alg. 1, line 5), or a random subset Z (Alg. 2, line 5)."""
+    if mode != "modality":
+        return torch.arange(num_samples)
+    subset_size = max(1, int(round(subset_ratio * num_samples)))
+    return torch.randperm(num_samples, generator=generator)[:subset_size].sort().values
+
+
+def plan_copies(mode, phi, valued, num_samples, generator, alpha=1.0, f_m="linear"):
+    """The uni-modal copies of this epoch, copies [N, n]: copies[k, i] extra copies of training sample k keep
+    modality i alone. phi [V, n] are the contributions of the samples `valued` [V]."""
+    n = phi.shape[1]
+    if mode == "modality":  # Eq. 11: re-sample the overall low-contributing modality with probability p
+        modality, probability = shapley_mm.modality_level_plan(phi, alpha=alpha, f_m=f_m)
+        return shapley_mm.modality_level_copies(num_samples, n, modality, probability, generator=generator)
+    copies = torch.zeros(num_samples, n, dtype=torch.long)
+    copies[valued] = shapley_mm.sample_level_copies(phi)  # Eq. 10
+    if mode == "naive":  # Table 4: same totals per modality, on random samples
+        return shapley_mm.naive_copies(copies, generator=generator)
+    if mode == "reversed":  # Table 4: the copies go to each sample's highest-contributing modality
+        full_phi = torch.zeros(num_samples, n)
+        full_phi[valued] = phi
+        return shapley_mm.reversed_copies(full_phi, copies, generator=generator)
+    return copies
+
+
+def resampling_plan(phase, model, train_eval, loader_kwargs, device, generator, subset_ratio=0.2, alpha=1.0,
+                    f_m="linear", amp=False):
+    """One epoch's valuation and uni-modal copies (Alg. 1 lines 4-9, Alg. 2 lines 4-10): (valued [V], phi [V, n],
+    copies [N, n]). The samples are valued in eval mode with evaluation transforms (Eq. 1-3). Phase "warmup" or
+    "baseline" (--track-phi) values every sample and plans no copies."""
+    resampling = phase not in ("warmup", "baseline")
+    valued = choose_valued(phase if resampling else "sample", len(train_eval), subset_ratio, generator)
+    loader = DataLoader(Subset(train_eval, valued.tolist()), shuffle=False, **loader_kwargs)
+    phi = contributions(run_pass(model, loader, device, amp))
+    if not resampling:
+        return valued, phi, torch.zeros(len(train_eval), phi.shape[1], dtype=torch.long)
+    return valued, phi, plan_copies(phase, phi, valued, len(train_eval), generator, alpha, f_m)
+
+
+def progress(step, total, start, stream=sys.stderr):
+    """A progress line for long epochs: rewritten in place on a terminal; in a log file, at most
+    one line per quarter of the epoch."""
+    if total < 50:
+        return
+    if stream.isatty():
+        stream.write(f"\r  step {step}/{total}  {(time.time() - start) / step:.2f}s/step ")
+        if step == total:
+            stream.write("\n")
+        stream.flush()
+    elif step % max(1, total // 4) == 0 and step < total:
+        print(f"  step {step}/{total}  {time.time() - start:.0f}s", file=stream, flush=True)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False):
+    """One pass over D^rs (Alg. 1 line 11). Each batch mixes full samples and uni-modal copies in shuffled
+    order, as the paper trains; `mask` [B, n] says which modalities each row keeps."""
+    model.train()
+    total_loss, total_samples, start = 0.0, 0, time.time()
+    for step, (inputs, target, _, mask) in enumerate(loader, start=1):
+        target, mask = target.to(device), mask.to(device)
+        with autocast(device, amp):
+            logits = model(to_device(inputs, device), mask)
+            loss = F.cross_entropy(logits.float(), target)
+        if not torch.isfinite(loss):
+            kept = (f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0
+                    else "no checkpoint was written")
+            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopped; {kept}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += loss.item() * len(target)
+        total_samples += len(target)
+        progress(step, len(loader), start)
+    return total_loss / max(total_samples, 1), total_samples
 
 
 def format_epoch(record, modalities):
@@ -501,35 +606,20 @@ def format_epoch(record, modalities):
     return line
 
 
-# ----------------------------------------------------------------------------------------------
-
-
-def loader_settings(args, device):
-    return dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
-                persistent_workers=False)
-
-
-def checkpoint_args(checkpoint, args, given, changeable):
-    """The settings `checkpoint` was trained with. Flags given now that are in `changeable` replace them;
-    any other flag given now must agree with them."""
-    saved = dict(checkpoint["args"])
-    for key in given:
-        if key in changeable:
-            saved[key] = getattr(args, key)
-        elif key not in RUN_CONTROL and saved.get(key) != getattr(args, key):
-            allowed = ", ".join("--" + k.replace("_", "-") for k in changeable)
-            raise TrainingError(f"--{key.replace('_', '-')} {getattr(args, key)!r} differs from the checkpoint's "
-                                f"{saved.get(key)!r}: a checkpoint keeps its settings (only {allowed} may change)")
-    return argparse.Namespace(**saved)
-
-
 def train(args, given=()):
-    device = select_device(args.gpu)
+    """Train as `args` say (Algorithms 1 and 2), then test the checkpoint chosen on validation."""
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:  # the run goes on with its own settings, in its own directory
         resume_path = args.resume
         args = checkpoint_args(resume, args, given, RESUME_OVERRIDES)
         args.resume, args.out = resume_path, os.path.dirname(os.path.abspath(resume_path))
+        if resume["epoch"] + 1 >= args.epochs:
+            print(f"nothing left to train: {resume_path} holds epoch {resume['epoch']} of a run of {args.epochs} "
+                  f"epochs; pass --epochs N to extend it (files left as they are)")
+            return None
+    else:
+        check_writable(args.out)
+    device = select_device(args.gpu)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -552,77 +642,76 @@ def train(args, given=()):
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"], generator)
-        start_epoch, best = resume["epoch"] + 1, resume["best"]
-        log = [r for r in load_log(os.path.join(out, "log.jsonl")) if r["epoch"] < start_epoch]
+        start_epoch, best, log = resume["epoch"] + 1, resume["best"], resume["log"]  # the history travels with it
         print(f"resuming {out} after epoch {resume['epoch']}")
     else:
         prepare_run_dir(out, args.overwrite)
         start_epoch, best, log = 0, dict(val_acc=-1.0, epoch=-1), []
     save_json(os.path.join(out, "args.json"), vars(args))
+    save_log(os.path.join(out, "log.jsonl"), log)
     n = len(train_set.modalities)
     print(f"{args.dataset}: {len(train_set)} train / {len(splits['val'])} val / {len(splits['test'])} test, "
           f"modalities {', '.join(train_set.modalities)}, {train_set.num_classes} classes; mode {args.mode}, "
           f"fusion {args.fusion}, {args.mask} masking, device {device}; writing {out}")
 
-    for epoch in range(start_epoch, args.epochs):
-        start = time.time()
-        if args.mode == "baseline":
-            phase = "baseline"
-        else:  # Alg. 1 / 2, line 2: plain joint training for the first F epochs
-            phase = "warmup" if epoch < args.warmup else args.mode
-        copies = torch.zeros(len(train_set), n, dtype=torch.long)
-        valued_index = phi = None
-        valuation_seconds = 0.0
-        if phase not in ("warmup", "baseline"):
-            valued_index, phi, copies = resampling_plan(args, model, train_eval, loader_kwargs, generator, device)
-            valuation_seconds = time.time() - start
-        elif args.track_phi:
-            tracked = time.time()
-            loader = DataLoader(train_eval, shuffle=False, **loader_kwargs)
-            valued_index, phi = valuate(model, loader, device, args.amp)
-            valuation_seconds = time.time() - tracked
-        if phi is not None:
-            save_contributions(out, epoch, train_eval, valued_index, phi)
+    epoch, saved_epoch = start_epoch, start_epoch - 1
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            start = time.time()
+            if args.mode == "baseline":
+                phase = "baseline"
+            else:  # Alg. 1 / 2, line 2: plain joint training for the first F epochs
+                phase = "warmup" if epoch < args.warmup else args.mode
+            copies = torch.zeros(len(train_set), n, dtype=torch.long)
+            valued = phi = None
+            valuation_seconds = 0.0
+            if phase not in ("warmup", "baseline") or args.track_phi:
+                valued, phi, copies = resampling_plan(phase, model, train_eval, loader_kwargs, device, generator,
+                                                      args.subset_ratio, args.alpha, args.f_m, args.amp)
+                save_contributions(out, epoch, train_eval, valued, phi)
+                valuation_seconds = time.time() - start
 
-        copy_index, copy_modality = shapley_mm.expand_copies(copies)
-        epoch_set = data.ResampledDataset(train_set, copy_index, copy_modality)  # D^rs = D + copies
-        loader = DataLoader(epoch_set, shuffle=True, generator=generator, **loader_kwargs)
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_samples = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args.amp)
-        scheduler.step()
-        metrics = evaluate(model, val_loader, device, args.amp)
+            copy_index, copy_modality = shapley_mm.expand_copies(copies)
+            epoch_set = data.ResampledDataset(train_set, copy_index, copy_modality)  # D^rs = D + copies
+            loader = DataLoader(epoch_set, shuffle=True, generator=generator, **loader_kwargs)
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss, train_samples = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args.amp)
+            scheduler.step()
+            val = metrics(run_pass(model, val_loader, device, args.amp))
 
-        record = dict(epoch=epoch, phase=phase, train_loss=train_loss, train_samples=train_samples,
-                      copies=copies.sum(0).tolist(),
-                      mean_phi=phi.mean(0).tolist() if phi is not None else None,
-                      valued_samples=len(valued_index) if valued_index is not None else 0,
-                      val_acc=metrics["acc"], val_map=metrics["map"],
-                      val_acc_per_modality=metrics["acc_per_modality"], lr=lr,
-                      valuation_seconds=valuation_seconds, seconds=time.time() - start)
-        log.append(record)
-        print(format_epoch(record, train_set.modalities), flush=True)
+            record = dict(epoch=epoch, phase=phase, train_loss=train_loss, train_samples=train_samples,
+                          copies=copies.sum(0).tolist(), mean_phi=phi.mean(0).tolist() if phi is not None else None,
+                          valued_samples=len(valued) if valued is not None else 0,
+                          val_acc=val["acc"], val_map=val["map"], val_acc_per_modality=val["acc_per_modality"],
+                          lr=lr, valuation_seconds=valuation_seconds, seconds=time.time() - start)
+            log.append(record)
+            print(format_epoch(record, train_set.modalities), flush=True)
 
-        is_best = metrics["acc"] > best["val_acc"]  # chosen on validation, never on test
-        if is_best:
-            best = dict(val_acc=metrics["acc"], epoch=epoch)
-        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                     scaler=scaler.state_dict(), epoch=epoch, best=best, rng=rng_state(generator),
-                     plan=dict(valued_index=valued_index, phi=phi, copies=copies),
-                     args=vars(args), model_config=config)
-        save_log(os.path.join(out, "log.jsonl"), log)
-        if is_best:
-            save_checkpoint(os.path.join(out, "best.pt"), state)
-        save_checkpoint(os.path.join(out, "last.pt"), state)
+            is_best = val["acc"] > best["val_acc"]  # chosen on validation, never on test
+            if is_best:
+                best = dict(val_acc=val["acc"], epoch=epoch)
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(), epoch=epoch, best=best, rng=rng_state(generator), log=log,
+                         plan=dict(valued_index=valued, phi=phi, copies=copies), args=vars(args), model_config=config)
+            save_log(os.path.join(out, "log.jsonl"), log)
+            if is_best:
+                save_checkpoint(os.path.join(out, "best.pt"), state)
+            save_checkpoint(os.path.join(out, "last.pt"), state)
+            saved_epoch = epoch
+    except KeyboardInterrupt:
+        last = os.path.join(out, "last.pt")
+        kept = (f"{last} holds epoch {saved_epoch}; continue with: python train.py --resume {last}"
+                if saved_epoch >= 0 else "no checkpoint was written")
+        raise TrainingError(f"interrupted in epoch {epoch}: {kept}", code=130)
 
     # the test split is read once, for the checkpoint chosen on validation
-    best_state = load_checkpoint(os.path.join(out, "best.pt"), config)
+    best_state = load_checkpoint(os.path.join(out, "best.pt"))
     model.load_state_dict(best_state["model"])
-    test_loader = DataLoader(splits["test"], shuffle=False, **loader_kwargs)
-    test = evaluate(model, test_loader, device, args.amp)
-    _, test_phi = valuate(model, test_loader, device, args.amp)
+    test_pass = run_pass(model, DataLoader(splits["test"], shuffle=False, **loader_kwargs), device, args.amp)
+    test = metrics(test_pass)
     results = dict(best_epoch=best_state["epoch"], val_acc=best_state["best"]["val_acc"],
                    test_acc=test["acc"], test_map=test["map"], test_acc_per_modality=test["acc_per_modality"],
-                   test_mean_phi=test_phi.mean(0).tolist(), modalities=list(train_set.modalities),
+                   test_mean_phi=contributions(test_pass).mean(0).tolist(), modalities=list(train_set.modalities),
                    train_seconds=sum(r["seconds"] for r in log))
     save_json(os.path.join(out, "results.json"), results)
     names = train_set.modalities
@@ -633,52 +722,51 @@ def train(args, given=()):
     return results
 
 
-def eval_only(args, given=()):
-    """Evaluate a saved model on --eval-split and write a CSV of per-sample valuation."""
-    if args.checkpoint is None:
-        raise TrainingError("--eval-only needs --checkpoint PATH")
-    checkpoint = load_checkpoint(args.checkpoint)
+def evaluate_checkpoint(path, split="test", args=None, given=()):
+    """One pass of a saved model over `split`: (the pass, as run_pass returns it, with phi [N, n] and the
+    checkpoint's epoch added; the data set). Flags `given` in `args` may replace EVAL_OVERRIDES settings (another
+    --data-root, say); any other given flag must agree with the checkpoint."""
+    checkpoint = load_checkpoint(path)
     saved = checkpoint_args(checkpoint, args, given, EVAL_OVERRIDES)
     device = select_device(saved.gpu)
     splits = build_datasets(saved)
-    dataset = splits["train_eval" if args.eval_split == "train" else args.eval_split]
-    check_config(checkpoint, model_config(saved, dataset), args.checkpoint)
+    dataset = splits["train_eval" if split == "train" else split]
+    check_config(checkpoint, model_config(saved, dataset), path)
     model = build_model(saved, dataset).to(device)
     model.load_state_dict(checkpoint["model"])
-    loader = DataLoader(dataset, shuffle=False, **loader_settings(saved, device))
-    metrics = evaluate(model, loader, device, saved.amp)
-    index, phi, prediction = valuate(model, loader, device, saved.amp, with_predictions=True)
+    result = run_pass(model, DataLoader(dataset, shuffle=False, **loader_settings(saved, device)), device, saved.amp)
+    result["phi"] = contributions(result)
+    result["epoch"] = checkpoint["epoch"]
+    return result, dataset
 
-    out = os.path.dirname(os.path.abspath(args.checkpoint))
+
+def eval_only(args, given=()):
+    """Evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation beside it."""
+    if args.resume is None:
+        raise TrainingError("--eval-only needs --resume CHECKPOINT (RUN_DIR/best.pt or last.pt)")
+    result, dataset = evaluate_checkpoint(args.resume, args.eval_split, args, given)
+    scores = metrics(result)
+    out = os.path.dirname(os.path.abspath(args.resume))
     csv_path = os.path.join(out, f"valuation_{args.eval_split}.csv")
 
     def write(f):
         text = io.StringIO()
         writer = csv.writer(text)
         writer.writerow(["id", "label", "prediction"] + [f"phi_{m}" for m in dataset.modalities])
-        labels = dataset.labels[index]
-        for k in range(len(index)):
-            writer.writerow([dataset.sample_ids[index[k]], labels[k].item(), prediction[k].item()]
-                            + [f"{p:.4f}" for p in phi[k].tolist()])
+        for index, label, prediction, phi in zip(result["index"].tolist(), result["labels"].tolist(),
+                                                 result["prediction"].tolist(), result["phi"].tolist()):
+            writer.writerow([dataset.sample_ids[index], label, prediction] + [f"{p:.4f}" for p in phi])
         f.write(text.getvalue().encode())
 
     write_atomic(csv_path, write)
-    results = dict(split=args.eval_split, checkpoint=os.path.abspath(args.checkpoint), epoch=checkpoint["epoch"],
-                   acc=metrics["acc"], map=metrics["map"], acc_per_modality=metrics["acc_per_modality"],
-                   mean_phi=phi.mean(0).tolist(), modalities=list(dataset.modalities))
+    results = dict(split=args.eval_split, checkpoint=os.path.abspath(args.resume), epoch=result["epoch"],
+                   acc=scores["acc"], map=scores["map"], acc_per_modality=scores["acc_per_modality"],
+                   mean_phi=result["phi"].mean(0).tolist(), modalities=list(dataset.modalities))
     save_json(os.path.join(out, f"eval_{args.eval_split}.json"), results)
-    print(f"{args.eval_split} acc {100 * metrics['acc']:.2f}  mAP {100 * metrics['map']:.2f}  per modality: "
-          + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(dataset.modalities, metrics["acc_per_modality"])))
+    print(f"{args.eval_split} acc {100 * scores['acc']:.2f}  mAP {100 * scores['map']:.2f}  per modality: "
+          + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(dataset.modalities, scores["acc_per_modality"])))
     print(f"per-sample valuation written to {csv_path}")
     return results
-
-
-def given_flags(parser, argv):
-    """Names of the flags given on the command line (as opposed to left at their defaults)."""
-    unset = object()
-    probe = argparse.Namespace(**{action.dest: unset for action in parser._actions})
-    parser.parse_args(argv, namespace=probe)
-    return [key for key, value in vars(probe).items() if value is not unset]
 
 
 def one_line(error):
@@ -690,20 +778,24 @@ def one_line(error):
 
 
 def main(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    given = given_flags(parser, argv)
+    args, given = parse_args(argv)
     try:
         if args.eval_only:
             return eval_only(args, given)
         if args.resume is None:
-            args = resolve_args(args)
+            args = check_args(args)
             if args.out is None:
                 args.out = os.path.join("runs", f"{args.dataset}-{args.mode}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
         return train(args, given)
     except (TrainingError, data.DataError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(getattr(error, "code", 2))
+    except OSError as error:  # a file that cannot be written or read: disk full, permissions
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted before training started; nothing was trained", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":
