@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from test_data import KS_LISTS, MMDEBIASED_TABLE, make_ks_tree, make_mmdebiased_tree, make_ucf_tree
+from conftest import KS_LISTS, MMDEBIASED_TABLE, make_ks_tree, make_mmdebiased_tree, make_ucf_tree
 
 MFEAT = ["--dataset", "mfeat", "--batch-size", "200", "--gpu", "-1"]
 TIMING = ("seconds", "valuation_seconds")

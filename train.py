@@ -180,12 +180,7 @@ def build_datasets(args):
                        val_size=max(1, args.synthetic_samples // 3), test_size=max(1, args.synthetic_samples // 3))
     else:
         options["image_size"] = args.image_size
-    splits = {
-        "train": data.build_dataset(args.dataset, "train", augment=True, **options),
-        "train_eval": data.build_dataset(args.dataset, "train", augment=False, **options),
-        "val": data.build_dataset(args.dataset, "val", **options),
-        "test": data.build_dataset(args.dataset, "test", **options),
-    }
+    splits = data.build_splits(args.dataset, **options)
     for split, dataset in splits.items():
         if split != "train_eval" and dataset.skipped:
             shown = ", ".join(f"{sample_id} ({reason})" for sample_id, reason in dataset.skipped[:5])
@@ -548,8 +543,11 @@ def train(args, given=()):
         start_epoch, best, log = 0, dict(val_acc=-1.0, epoch=-1), []
     save_json(os.path.join(out, "args.json"), vars(args))
     n = len(train_set.modalities)
+    classes = f"{train_set.num_classes} classes"
+    if train_set.classes_inferred_from:
+        classes += f" (inferred from {train_set.classes_inferred_from})"
     print(f"{args.dataset}: {len(train_set)} train / {len(splits['val'])} val / {len(splits['test'])} test, "
-          f"modalities {', '.join(train_set.modalities)}, {train_set.num_classes} classes; mode {args.mode}, "
+          f"modalities {', '.join(train_set.modalities)}, {classes}; mode {args.mode}, "
           f"fusion {args.fusion}, {args.mask} masking, device {device}; writing {out}")
 
     for epoch in range(start_epoch, args.epochs):
