@@ -3,15 +3,17 @@
 One intra-op thread, so that tests run in parallel with other work on a small machine do not oversubscribe
 its cores (tiny CPU kernels slow down by orders of magnitude then).
 
-Fixture trees on disk, in the layouts data.py reads (KS, MM-Debiased, UCF-101). Frame k (1-based)
+Fixture trees on disk, in the layouts data.py reads (KS, MM-Debiased, UCF-101, CREMA-D). Frame k (1-based)
 of a clip is a uniform JPEG of value FRAME_STEP * k, so the frames a dataset picked can be read back from
-its output; a KS spectrogram is filled with its clip's label."""
+its output; a KS or CREMA-D spectrogram is filled with its clip's label."""
 import json
 
 import numpy as np
 import pytest
 import torch
 from torchvision.io import write_jpeg
+
+import data
 
 torch.set_num_threads(1)
 
@@ -97,3 +99,21 @@ def ucf_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("ucf101")
     make_ucf_tree(root)
     return root
+
+
+def make_cremad_tree(root, lists, frames=None, spectrogram_shape=(16, 8)):
+    """CREMA-D layout; lists = {split: [(clip name, emotion code)]}; frames = {clip name: frame count}, 3 for
+    the clips it leaves out."""
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    for split, entries in lists.items():
+        (root / f"{split}.csv").write_text("".join(f"{name},{emotion}\n" for name, emotion in entries))
+        for name, emotion in entries:
+            label = data.CREMAD_EMOTIONS.index(emotion)
+            np.save(root / "audio" / f"{name}.npy", np.full(spectrogram_shape, label, dtype=np.float32))
+            write_frames(root / "visual" / name, (frames or {}).get(name, 3))
+
+
+CREMAD_LISTS = dict(train=[("1001_DFA_ANG_XX", "ANG"), ("1001_IEO_NEU_XX", "NEU"), ("1002_TIE_SAD_LO", "SAD"),
+                           ("1003_MTI_HAP_HI", "HAP")],
+                    val=[("1004_WSI_FEA_MD", "FEA")],
+                    test=[("1005_ITS_DIS_XX", "DIS"), ("1006_IWL_ANG_HI", "ANG")])

@@ -13,7 +13,7 @@ the four a run needs: train, train_eval (the same listing with evaluation transf
   (build it with `python data.py --build-mfeat CSV_DIR`). No download, runs on a CPU.
 - synthetic: image-like modalities generated in memory, with knobs for dataset-level imbalance
   (`strength`) and sample-level imbalance (`sample_discrepancy`).
-- ks, mmdebiased, ucf101: clips on disk, in the layouts described in each builder's docstring, read
+- ks, mmdebiased, ucf101, cremad: clips on disk, in the layouts described in each builder's docstring, read
   by one clip dataset (`Clips`) with one small reader per modality kind: `SpectrogramReader` (.npy),
   `FrameReader` (RGB JPEG frames) and `FlowReader` (u / v grayscale JPEGs). Frame transforms are built once
   per dataset. Items stack into batches: the spectrograms of a dataset must share one shape (one of another
@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
-DATASETS = ("mfeat", "ks", "mmdebiased", "ucf101", "synthetic")
+DATASETS = ("mfeat", "ks", "mmdebiased", "ucf101", "cremad", "synthetic")
 SPLITS = ("train", "val", "test")
 
 
@@ -421,7 +421,7 @@ class FrameTransform:
 
 
 # ----------------------------------------------------------------------------------------------
-# Clips on disk: one reader per modality kind, one clip dataset (ks, mmdebiased, ucf101)
+# Clips on disk: one reader per modality kind, one clip dataset (ks, mmdebiased, ucf101, cremad)
 #
 # A reader holds one path per clip and answers missing(i) (why clip i cannot be read, or None),
 # keep(kept) (keep those clips) and read(i, augment) (the modality's input tensor of clip i).
@@ -796,6 +796,36 @@ def build_ucf101(root, split, augment=False, image_size=224, skip_missing=False,
 
 
 # ----------------------------------------------------------------------------------------------
+# CREMA-D
+
+CREMAD_EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # labels 0..5, OGM-GE's order
+
+
+def build_cremad(root, split, augment=False, image_size=224, skip_missing=False):
+    """CREMA-D (6 emotions, actors reading sentences) as its pre-processing script lays it out:
+        root/{train,val,test}.csv                 lines '<clip>,<EMO>', no header (1001_DFA_ANG_XX,ANG)
+        root/audio/<clip>.npy                     spectrogram, one shape for the whole set
+        root/visual/<clip>/frame_00001.jpg ...    1 frame per second
+    Modalities ("audio", "visual") as for KS; labels 0..5 for NEU, HAP, SAD, FEA, DIS, ANG (OGM-GE's order).
+    Clips last 2-5 s, so 2-5 frames: where a clip has fewer frames than the NUM_SEGMENTS segments, frames
+    repeat (frame_positions; 2 frames give frames 1, 1, 2)."""
+    check_root("cremad", root)
+    path = os.path.join(root, f"{split}.csv")
+    entries = []
+    for number, line in read_text_lines(path, "CREMA-D list"):
+        name, _, emotion = (field.strip() for field in line.rpartition(","))
+        if not name or emotion not in CREMAD_EMOTIONS:
+            raise DataError(f"{path}:{number}: expected '<clip>,<EMO>' with EMO one of {', '.join(CREMAD_EMOTIONS)}, "
+                            f"got {line!r}")
+        entries.append((name, CREMAD_EMOTIONS.index(emotion), f"{path}:{number}"))
+    check_entries(entries, len(CREMAD_EMOTIONS), "CREMA-D's 6 emotions")
+    names = [name for name, _, _ in entries]
+    readers = dict(audio=SpectrogramReader(os.path.join(root, "audio", f"{n}.npy") for n in names),
+                   visual=FrameReader((os.path.join(root, "visual", n) for n in names), image_size))
+    return Clips(names, [label for _, label, _ in entries], readers, CREMAD_EMOTIONS, path, augment, skip_missing)
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry points
 
 def build_dataset(name, split, *, root=None, split_file=None, views=None, augment=False, skip_missing=False,
@@ -819,7 +849,8 @@ def build_dataset(name, split, *, root=None, split_file=None, views=None, augmen
         return build_mmdebiased(root, split, split_file, augment=augment, skip_missing=skip_missing, **options)
     if split_file is not None:
         raise ValueError(f"split_file does not apply to {name} (its split files are read from root)")
-    return build_ucf101(root, split, augment=augment, skip_missing=skip_missing, **options)
+    build = build_ucf101 if name == "ucf101" else build_cremad
+    return build(root, split, augment=augment, skip_missing=skip_missing, **options)
 
 
 def build_splits(name, **options):

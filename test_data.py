@@ -1,5 +1,5 @@
 """Tests for data.py: the bundled mfeat set, the synthetic generator, the re-sampled epoch D^rs, and the
-KS / MM-Debiased / UCF-101 readers on tiny fixture trees (writers in conftest.py) in tmp_path."""
+KS / MM-Debiased / UCF-101 / CREMA-D readers on tiny fixture trees (writers in conftest.py) in tmp_path."""
 
 import json
 
@@ -11,8 +11,8 @@ from torchvision.io import write_jpeg
 
 import data
 import train
-from conftest import (FRAME_STEP, KS_LISTS, MMDEBIASED_TABLE, UCF_CLASSES, make_ks_tree, make_mmdebiased_tree,
-                      make_ucf_tree, write_frames)
+from conftest import (CREMAD_LISTS, FRAME_STEP, KS_LISTS, MMDEBIASED_TABLE, UCF_CLASSES, make_cremad_tree,
+                      make_ks_tree, make_mmdebiased_tree, make_ucf_tree, write_frames)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -754,3 +754,60 @@ def test_ucf101_video_listed_twice_and_flow_planes_of_other_sizes(tmp_path):
     pixels = unnormalise(flow, data.FLOW_MEAN, data.FLOW_STD)
     assert flow.shape == (2, 3, 32, 32)
     assert [round(pixels[c, t].mean().item()) for c in range(2) for t in range(3)] == [20, 50, 80, 180, 160, 120]
+
+
+# ----------------------------------------------------------------------------------------------
+# CREMA-D
+
+def test_cremad_layout_labels_and_items(tmp_path):
+    frames = {"1001_DFA_ANG_XX": 2, "1001_IEO_NEU_XX": 3, "1002_TIE_SAD_LO": 4, "1003_MTI_HAP_HI": 5}
+    make_cremad_tree(tmp_path, CREMAD_LISTS, frames=dict(frames, **{"1004_WSI_FEA_MD": 1}),
+                     spectrogram_shape=(40, 12))
+    splits = data.build_splits("cremad", root=str(tmp_path), image_size=32)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    assert train.sample_ids == list(frames) and train.labels.tolist() == [5, 0, 2, 1]  # ANG, NEU, SAD, HAP
+    assert val.labels.tolist() == [3] and test.labels.tolist() == [4, 5]  # FEA; DIS, ANG
+    assert train.class_names == ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"] and train.num_classes == 6
+    assert train.classes_inferred_from is None
+    assert train.modalities == ["audio", "visual"] and train.input_specs == [("image", 1), ("video", 3)]
+    (audio, visual), label, index = splits["train_eval"][2]
+    assert audio.shape == (1, 40, 12) and audio.eq(2).all() and visual.shape == (3, 3, 32, 32)
+    assert (label, index) == (2, 2)
+    # fewer frames than the 3 segments: frames repeat; evaluation takes each segment's middle
+    assert [picked_frames(splits["train_eval"][i][0][1]) for i in range(4)] == [[1, 1, 2], [1, 2, 3], [1, 2, 3],
+                                                                                 [1, 2, 4]]
+    assert picked_frames(val[0][0][1]) == [1, 1, 1]
+    torch.manual_seed(0)
+    assert {tuple(picked_frames(train[0][0][1])) for _ in range(10)} == {(1, 1, 2)}
+    (audio, visual), labels, _ = next(iter(DataLoader(train, batch_size=4)))
+    assert audio.shape == (4, 1, 40, 12) and visual.shape == (4, 3, 3, 32, 32) and labels.tolist() == [5, 0, 2, 1]
+
+
+def test_cremad_errors(tmp_path):
+    make_cremad_tree(tmp_path, CREMAD_LISTS)
+    build = lambda split="train", **kw: data.build_dataset("cremad", split, root=str(tmp_path), **kw)
+    with pytest.raises(data.DataError, match="cremad needs root"):
+        data.build_dataset("cremad", "train")
+    with pytest.raises(ValueError, match="split_file does not apply to cremad"):
+        build(split_file="lists")
+    train_csv = tmp_path / "train.csv"
+    lines = train_csv.read_text()
+    train_csv.write_text(lines + "1007_IEO_XYZ_XX,XYZ\n")
+    with pytest.raises(data.DataError, match=r"train.csv:5: expected '<clip>,<EMO>' with EMO one of NEU, HAP, SAD, "
+                                             r"FEA, DIS, ANG, got '1007_IEO_XYZ_XX,XYZ'"):
+        build()
+    train_csv.write_text(lines + "1001_DFA_ANG_XX,ANG\n")
+    with pytest.raises(data.DataError, match=r"train.csv:5: clip 1001_DFA_ANG_XX listed twice \(first at .*:1\)"):
+        build()
+    train_csv.write_text(lines)
+    np.save(tmp_path / "audio" / "1002_TIE_SAD_LO.npy", np.zeros((16, 9), dtype=np.float32))
+    with pytest.raises(data.DataError, match=r"1002_TIE_SAD_LO.npy: spectrogram of shape \(16, 9\), but "
+                                             r".*1001_DFA_ANG_XX.npy has \(16, 8\)"):
+        build()
+    (tmp_path / "audio" / "1002_TIE_SAD_LO.npy").unlink()
+    with pytest.raises(data.DataError, match="1002_TIE_SAD_LO.npy not found"):
+        build()
+    assert build(skip_missing=True).sample_ids == ["1001_DFA_ANG_XX", "1001_IEO_NEU_XX", "1003_MTI_HAP_HI"]
+    (tmp_path / "val.csv").unlink()
+    with pytest.raises(data.DataError, match="val.csv: CREMA-D list not found"):
+        build("val")

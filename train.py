@@ -35,7 +35,7 @@ import models
 import shapley_mm
 
 MODES = ("baseline", "sample", "modality", "naive", "reversed")
-AV_DATASETS = ("ks", "mmdebiased", "ucf101")
+AV_DATASETS = ("ks", "mmdebiased", "ucf101", "cremad")
 
 # Defaults per data set for every flag left unset. The audio-visual ones follow the paper (Sec. 4.1:
 # SGD, momentum 0.9, lr 1e-3, batch 64, warm-up 5); the authors' code instead defaults to Adam,
@@ -45,6 +45,8 @@ DEFAULTS = {
                lr_step=30, workers=4),
     "mmdebiased": dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=1e-4,
                        lr_step=30, workers=4),
+    "cremad": dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=1e-4,
+                   lr_step=30, workers=4),
     "ucf101": dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=1e-4,
                    lr_step=30, workers=4, pretrained=True),
     "mfeat": dict(epochs=40, warmup=5, batch_size=64, optimizer="sgd", lr=1e-2, weight_decay=1e-4,
