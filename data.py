@@ -3,19 +3,27 @@ Datasets for multimodal training with sample-level modality valuation (Wei et al
 
 Every dataset returns `(inputs, label, index)` per item, `inputs` being a tuple with one tensor per
 modality, and describes itself with `modalities`, `input_specs` (kind, channels) per modality,
-`num_classes`, `class_names`, `sample_ids`, `labels` and `skipped`. `build_dataset` is the entry point.
+`num_classes`, `class_names`, `classes_inferred_from` (None where the class count is known, else what it
+was inferred from), `sample_ids`, `labels` and `skipped`. `build_dataset` builds one split, `build_splits`
+the four a run needs: train, train_eval (the same listing with evaluation transforms), val and test.
 
+- ResampledDataset (first section): the re-sampled training epoch D^rs of Algorithms 1 and 2, the original
+  samples plus uni-modal copies, each item carrying a mask of the modalities it keeps.
 - mfeat: UCI Multiple Features, six views of 2,000 handwritten digits, bundled as data/mfeat.npz
   (build it with `python data.py --build-mfeat CSV_DIR`). No download, runs on a CPU.
 - synthetic: image-like modalities generated in memory, with knobs for dataset-level imbalance
   (`strength`) and sample-level imbalance (`sample_discrepancy`).
-- ks, mmdebiased, ucf101: clips on disk in the layouts described in each reader's docstring.
-
-`ResampledDataset` is the re-sampled training epoch D^rs of Algorithms 1 and 2: the original
-samples plus uni-modal copies, each item carrying a mask of the modalities it keeps.
+- ks, mmdebiased, ucf101, cremad: clips on disk, in the layouts described in each builder's docstring, read
+  by one clip dataset (`Clips`) with one small reader per modality kind: `SpectrogramReader` (.npy),
+  `FrameReader` (RGB JPEG frames) and `FlowReader` (u / v grayscale JPEGs). Frame transforms are built once
+  per dataset. Items stack into batches: the spectrograms of a dataset must share one shape (one of another
+  shape stops with both files and shapes), and the frames of a clip are brought to its first frame's size.
+  List files are read as UTF-8; a clip listed twice, or a label outside the data set's classes, stops with
+  the file and line.
 """
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -28,7 +36,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
-DATASETS = ("mfeat", "ks", "mmdebiased", "ucf101", "synthetic")
+DATASETS = ("mfeat", "ks", "mmdebiased", "ucf101", "cremad", "synthetic")
 SPLITS = ("train", "val", "test")
 
 
@@ -40,6 +48,51 @@ def check_split(split):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
+
+# ----------------------------------------------------------------------------------------------
+# The re-sampled epoch D^rs (Algorithm 1 line 9, Algorithm 2 line 10)
+
+class ResampledDataset(Dataset):
+    """The original samples, then one uni-modal copy per (copy_index[j], copy_modality[j]).
+
+    Items are (inputs, label, index, mask), mask a BoolTensor[n] of the modalities kept: all True for
+    the originals, one-hot at copy_modality[j] for copy j. The inputs are the base sample's, untouched:
+    the model applies the mask. `index` is the base sample's index, for originals and copies alike."""
+
+    def __init__(self, base, copy_index, copy_modality):
+        copy_index, copy_modality = torch.as_tensor(copy_index).long(), torch.as_tensor(copy_modality).long()
+        n = len(base.modalities)
+        if copy_index.dim() != 1 or copy_index.shape != copy_modality.shape:
+            raise ValueError(f"copy_index and copy_modality must be 1-D and of equal length, got shapes "
+                             f"{tuple(copy_index.shape)} and {tuple(copy_modality.shape)}")
+        if len(copy_index) and (copy_index.min() < 0 or copy_index.max() >= len(base)):
+            raise ValueError(f"copy_index must lie in [0, {len(base)}), got values from "
+                             f"{copy_index.min().item()} to {copy_index.max().item()}")
+        if len(copy_modality) and (copy_modality.min() < 0 or copy_modality.max() >= n):
+            raise ValueError(f"copy_modality must lie in [0, {n}), got values from "
+                             f"{copy_modality.min().item()} to {copy_modality.max().item()}")
+        self.base, self.copy_index, self.copy_modality = base, copy_index, copy_modality
+        self.modalities = base.modalities
+
+    def __len__(self):
+        return len(self.base) + len(self.copy_index)
+
+    def __getitem__(self, k):
+        if k < 0 or k >= len(self):
+            raise IndexError(f"index {k} out of range for a re-sampled set of {len(self)} items")
+        n = len(self.modalities)
+        if k < len(self.base):
+            inputs, label, index = self.base[k]
+            return inputs, label, index, torch.ones(n, dtype=torch.bool)
+        j = k - len(self.base)
+        inputs, label, index = self.base[self.copy_index[j].item()]
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[self.copy_modality[j]] = True
+        return inputs, label, index, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed splits
 
 def stratified_split(labels, fractions, seed):
     """Split sample indices class by class into len(fractions) parts of the given fractions.
@@ -56,6 +109,23 @@ def stratified_split(labels, fractions, seed):
             parts[p].append(members[start:stop])
             start = stop
     return [torch.sort(torch.cat(part)).values for part in parts]
+
+
+VAL_FRACTION, VAL_SPLIT_SEED = 0.1, 2024  # validation carved from train where a data set has none
+
+
+def carve_validation(labels, groups, fraction=VAL_FRACTION, seed=VAL_SPLIT_SEED):
+    """Which samples of a training list to hold out for validation: per class, round(fraction * number of
+    its groups) groups (at least one where a class has two or more), drawn with a fixed seed. A group goes
+    whole to one side, so that clips cut from one video (UCF-101's gNN) never straddle train and val."""
+    generator = torch.Generator().manual_seed(seed)
+    held_out = set()
+    for label in sorted(set(labels)):
+        class_groups = sorted({g for g, y in zip(groups, labels) if y == label})
+        count = max(1, round(fraction * len(class_groups))) if len(class_groups) > 1 else 0
+        order = torch.randperm(len(class_groups), generator=generator)[:count].tolist()
+        held_out.update((label, class_groups[k]) for k in order)
+    return [(y, g) in held_out for y, g in zip(labels, groups)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +208,7 @@ class MfeatDataset(Dataset):
         self.num_classes = 10
         self.class_names = [str(c) for c in range(10)]
         self.sample_ids = [f"mfeat-{row + 1:04d}" for row in rows.tolist()]
+        self.classes_inferred_from = None
         self.rows = rows  # row of each sample in the CSV files (0-based, header excluded)
         self.skipped = []
 
@@ -229,6 +300,7 @@ class SyntheticDataset(Dataset):
         self.input_specs = [("image", SYNTHETIC_KINDS[kind]) for kind in kinds]
         self.num_classes = num_classes
         self.class_names = [str(c) for c in range(num_classes)]
+        self.classes_inferred_from = None
         self.sample_ids = [f"synthetic-{split}-{i:05d}" for i in range(num_samples)]
         self.skipped = []
 
@@ -240,25 +312,34 @@ class SyntheticDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Clips on disk: spectrograms (.npy) and frame folders (JPEG), shared by ks, mmdebiased and ucf101
+# Clip files: spectrograms (.npy) and frame folders (JPEG)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 FLOW_MEAN, FLOW_STD = (0.5, 0.5), (0.226, 0.226)  # TSN's flow normalisation: centre 128, ImageNet's mean std
 NUM_SEGMENTS = 3  # frames per clip, one per segment
-VAL_FRACTION, VAL_SPLIT_SEED = 0.1, 2024  # validation carved from train where a data set has none
 
 
 def frame_positions(count, augment):
     """0-based indices of the frames to read from a clip of `count` frames: one per segment of
     NUM_SEGMENTS near-equal segments [i*F//3, (i+1)*F//3) (F = 10: [0, 3), [3, 6), [6, 10)).
     Evaluation takes each segment's middle (F = 10: 1, 4, 7, i.e. frame_00002, _00005, _00008);
-    training a random frame of each segment. With fewer than 3 frames, frames repeat."""
+    training a random frame of each segment. With fewer frames than segments, a segment that would be
+    empty takes the frame at its start, so frames repeat: F = 2 gives 0, 0, 1 and F = 1 gives 0, 0, 0."""
     positions = []
     for i in range(NUM_SEGMENTS):
         start = i * count // NUM_SEGMENTS
         stop = max((i + 1) * count // NUM_SEGMENTS, start + 1)
         positions.append(torch.randint(start, stop, ()).item() if augment else (start + stop - 1) // 2)
     return positions
+
+
+def missing_frames(folder):
+    """Why `folder` cannot give frames (missing or without .jpg files), or None."""
+    if not os.path.isdir(folder):
+        return f"frame folder {folder} not found"
+    if not any(name.lower().endswith((".jpg", ".jpeg")) for name in os.listdir(folder)):
+        return f"frame folder {folder} holds no .jpg frames"
+    return None
 
 
 def list_frames(folder):
@@ -280,37 +361,27 @@ def read_jpeg(path, mode):
         raise DataError(f"{path}: cannot read JPEG ({reason})") from None
 
 
-def read_spectrogram(path):
-    """float32 [1, H, W] from a 2-D .npy spectrogram, (1024, 128) or (257, 1004) in the KS layouts."""
+def read_npy(path, shape_only=False):
+    """The array in a .npy spectrogram file, or with shape_only its shape, read from the header alone
+    (a third of the time of a memory-mapped np.load). Fails with the path."""
     try:
-        spectrogram = np.load(path)
+        if not shape_only:
+            return np.load(path)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                return np.lib.format.read_array_header_1_0(f)[0]
+            return np.lib.format.read_array_header_2_0(f)[0]
     except (OSError, ValueError, EOFError) as error:
         raise DataError(f"{path}: cannot read spectrogram ({error})") from None
-    if spectrogram.ndim != 2:
-        raise DataError(f"{path}: spectrogram must be 2-D (frequency x time), got shape {spectrogram.shape}")
-    if not np.isfinite(spectrogram).all():
-        raise DataError(f"{path}: spectrogram contains NaN or infinite values")
-    return torch.from_numpy(spectrogram.astype(np.float32, copy=False)).unsqueeze(0)
 
 
-def transform_frames(frames, augment, image_size, mean, std, flow=False):
-    """uint8 frames [T, C, H, W] -> float [C, T, S, S], S = image_size; one crop and flip for all T.
-    Train: RandomResizedCrop + horizontal flip; eval: Resize((S, S)); then normalised by mean / std.
-    Cropping and resizing run on uint8, before the conversion to float."""
-    if augment:
-        frames = v2.RandomResizedCrop(image_size, antialias=True)(frames)
-        if torch.rand(()) < 0.5:
-            frames = frames.flip(-1)
-            if flow:  # mirrored motion: horizontal flow changes sign (stored as 255 - u, zero at 127.5)
-                frames[:, 0] = 255 - frames[:, 0]
-    else:
-        frames = v2.Resize((image_size, image_size), antialias=True)(frames)
-    # one pass to float in [T, C, S, S] memory order (whatever order the frames came in), then normalised in
-    # place: (x / 255 - mean) / std = (x - 255 mean) / (255 std)
-    frames = frames.to(torch.float32, memory_format=torch.contiguous_format)
-    scale = 255 * torch.tensor(std).view(-1, 1, 1)
-    frames = frames.sub_(255 * torch.tensor(mean).view(-1, 1, 1)).div_(scale)
-    return frames.permute(1, 0, 2, 3)
+def same_size(frames):
+    """Frames [C, H, W] of one clip, those whose size differs from the first's resized to it (bilinear,
+    antialiased), so that they stack and take one crop. Frames of the usual clip share a size: no copy then."""
+    size = list(frames[0].shape[-2:])
+    return [frame if list(frame.shape[-2:]) == size else v2.functional.resize(frame, size, antialias=True)
+            for frame in frames]
 
 
 def stack_frames(frames):
@@ -320,25 +391,132 @@ def stack_frames(frames):
     return torch.stack([frame.permute(1, 2, 0) for frame in frames]).permute(0, 3, 1, 2)
 
 
-def find_missing(spectrograms=(), frame_folders=()):
-    """Why a clip cannot be read (the first missing file or empty folder), or None."""
-    for path in spectrograms:
-        if not os.path.isfile(path):
-            return f"spectrogram {path} not found"
-    for folder in frame_folders:
-        if not os.path.isdir(folder):
-            return f"frame folder {folder} not found"
-        if not any(name.lower().endswith((".jpg", ".jpeg")) for name in os.listdir(folder)):
-            return f"frame folder {folder} holds no .jpg frames"
-    return None
+class FrameTransform:
+    """uint8 frames [T, C, H, W] -> float [C, T, S, S], S = image_size; one crop and flip for all T.
+    Train (augment=True): RandomResizedCrop + horizontal flip; eval: Resize((S, S)); then normalised by
+    mean / std. Cropping and resizing run on uint8, before the conversion to float. Built once per dataset.
+    flow=True: channel 0 is horizontal flow, stored as 255 - u when mirrored (zero motion at 127.5)."""
+
+    def __init__(self, image_size, mean, std, flow=False):
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.crop = v2.RandomResizedCrop(image_size, antialias=True)
+        self.resize = v2.Resize((image_size, image_size), antialias=True)
+        # (x / 255 - mean) / std = (x - 255 mean) / (255 std)
+        self.shift, self.scale = 255 * torch.tensor(mean).view(-1, 1, 1), 255 * torch.tensor(std).view(-1, 1, 1)
+        self.flow = flow
+
+    def __call__(self, frames, augment):
+        if augment:
+            frames = self.crop(frames)
+            if torch.rand(()) < 0.5:
+                frames = frames.flip(-1)
+                if self.flow:  # mirrored motion: horizontal flow changes sign
+                    frames[:, 0] = 255 - frames[:, 0]
+        else:
+            frames = self.resize(frames)
+        # one pass to float in [T, C, S, S] memory order (whatever order the frames came in), normalised in place
+        frames = frames.to(torch.float32, memory_format=torch.contiguous_format)
+        return frames.sub_(self.shift).div_(self.scale).permute(1, 0, 2, 3)
 
 
-def keep_readable(sample_ids, files, skip_missing, source):
-    """Indices of the clips whose files are all there. files[i] = (spectrograms, frame_folders) of clip i.
-    A missing file raises DataError, or with skip_missing is listed in the returned `skipped`."""
+# ----------------------------------------------------------------------------------------------
+# Clips on disk: one reader per modality kind, one clip dataset (ks, mmdebiased, ucf101, cremad)
+#
+# A reader holds one path per clip and answers missing(i) (why clip i cannot be read, or None),
+# keep(kept) (keep those clips) and read(i, augment) (the modality's input tensor of clip i).
+
+class SpectrogramReader:
+    """A 2-D float32 .npy per clip -> an "image" [1, H, W]. Every spectrogram of a dataset has one shape,
+    since a batch stacks them: keep() reads each file's header and stops at the first of another shape,
+    naming both files and shapes ((1024, 128) fbank and (257, 1004) log-spectrogram lists exist)."""
+    spec = ("image", 1)
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+        self.shape = None  # the dataset's spectrogram shape, that of its first clip
+
+    def missing(self, i):
+        return None if os.path.isfile(self.paths[i]) else f"spectrogram {self.paths[i]} not found"
+
+    def keep(self, kept):
+        self.paths = [self.paths[i] for i in kept]
+        self.shape = read_npy(self.paths[0], shape_only=True)
+        for path in self.paths:
+            self.check_shape(path, read_npy(path, shape_only=True))
+
+    def check_shape(self, path, shape):
+        if len(shape) != 2:
+            raise DataError(f"{path}: spectrogram must be 2-D (frequency x time), got shape {shape}")
+        if shape != self.shape:
+            raise DataError(f"{path}: spectrogram of shape {shape}, but {self.paths[0]} has {self.shape}; "
+                            f"the spectrograms of a dataset must share one shape")
+
+    def read(self, i, augment):
+        path = self.paths[i]
+        spectrogram = read_npy(path)
+        self.check_shape(path, spectrogram.shape)
+        if not np.isfinite(spectrogram).all():
+            raise DataError(f"{path}: spectrogram contains NaN or infinite values")
+        return torch.from_numpy(spectrogram.astype(np.float32, copy=False)).unsqueeze(0)
+
+
+class FrameReader:
+    """A folder of RGB JPEG frames per clip -> a "video" [3, T, S, S]: T = NUM_SEGMENTS frames chosen by
+    frame_positions, brought to one size (same_size), transformed together, ImageNet-normalised."""
+    spec = ("video", 3)
+
+    def __init__(self, folders, image_size):
+        self.folders = list(folders)
+        self.transform = FrameTransform(image_size, IMAGENET_MEAN, IMAGENET_STD)
+
+    def missing(self, i):
+        return missing_frames(self.folders[i])
+
+    def keep(self, kept):
+        self.folders = [self.folders[i] for i in kept]
+
+    def read(self, i, augment):
+        folder = self.folders[i]
+        names = list_frames(folder)
+        frames = [read_jpeg(os.path.join(folder, names[p]), ImageReadMode.RGB)
+                  for p in frame_positions(len(names), augment)]
+        return self.transform(stack_frames(same_size(frames)), augment)
+
+
+class FlowReader:
+    """TV-L1 optical flow per clip, u and v as grayscale JPEGs in two folders holding the same file names ->
+    a "video" [2, T, S, S] with u in channel 0 and v in channel 1, frames chosen like FrameReader's (on their
+    own draw), brought to one size, TSN-normalised; a horizontal flip negates u."""
+    spec = ("video", 2)
+
+    def __init__(self, u_folders, v_folders, image_size):
+        self.u_folders, self.v_folders = list(u_folders), list(v_folders)
+        self.transform = FrameTransform(image_size, FLOW_MEAN, FLOW_STD, flow=True)
+
+    def missing(self, i):
+        return missing_frames(self.u_folders[i]) or missing_frames(self.v_folders[i])
+
+    def keep(self, kept):
+        self.u_folders = [self.u_folders[i] for i in kept]
+        self.v_folders = [self.v_folders[i] for i in kept]
+
+    def read(self, i, augment):
+        u_folder, v_folder = self.u_folders[i], self.v_folders[i]
+        names = list_frames(u_folder)  # v/ holds the same file names
+        positions = frame_positions(len(names), augment)
+        planes = same_size([read_jpeg(os.path.join(folder, names[p]), ImageReadMode.GRAY)
+                            for p in positions for folder in (u_folder, v_folder)])  # u, v, u, v, ... [1, H, W]
+        flow = torch.cat(planes).unflatten(0, (len(positions), 2))  # [T, 2, H, W]
+        return self.transform(flow, augment)
+
+
+def keep_readable(sample_ids, readers, skip_missing, source):
+    """Indices of the clips whose files are all there, asking each reader. A missing file raises DataError,
+    or with skip_missing is listed in the returned `skipped` as (sample id, reason)."""
     kept, skipped = [], []
-    for i, (sample_id, (spectrograms, frame_folders)) in enumerate(zip(sample_ids, files)):
-        reason = find_missing(spectrograms, frame_folders)
+    for i, sample_id in enumerate(sample_ids):
+        reason = next(filter(None, (reader.missing(i) for reader in readers)), None)
         if reason is None:
             kept.append(i)
         elif skip_missing:
@@ -350,57 +528,67 @@ def keep_readable(sample_ids, files, skip_missing, source):
     return kept, skipped
 
 
-def carve_validation(labels, groups, fraction=VAL_FRACTION, seed=VAL_SPLIT_SEED):
-    """Which samples of a training list to hold out for validation: per class, round(fraction * number of
-    its groups) groups (at least one where a class has two or more), drawn with a fixed seed. A group goes
-    whole to one side, so that clips cut from one video (UCF-101's gNN) never straddle train and val."""
-    generator = torch.Generator().manual_seed(seed)
-    held_out = set()
-    for label in sorted(set(labels)):
-        class_groups = sorted({g for g, y in zip(groups, labels) if y == label})
-        count = max(1, round(fraction * len(class_groups))) if len(class_groups) > 1 else 0
-        order = torch.randperm(len(class_groups), generator=generator)[:count].tolist()
-        held_out.update((label, class_groups[k]) for k in order)
-    return [(y, g) in held_out for y, g in zip(labels, groups)]
+class Clips(Dataset):
+    """Clips on disk: `readers` maps each modality name to its reader, in order (SpectrogramReader,
+    FrameReader, FlowReader); `source` names the list the clips come from. augment=True selects training
+    transforms and random frame choice, False evaluation ones; a shallow copy with `augment` switched
+    shares the listing (build_splits' train_eval)."""
 
-
-class AudioVisualClips(Dataset):
-    """Clips with a spectrogram and a frame folder each (ks, mmdebiased): modalities ("audio", "visual"),
-    audio an "image" [1, H, W], visual a "video" [3, 3, S, S] (3 frames, ImageNet-normalised)."""
-
-    def __init__(self, sample_ids, labels, spectrograms, frame_folders, class_names, source, augment=False,
-                 image_size=224, skip_missing=False):
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        kept, self.skipped = keep_readable(sample_ids, [((s,), (f,)) for s, f in zip(spectrograms, frame_folders)],
-                                           skip_missing, source)
+    def __init__(self, sample_ids, labels, readers, class_names, source, augment=False, skip_missing=False,
+                 classes_inferred_from=None):
+        kept, self.skipped = keep_readable(sample_ids, list(readers.values()), skip_missing, source)
+        for reader in readers.values():
+            reader.keep(kept)
+        self.readers = list(readers.values())
+        self.modalities = list(readers)
+        self.input_specs = [reader.spec for reader in self.readers]
         self.sample_ids = [sample_ids[i] for i in kept]
         self.labels = torch.tensor([labels[i] for i in kept], dtype=torch.long)
-        self.spectrograms = [spectrograms[i] for i in kept]
-        self.frame_folders = [frame_folders[i] for i in kept]
         self.class_names, self.num_classes = list(class_names), len(class_names)
-        self.modalities = ["audio", "visual"]
-        self.input_specs = [("image", 1), ("video", 3)]
-        self.augment, self.image_size = augment, image_size
+        self.classes_inferred_from = classes_inferred_from
+        self.augment = augment
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
-        audio = read_spectrogram(self.spectrograms[i])
-        folder = self.frame_folders[i]
-        names = list_frames(folder)
-        frames = stack_frames([read_jpeg(os.path.join(folder, names[p]), ImageReadMode.RGB)
-                               for p in frame_positions(len(names), self.augment)])
-        visual = transform_frames(frames, self.augment, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
-        return (audio, visual), self.labels[i].item(), i
+        return tuple(reader.read(i, self.augment) for reader in self.readers), self.labels[i].item(), i
 
+
+# ----------------------------------------------------------------------------------------------
+# List files
 
 def read_text_lines(path, what):
+    """(line number, stripped line) of the non-blank lines of a UTF-8 text file (a BOM is dropped).
+    A byte that is not UTF-8 stops with the file and line: clip names must match the files on disk."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: {what} not found")
-    with open(path) as f:
-        return [(number, line.strip()) for number, line in enumerate(f, start=1) if line.strip()]
+    with open(path, "rb") as f:
+        raw = f.read().removeprefix(b"\xef\xbb\xbf")
+    lines = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}:{number}: not UTF-8 text (byte 0x{line[error.start]:02x} at column "
+                            f"{error.start + 1}); save the {what} as UTF-8") from None
+        if text:
+            lines.append((number, text))
+    if not lines:
+        raise DataError(f"{path}: {what} is empty")
+    return lines
+
+
+def check_entries(entries, num_classes, classes_from):
+    """Stop at the first clip of a list [(clip name, label, "path:line")] listed twice or labelled outside
+    0..num_classes - 1; `classes_from` says where num_classes comes from."""
+    first = {}
+    for name, label, where in entries:
+        if name in first:
+            raise DataError(f"{where}: clip {name} listed twice (first at {first[name]})")
+        if not 0 <= label < num_classes:
+            raise DataError(f"{where}: clip {name} has label {label}, expected 0..{num_classes - 1} ({classes_from})")
+        first[name] = where
 
 
 def check_root(name, root):
@@ -413,24 +601,36 @@ def check_root(name, root):
 # ----------------------------------------------------------------------------------------------
 # Kinetics-Sounds
 
+KS_LINE = re.compile(r"(?P<path>.+?)(?:\s+\d+)?\s+(?P<label>-?\d+)")  # '<.../clip name> [<frames>] <label>'
+OGM_LINE = re.compile(r"(?P<path>.+),[^,]*,(?P<label>-?\d+)")  # 'id,10,label'
+
+
 def read_ks_list(path, ogm_format):
-    """[(clip name, label)] of one KS list. Authors' format: space-separated, the first field ends in
-    the clip name, the last is the label. OGM-GE format: `id,10,label`."""
+    """[(clip name, label, "path:line")] of one KS list. Authors' format: space-separated, the last field
+    the label, the one before it the frame count if it is an integer, and all before them a path ending in
+    the clip name (which may hold spaces). OGM-GE format: `id,10,label`."""
+    pattern = OGM_LINE if ogm_format else KS_LINE
     entries = []
     for number, line in read_text_lines(path, "Kinetics-Sounds list"):
-        fields = line.split(",") if ogm_format else line.split()
-        name = os.path.basename(fields[0].rstrip("/"))
-        try:
-            label = int(fields[-1])
-        except ValueError:
-            label = None
-        if len(fields) < (3 if ogm_format else 2) or label is None or not name:
+        match = pattern.fullmatch(line)
+        name = os.path.basename(match["path"].rstrip("/")) if match else ""
+        if not name:
             expected = "'id,10,label'" if ogm_format else "'<path ending in clip name> ... <integer label>'"
             raise DataError(f"{path}:{number}: expected {expected}, got {line!r}")
-        entries.append((name, label))
-    if not entries:
-        raise DataError(f"{path}: Kinetics-Sounds list is empty")
+        entries.append((name, int(match["label"]), f"{path}:{number}"))
     return entries
+
+
+def read_class_names(path):
+    """Class names, one per line, line k naming label k - 1 (root/ks_classes.txt)."""
+    names = []
+    for number, line in read_text_lines(path, "class name list"):
+        if number != len(names) + 1:
+            raise DataError(f"{path}:{len(names) + 1}: empty line (line k names label k - 1)")
+        if line in names:
+            raise DataError(f"{path}:{number}: class name {line!r} repeats line {names.index(line) + 1}")
+        names.append(line)
+    return names
 
 
 def build_kinetics_sounds(root, split, split_file=None, augment=False, image_size=224, skip_missing=False,
@@ -439,10 +639,13 @@ def build_kinetics_sounds(root, split, split_file=None, augment=False, image_siz
         root/ks_audio/{train,val,test}_1fps_path.txt   lines '<.../clip name> ... <label>'
         root/ks_audio/<split>/<clip name>.npy          spectrogram, (1024, 128) or (257, 1004)
         root/ks_visual/<split>/<clip name>/frame_00001.jpg ...   1 frame per second
+        root/ks_classes.txt                            optional: class names, line k naming label k - 1
     With `split_file` = a folder of OGM-GE lists (`my_train.txt`, `my_val.txt`, `my_test.txt`, lines
     `id,10,label`), the lists come from there and the clips from the same root layout. OGM-GE ships no
     val list: without my_val.txt, val is carved from my_train.txt (VAL_FRACTION per class, fixed seed) and
-    train is the rest. num_classes defaults to the largest label over all lists + 1 (31 for KS)."""
+    train is the rest. The classes are those of ks_classes.txt, else num_classes numbered ones, else as many
+    as the largest label over all lists + 1 (31 for the authors' lists; `classes_inferred_from` says so).
+    A label outside the classes, or a clip listed twice in one list, stops with the file and line."""
     check_root("ks", root)
     if split_file is None:
         lists = {s: os.path.join(root, "ks_audio", f"{s}_1fps_path.txt") for s in SPLITS}
@@ -460,24 +663,31 @@ def build_kinetics_sounds(root, split, split_file=None, augment=False, image_siz
         folder = dict(train="train", val="train" if carve else "val", test="test")
         if carve:
             train_entries = entries.pop("train")
-            is_val = carve_validation([y for _, y in train_entries], [n for n, _ in train_entries])
+            is_val = carve_validation([y for _, y, _ in train_entries], [n for n, _, _ in train_entries])
             entries["train"] = [e for e, v in zip(train_entries, is_val) if not v]
             entries["val"] = [e for e, v in zip(train_entries, is_val) if v]
             lists["val"] = f"{lists['train']} (validation part)"
             lists["train"] = f"{lists['train']} (training part)"
-    all_labels = [y for split_entries in entries.values() for _, y in split_entries]
-    if num_classes is None:
-        num_classes = max(all_labels) + 1
-    for s, split_entries in entries.items():
-        for name, label in split_entries:
-            if not 0 <= label < num_classes:
-                raise DataError(f"{lists[s]}: clip {name} has label {label}, expected 0..{num_classes - 1}")
-    names = [name for name, _ in entries[split]]
-    return AudioVisualClips(
-        names, [y for _, y in entries[split]],
-        [os.path.join(root, "ks_audio", folder[split], f"{n}.npy") for n in names],
-        [os.path.join(root, "ks_visual", folder[split], n) for n in names],
-        [str(c) for c in range(num_classes)], lists[split], augment, image_size, skip_missing)
+    all_entries = [entry for split_entries in entries.values() for entry in split_entries]
+    classes_path, inferred = os.path.join(root, "ks_classes.txt"), None
+    if os.path.isfile(classes_path):
+        class_names, classes_from = read_class_names(classes_path), f"the classes of {classes_path}"
+        if num_classes is not None and num_classes != len(class_names):
+            raise DataError(f"{classes_path}: names {len(class_names)} classes, but num_classes={num_classes}")
+    elif num_classes is not None:
+        class_names, classes_from = [str(c) for c in range(num_classes)], f"num_classes={num_classes}"
+    else:
+        _, top, where = max(all_entries, key=lambda entry: entry[1])
+        class_names, classes_from = [str(c) for c in range(top + 1)], "labels count from 0"
+        unused = top + 1 - len({label for _, label, _ in all_entries})
+        inferred = f"the largest label, {top} at {where}" + (f"; {unused} labels have no clip" if unused else "")
+    for split_entries in entries.values():
+        check_entries(split_entries, len(class_names), classes_from)
+    names = [name for name, _, _ in entries[split]]
+    readers = dict(audio=SpectrogramReader(os.path.join(root, "ks_audio", folder[split], f"{n}.npy") for n in names),
+                   visual=FrameReader((os.path.join(root, "ks_visual", folder[split], n) for n in names), image_size))
+    return Clips(names, [label for _, label, _ in entries[split]], readers, class_names, lists[split], augment,
+                 skip_missing, inferred)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,15 +703,25 @@ def build_mmdebiased(root, split, split_file=None, augment=False, image_size=224
     out like KS under root:
         root/audio/<clip_id>.npy                     spectrogram
         root/visual/<clip_id>/frame_00001.jpg ...    frames
-    Labels are indices into the sorted class names found in the JSON (or into `class_names`)."""
+    Labels are indices into the sorted class names found in the JSON (`classes_inferred_from` says so),
+    or into `class_names`. A clip id that appears twice in the JSON stops with the file."""
     check_root("mmdebiased", root)
     if split_file is None:
         raise DataError("mmdebiased needs split_file (the MM-Debiased JSON split file)")
     if not os.path.isfile(split_file):
         raise DataError(f"{split_file}: MM-Debiased JSON split file not found")
+
+    def unique_keys(pairs):  # json.load would keep the last of two equal keys (a clip listed twice) silently
+        keys = set()
+        for key, _ in pairs:
+            if key in keys:
+                raise DataError(f"{split_file}: {key!r} appears twice in one object (a clip id listed twice?)")
+            keys.add(key)
+        return dict(pairs)
+
     try:
-        with open(split_file) as f:
-            table = json.load(f)
+        with open(split_file, encoding="utf-8") as f:
+            table = json.load(f, object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{split_file}: not valid JSON ({error})") from None
     if not isinstance(table, dict):
@@ -511,6 +731,7 @@ def build_mmdebiased(root, split, split_file=None, augment=False, image_size=224
                 or not isinstance(entry.get("label"), str):
             raise DataError(f"{split_file}: clip {clip_id}: expected {{\"subset\": \"training\" | \"validation\" | "
                             f"\"testing\", \"label\": \"<class name>\"}}, got {entry!r}")
+    inferred = f"the class names in {split_file}" if class_names is None else None
     names = sorted({entry["label"] for entry in table.values()}) if class_names is None else list(class_names)
     for clip_id, entry in table.items():
         if entry["label"] not in names:
@@ -519,59 +740,21 @@ def build_mmdebiased(root, split, split_file=None, augment=False, image_size=224
     clip_ids = [c for c, entry in table.items() if entry["subset"] == MMDEBIASED_SUBSETS[split]]
     if not clip_ids:
         raise DataError(f"{split_file}: no clips with subset {MMDEBIASED_SUBSETS[split]!r}")
-    return AudioVisualClips(
-        clip_ids, [names.index(table[c]["label"]) for c in clip_ids],
-        [os.path.join(root, "audio", f"{c}.npy") for c in clip_ids],
-        [os.path.join(root, "visual", c) for c in clip_ids],
-        names, f"{split_file} ({MMDEBIASED_SUBSETS[split]})", augment, image_size, skip_missing)
+    readers = dict(audio=SpectrogramReader(os.path.join(root, "audio", f"{c}.npy") for c in clip_ids),
+                   visual=FrameReader((os.path.join(root, "visual", c) for c in clip_ids), image_size))
+    return Clips(clip_ids, [names.index(table[c]["label"]) for c in clip_ids], readers, names,
+                 f"{split_file} ({MMDEBIASED_SUBSETS[split]})", augment, skip_missing, inferred)
 
 
 # ----------------------------------------------------------------------------------------------
 # UCF-101: RGB frames and TV-L1 optical flow
-
-class RGBFlowClips(Dataset):
-    """UCF-101 clips: modalities ("rgb", "flow"), rgb a "video" [3, 3, S, S] (ImageNet-normalised),
-    flow a "video" [2, 3, S, S]: the u and v grayscale JPEGs of the same frames stacked as 2 channels."""
-
-    def __init__(self, sample_ids, labels, rgb_folders, u_folders, v_folders, class_names, source, augment=False,
-                 image_size=224, skip_missing=False):
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        files = [((), (r, u, v)) for r, u, v in zip(rgb_folders, u_folders, v_folders)]
-        kept, self.skipped = keep_readable(sample_ids, files, skip_missing, source)
-        self.sample_ids = [sample_ids[i] for i in kept]
-        self.labels = torch.tensor([labels[i] for i in kept], dtype=torch.long)
-        self.rgb_folders = [rgb_folders[i] for i in kept]
-        self.u_folders = [u_folders[i] for i in kept]
-        self.v_folders = [v_folders[i] for i in kept]
-        self.class_names, self.num_classes = list(class_names), len(class_names)
-        self.modalities = ["rgb", "flow"]
-        self.input_specs = [("video", 3), ("video", 2)]
-        self.augment, self.image_size = augment, image_size
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        folder = self.rgb_folders[i]
-        names = list_frames(folder)
-        frames = stack_frames([read_jpeg(os.path.join(folder, names[p]), ImageReadMode.RGB)
-                               for p in frame_positions(len(names), self.augment)])
-        rgb = transform_frames(frames, self.augment, self.image_size, IMAGENET_MEAN, IMAGENET_STD)
-        u_folder, v_folder = self.u_folders[i], self.v_folders[i]
-        names = list_frames(u_folder)  # v/ holds the same file names
-        flow = torch.stack([torch.cat([read_jpeg(os.path.join(u_folder, names[p]), ImageReadMode.GRAY),
-                                       read_jpeg(os.path.join(v_folder, names[p]), ImageReadMode.GRAY)])
-                            for p in frame_positions(len(names), self.augment)])  # [T, 2, H, W]
-        flow = transform_frames(flow, self.augment, self.image_size, FLOW_MEAN, FLOW_STD, flow=True)
-        return (rgb, flow), self.labels[i].item(), i
-
 
 def build_ucf101(root, split, augment=False, image_size=224, skip_missing=False, split_id=1):
     """UCF-101 with the official split files and pre-extracted frames:
         root/splits/classInd.txt, trainlist0<split_id>.txt, testlist0<split_id>.txt
         root/rgb/<v_name>/frame_00001.jpg ...                 RGB frames
         root/flow/u/<v_name>/frame000001.jpg ..., root/flow/v/...   TV-L1 flow, grayscale JPEGs
+    Modalities ("rgb", "flow"): rgb a "video" [3, 3, S, S], flow a "video" [2, 3, S, S] (FlowReader).
     UCF-101 has no validation split: val is VAL_FRACTION of the training list's groups (gNN) per class,
     from a fixed seed, and train is the rest."""
     check_root("ucf101", root)
@@ -585,7 +768,7 @@ def build_ucf101(root, split, augment=False, image_size=224, skip_missing=False,
             raise DataError(f"{class_path}:{number}: expected '{len(class_names) + 1} <ClassName>', got {line!r}")
         class_names.append(fields[1])
     list_path = os.path.join(root, "splits", f"{'test' if split == 'test' else 'train'}list0{split_id}.txt")
-    sample_ids, labels = [], []
+    entries = []
     for number, line in read_text_lines(list_path, "UCF-101 split file"):
         fields = line.split()  # 'Class/v_Class_gNN_cMM.avi [label]'
         class_name, _, video = fields[0].partition("/")
@@ -597,74 +780,59 @@ def build_ucf101(root, split, augment=False, image_size=224, skip_missing=False,
         if len(fields) > 1 and fields[1] != str(label + 1):
             raise DataError(f"{list_path}:{number}: label {fields[1]} disagrees with class {class_name}, "
                             f"number {label + 1} in {class_path}")
-        sample_ids.append(os.path.splitext(video)[0])
-        labels.append(label)
-    if not sample_ids:
-        raise DataError(f"{list_path}: UCF-101 split file is empty")
+        entries.append((os.path.splitext(video)[0], label, f"{list_path}:{number}"))
+    check_entries(entries, len(class_names), f"the classes of {class_path}")
     source = list_path
     if split != "test":
-        groups = [re.sub(r"_c\d+$", "", v) for v in sample_ids]  # v_Class_gNN_cMM -> v_Class_gNN
-        is_val = carve_validation(labels, groups)
-        keep = [k for k, v in enumerate(is_val) if v == (split == "val")]
-        sample_ids, labels = [sample_ids[k] for k in keep], [labels[k] for k in keep]
+        groups = [re.sub(r"_c\d+$", "", v) for v, _, _ in entries]  # v_Class_gNN_cMM -> v_Class_gNN
+        is_val = carve_validation([label for _, label, _ in entries], groups)
+        entries = [entry for entry, v in zip(entries, is_val) if v == (split == "val")]
         source = f"{list_path} ({'validation' if split == 'val' else 'training'} part)"
-    return RGBFlowClips(
-        sample_ids, labels, [os.path.join(root, "rgb", v) for v in sample_ids],
-        [os.path.join(root, "flow", "u", v) for v in sample_ids],
-        [os.path.join(root, "flow", "v", v) for v in sample_ids],
-        class_names, source, augment, image_size, skip_missing)
+    videos = [video for video, _, _ in entries]
+    readers = dict(rgb=FrameReader((os.path.join(root, "rgb", v) for v in videos), image_size),
+                   flow=FlowReader((os.path.join(root, "flow", "u", v) for v in videos),
+                                   (os.path.join(root, "flow", "v", v) for v in videos), image_size))
+    return Clips(videos, [label for _, label, _ in entries], readers, class_names, source, augment, skip_missing)
 
 
 # ----------------------------------------------------------------------------------------------
-# The re-sampled epoch D^rs (Algorithm 1 line 9, Algorithm 2 line 10)
+# CREMA-D
 
-class ResampledDataset(Dataset):
-    """The original samples, then one uni-modal copy per (copy_index[j], copy_modality[j]).
+CREMAD_EMOTIONS = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # labels 0..5, OGM-GE's order
 
-    Items are (inputs, label, index, mask), mask a BoolTensor[n] of the modalities kept: all True for
-    the originals, one-hot at copy_modality[j] for copy j. The inputs are the base sample's, untouched:
-    the model applies the mask. `index` is the base sample's index, for originals and copies alike."""
 
-    def __init__(self, base, copy_index, copy_modality):
-        copy_index, copy_modality = torch.as_tensor(copy_index).long(), torch.as_tensor(copy_modality).long()
-        n = len(base.modalities)
-        if copy_index.dim() != 1 or copy_index.shape != copy_modality.shape:
-            raise ValueError(f"copy_index and copy_modality must be 1-D and of equal length, got shapes "
-                             f"{tuple(copy_index.shape)} and {tuple(copy_modality.shape)}")
-        if len(copy_index) and (copy_index.min() < 0 or copy_index.max() >= len(base)):
-            raise ValueError(f"copy_index must lie in [0, {len(base)}), got values from "
-                             f"{copy_index.min().item()} to {copy_index.max().item()}")
-        if len(copy_modality) and (copy_modality.min() < 0 or copy_modality.max() >= n):
-            raise ValueError(f"copy_modality must lie in [0, {n}), got values from "
-                             f"{copy_modality.min().item()} to {copy_modality.max().item()}")
-        self.base, self.copy_index, self.copy_modality = base, copy_index, copy_modality
-        self.modalities = base.modalities
-
-    def __len__(self):
-        return len(self.base) + len(self.copy_index)
-
-    def __getitem__(self, k):
-        if k < 0 or k >= len(self):
-            raise IndexError(f"index {k} out of range for a re-sampled set of {len(self)} items")
-        n = len(self.modalities)
-        if k < len(self.base):
-            inputs, label, index = self.base[k]
-            return inputs, label, index, torch.ones(n, dtype=torch.bool)
-        j = k - len(self.base)
-        inputs, label, index = self.base[self.copy_index[j].item()]
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[self.copy_modality[j]] = True
-        return inputs, label, index, mask
+def build_cremad(root, split, augment=False, image_size=224, skip_missing=False):
+    """CREMA-D (6 emotions, actors reading sentences) as its pre-processing script lays it out:
+        root/{train,val,test}.csv                 lines '<clip>,<EMO>', no header (1001_DFA_ANG_XX,ANG)
+        root/audio/<clip>.npy                     spectrogram, one shape for the whole set
+        root/visual/<clip>/frame_00001.jpg ...    1 frame per second
+    Modalities ("audio", "visual") as for KS; labels 0..5 for NEU, HAP, SAD, FEA, DIS, ANG (OGM-GE's order).
+    Clips last 2-5 s, so 2-5 frames: where a clip has fewer frames than the NUM_SEGMENTS segments, frames
+    repeat (frame_positions; 2 frames give frames 1, 1, 2)."""
+    check_root("cremad", root)
+    path = os.path.join(root, f"{split}.csv")
+    entries = []
+    for number, line in read_text_lines(path, "CREMA-D list"):
+        name, _, emotion = (field.strip() for field in line.rpartition(","))
+        if not name or emotion not in CREMAD_EMOTIONS:
+            raise DataError(f"{path}:{number}: expected '<clip>,<EMO>' with EMO one of {', '.join(CREMAD_EMOTIONS)}, "
+                            f"got {line!r}")
+        entries.append((name, CREMAD_EMOTIONS.index(emotion), f"{path}:{number}"))
+    check_entries(entries, len(CREMAD_EMOTIONS), "CREMA-D's 6 emotions")
+    names = [name for name, _, _ in entries]
+    readers = dict(audio=SpectrogramReader(os.path.join(root, "audio", f"{n}.npy") for n in names),
+                   visual=FrameReader((os.path.join(root, "visual", n) for n in names), image_size))
+    return Clips(names, [label for _, label, _ in entries], readers, CREMAD_EMOTIONS, path, augment, skip_missing)
 
 
 # ----------------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 
 def build_dataset(name, split, *, root=None, split_file=None, views=None, augment=False, skip_missing=False,
                   seed=0, **options):
     """The `split` ("train", "val" or "test") of data set `name` (one of DATASETS).
     augment=True selects training transforms and random frame choice; False, evaluation transforms.
-    `views` (mfeat only) picks and orders the views; further `options` go to the data set's class."""
+    `views` (mfeat only) picks and orders the views; further `options` go to the data set's builder."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
     check_split(split)
@@ -680,8 +848,20 @@ def build_dataset(name, split, *, root=None, split_file=None, views=None, augmen
     if name == "mmdebiased":
         return build_mmdebiased(root, split, split_file, augment=augment, skip_missing=skip_missing, **options)
     if split_file is not None:
-        raise ValueError("split_file does not apply to ucf101 (its split files are read from root/splits)")
-    return build_ucf101(root, split, augment=augment, skip_missing=skip_missing, **options)
+        raise ValueError(f"split_file does not apply to {name} (its split files are read from root)")
+    build = build_ucf101 if name == "ucf101" else build_cremad
+    return build(root, split, augment=augment, skip_missing=skip_missing, **options)
+
+
+def build_splits(name, **options):
+    """The datasets of a run, as a dict: train (training transforms), train_eval (the same listing, read
+    once, with evaluation transforms: for valuation and training accuracy), val and test. `options` as for
+    build_dataset (augment excepted). mfeat and synthetic have no random transforms: `augment` is unused there."""
+    train = build_dataset(name, "train", augment=True, **options)
+    train_eval = copy.copy(train)
+    train_eval.augment = False
+    return dict(train=train, train_eval=train_eval, val=build_dataset(name, "val", **options),
+                test=build_dataset(name, "test", **options))
 
 
 def main():

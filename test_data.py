@@ -1,5 +1,5 @@
 """Tests for data.py: the bundled mfeat set, the synthetic generator, the re-sampled epoch D^rs, and the
-KS / MM-Debiased / UCF-101 readers on tiny fixture trees written to tmp_path."""
+KS / MM-Debiased / UCF-101 / CREMA-D readers on tiny fixture trees (writers in conftest.py) in tmp_path."""
 
 import json
 
@@ -10,6 +10,9 @@ from torch.utils.data import DataLoader
 from torchvision.io import write_jpeg
 
 import data
+import train
+from conftest import (CREMAD_LISTS, FRAME_STEP, KS_LISTS, MMDEBIASED_TABLE, UCF_CLASSES, make_cremad_tree,
+                      make_ks_tree, make_mmdebiased_tree, make_ucf_tree, write_frames)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +103,23 @@ def test_mfeat_errors(tmp_path):
         data.build_dataset("mfeat", "training")
     with pytest.raises(ValueError, match="dataset"):
         data.build_dataset("cifar", "train")
+
+
+def test_mfeat_degrade_corrupts_one_view_per_sample_at_its_strength():
+    clean = data.build_dataset("mfeat", "train", views=("fou", "kar"))
+    degraded = data.build_dataset("mfeat", "train", views=("fou", "kar"), degrade=0.8)
+    again = data.build_dataset("mfeat", "train", views=("fou", "kar"), degrade=0.8, seed=5)
+    for v in range(2):
+        assert torch.equal(degraded.features[v], again.features[v])  # fixed for the data set, not the run
+        untouched = degraded.degraded_view != v
+        assert torch.equal(degraded.features[v][untouched], clean.features[v][untouched])
+        hit = ~untouched & (degraded.degrade_strength > 0.1)
+        assert (degraded.features[v][hit] - clean.features[v][hit]).abs().sum(1).gt(0).all()
+    # balanced at the dataset level: each view is the degraded one in about half of the samples
+    assert 0.4 < degraded.degraded_view.float().mean() < 0.6
+    assert 0.0 <= degraded.degrade_strength.min() and degraded.degrade_strength.max() <= 0.8
+    with pytest.raises(ValueError, match="degrade"):
+        data.build_dataset("mfeat", "train", degrade=1.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,20 +249,7 @@ def test_resampled_dataset_errors():
 
 
 # ----------------------------------------------------------------------------------------------
-# Fixture trees on disk. Frame k (1-based) of a clip is a uniform JPEG of value FRAME_STEP * k, so the
-# frames a dataset picked can be read back from its output.
-
-FRAME_STEP = 20
-
-
-def write_frames(folder, count, name="frame_{:05d}.jpg", gray=False, value=None, size=(40, 32)):
-    """`count` uniform JPEG frames in `folder`; frame k has value value(k), FRAME_STEP * k by default."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for k in range(1, count + 1):
-        pixel = FRAME_STEP * k if value is None else value(k)
-        image = torch.full((1 if gray else 3,) + size, pixel, dtype=torch.uint8)
-        write_jpeg(image, str(folder / name.format(k)), quality=100)
-
+# Clips on disk (fixture trees from conftest.py)
 
 def unnormalise(video, mean, std):
     """[C, T, H, W] normalised floats -> pixel values 0..255."""
@@ -254,29 +261,6 @@ def picked_frames(video):
     """1-based numbers of the uniform frames in an ImageNet-normalised video [3, T, H, W]."""
     pixels = unnormalise(video, data.IMAGENET_MEAN, data.IMAGENET_STD)
     return [round(pixels[:, t].mean().item() / FRAME_STEP) for t in range(video.shape[1])]
-
-
-def make_ks_tree(root, lists, frames=10, spectrogram_shape=(16, 8)):
-    """Authors' KS layout; lists = {split: [(clip name, label)]}."""
-    (root / "ks_audio").mkdir(parents=True, exist_ok=True)
-    for split, entries in lists.items():
-        with open(root / "ks_audio" / f"{split}_1fps_path.txt", "w") as f:
-            for name, label in entries:
-                f.write(f"/data/ks/ks_visual/{split}/{name} 10 {label}\n")
-        (root / "ks_audio" / split).mkdir(exist_ok=True)
-        for name, label in entries:
-            np.save(root / "ks_audio" / split / f"{name}.npy",
-                    np.full(spectrogram_shape, label, dtype=np.float32))
-            write_frames(root / "ks_visual" / split / name, frames)
-
-
-KS_LISTS = dict(train=[("a1", 0), ("b1", 1), ("a2", 0)], val=[("c1", 2)], test=[("a3", 0), ("b3", 1)])
-
-
-@pytest.fixture
-def ks_root(tmp_path):
-    make_ks_tree(tmp_path, KS_LISTS)
-    return tmp_path
 
 
 def test_ks_item_shapes_labels_and_metadata(ks_root):
@@ -342,7 +326,7 @@ def test_stack_frames_keeps_decoded_frames_channels_last(tmp_path):
     assert torch.equal(stacked, torch.stack(decoded))
     assert stacked.is_contiguous(memory_format=torch.channels_last)  # a plain copy of decode_jpeg's HWC memory
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    video = data.transform_frames(stacked, False, 16, mean, std)  # [C, T, 16, 16]
+    video = data.FrameTransform(16, mean, std)(stacked, augment=False)  # [C, T, 16, 16]
     reference = torch.nn.functional.interpolate(torch.stack(decoded).float(), size=(16, 16), mode="bilinear",
                                                 antialias=True, align_corners=False).round().clamp(0, 255)
     reference = (reference / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -353,15 +337,16 @@ def test_train_transform_crops_and_flips_the_frames_alike():
     # left half dark, right half bright: a flip swaps them, in every frame of the clip at once
     frames = torch.zeros(3, 3, 40, 32, dtype=torch.uint8)
     frames[..., 16:] = 200
+    transform = data.FrameTransform(32, (0, 0, 0), (1, 1, 1))
     torch.manual_seed(0)
     flipped = []
     for _ in range(20):
-        video = data.transform_frames(frames.clone(), True, 32, (0, 0, 0), (1, 1, 1))  # [3, T, 32, 32]
+        video = transform(frames.clone(), augment=True)  # [3, T, 32, 32]
         assert video.shape == (3, 3, 32, 32)
         assert torch.equal(video[:, 0], video[:, 1]) and torch.equal(video[:, 0], video[:, 2])
         flipped.append(video[0, 0, :, 0].mean() > video[0, 0, :, -1].mean())
     assert any(flipped) and not all(flipped)
-    evaluation = data.transform_frames(frames.clone(), False, 16, (0, 0, 0), (1, 1, 1))
+    evaluation = data.FrameTransform(16, (0, 0, 0), (1, 1, 1))(frames.clone(), augment=False)
     assert evaluation.shape == (3, 3, 16, 16)
     assert evaluation[0, 0, :, 0].max() < 0.01 and evaluation[0, 0, :, -1].min() > 0.77  # no flip, whole frame
 
@@ -399,7 +384,7 @@ def test_ks_errors(ks_root, tmp_path):
     with pytest.raises(data.DataError, match="nowhere"):
         data.build_dataset("ks", "train", root=str(tmp_path / "nowhere"))
     with pytest.raises(data.DataError, match="train_1fps_path.txt"):
-        data.build_dataset("ks", "train", root=str(tmp_path / "ks_visual"))
+        data.build_dataset("ks", "train", root=str(ks_root / "ks_visual"))
     with pytest.raises(data.DataError, match="label 2, expected 0..1"):
         data.build_dataset("ks", "val", root=str(ks_root), num_classes=2)
     with pytest.raises(data.DataError, match="my_train.txt"):
@@ -483,27 +468,144 @@ def test_clips_collate_in_a_dataloader(ks_root):
     assert labels.tolist() == [0, 1, 0] and index.tolist() == [0, 1, 2]
 
 
+def test_build_splits_lists_train_once_and_shares_it_with_train_eval(ks_root, monkeypatch):
+    checked = []
+    monkeypatch.setattr(data, "missing_frames", lambda folder: checked.append(folder))
+    splits = data.build_splits("ks", root=str(ks_root), image_size=32)
+    assert sorted(splits) == ["test", "train", "train_eval", "val"]
+    assert len(checked) == 3 + 1 + 2  # every clip's frame folder looked at once: the train listing is not read twice
+    train, train_eval = splits["train"], splits["train_eval"]
+    assert train.augment and not train_eval.augment and not splits["val"].augment and not splits["test"].augment
+    assert train_eval.sample_ids is train.sample_ids and train_eval.readers is train.readers
+    evaluation = data.build_dataset("ks", "train", root=str(ks_root), image_size=32)
+    for i in range(len(evaluation)):
+        assert all(torch.equal(a, b) for a, b in zip(train_eval[i][0], evaluation[i][0]))
+
+
+def test_frame_transforms_are_built_once_per_dataset(ks_root, monkeypatch):
+    train = data.build_dataset("ks", "train", root=str(ks_root), image_size=32, augment=True)
+    evaluation = data.build_dataset("ks", "test", root=str(ks_root), image_size=32)
+
+    def built_per_item(*args, **kwargs):
+        raise AssertionError("a transform was built while reading an item")
+
+    monkeypatch.setattr(data.v2, "RandomResizedCrop", built_per_item)
+    monkeypatch.setattr(data.v2, "Resize", built_per_item)
+    assert train[0][0][1].shape == (3, 3, 32, 32) and evaluation[0][0][1].shape == (3, 3, 32, 32)
+
+
+def test_spectrograms_of_another_shape_stop_with_both_files_and_shapes(tmp_path):
+    make_ks_tree(tmp_path, KS_LISTS, spectrogram_shape=(64, 32))
+    odd = tmp_path / "ks_audio" / "train" / "b1.npy"
+    np.save(odd, np.zeros((80, 32), dtype=np.float32))
+    with pytest.raises(data.DataError, match=r"b1.npy: spectrogram of shape \(80, 32\), but .*a1.npy has \(64, 32\)"):
+        data.build_dataset("ks", "train", root=str(tmp_path))
+    np.save(odd, np.zeros((2, 64, 32), dtype=np.float32))
+    with pytest.raises(data.DataError, match=r"b1.npy: spectrogram must be 2-D .* \(2, 64, 32\)"):
+        data.build_dataset("ks", "train", root=str(tmp_path))
+    odd.write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match="b1.npy: cannot read spectrogram"):
+        data.build_dataset("ks", "train", root=str(tmp_path))
+    with open(odd, "wb") as f:  # a version 2.0 header, as numpy writes for long headers
+        np.lib.format.write_array(f, np.ones((64, 32), dtype=np.float32), version=(2, 0))
+    d = data.build_dataset("ks", "train", root=str(tmp_path), image_size=32)
+    assert d[1][0][0].eq(1).all()
+    np.save(odd, np.zeros((80, 32), dtype=np.float32))  # replaced after the listing: found when read
+    with pytest.raises(data.DataError, match=r"b1.npy: spectrogram of shape \(80, 32\), but .*a1.npy has \(64, 32\)"):
+        d[1]
+
+
+def test_frames_of_other_sizes_in_one_clip_are_brought_to_the_first_frames_size(ks_root):
+    clip = ks_root / "ks_visual" / "train" / "b1"
+    write_jpeg(torch.full((3, 60, 44), 5 * FRAME_STEP, dtype=torch.uint8), str(clip / "frame_00005.jpg"), quality=100)
+    write_jpeg(torch.full((3, 20, 24), 8 * FRAME_STEP, dtype=torch.uint8), str(clip / "frame_00008.jpg"), quality=100)
+    evaluation = data.build_dataset("ks", "train", root=str(ks_root), image_size=32)
+    assert picked_frames(evaluation[1][0][1]) == [2, 5, 8]
+    train = data.build_dataset("ks", "train", root=str(ks_root), image_size=32, augment=True)
+    torch.manual_seed(0)
+    for _ in range(3):
+        (audio, visual), labels, _ = next(iter(DataLoader(train, batch_size=3)))
+        assert visual.shape == (3, 3, 3, 32, 32) and labels.tolist() == [0, 1, 0]
+    frames = [torch.zeros(3, 40, 32, dtype=torch.uint8), torch.full((3, 20, 16), 7, dtype=torch.uint8)]
+    resized = data.same_size(frames)
+    assert resized[0] is frames[0] and resized[1].shape == (3, 40, 32) and resized[1].eq(7).all()
+
+
+def test_ks_clip_names_may_hold_spaces(tmp_path):
+    make_ks_tree(tmp_path, dict(train=[("my clip", 0), ("b", 1)]))  # '/data/ks/ks_visual/train/my clip 10 0'
+    d = data.build_dataset("ks", "train", root=str(tmp_path), image_size=32)
+    assert d.sample_ids == ["my clip", "b"] and d.labels.tolist() == [0, 1] and d[0][0][0].eq(0).all()
+    listing = tmp_path / "ks_audio" / "train_1fps_path.txt"
+    listing.write_text("ks/train/my clip 0\nks/train/b 1\n")  # no frame count
+    assert data.build_dataset("ks", "train", root=str(tmp_path)).sample_ids == ["my clip", "b"]
+    ogm = tmp_path / "ogm"
+    ogm.mkdir()
+    write_ogm_list(ogm / "my_train.txt", [("my clip", 0), ("b", 1)])
+    write_ogm_list(ogm / "my_val.txt", [("b", 1)])
+    assert data.build_dataset("ks", "train", root=str(tmp_path), split_file=str(ogm)).sample_ids == ["my clip", "b"]
+
+
+def test_list_files_must_be_utf8_and_may_start_with_a_bom(ks_root):
+    listing = ks_root / "ks_audio" / "train_1fps_path.txt"
+    listing.write_bytes(b"/data/ks/ks_visual/train/a1 10 0\n/data/ks/ks_visual/train/caf\xe9 10 1\n")
+    with pytest.raises(data.DataError, match=r"train_1fps_path.txt:2: not UTF-8 text \(byte 0xe9 at column 29\)"):
+        data.build_dataset("ks", "train", root=str(ks_root))
+    ogm = ks_root / "ogm"
+    ogm.mkdir()
+    (ogm / "my_test.txt").write_bytes(b"\xef\xbb\xbfa3,10,0\r\nb3,10,1\r\n")  # as Windows editors save it
+    assert data.build_dataset("ks", "test", root=str(ks_root), split_file=str(ogm)).sample_ids == ["a3", "b3"]
+
+
+def test_ks_class_names_and_count_from_ks_classes_txt(ks_root):
+    (ks_root / "ks_classes.txt").write_text("playing bagpipes\nplaying harp\nsinging\nlawn mowing\n")
+    d = data.build_dataset("ks", "train", root=str(ks_root))
+    assert d.class_names == ["playing bagpipes", "playing harp", "singing", "lawn mowing"] and d.num_classes == 4
+    assert d.classes_inferred_from is None
+    listing = ks_root / "ks_audio" / "train_1fps_path.txt"
+    listing.write_text("/data/ks/ks_visual/train/a1 10 0\n/data/ks/ks_visual/train/b1 10 99\n")
+    with pytest.raises(data.DataError, match=r"train_1fps_path.txt:2: clip b1 has label 99, expected 0..3 "
+                                             r"\(the classes of .*ks_classes.txt\)"):
+        data.build_dataset("ks", "test", root=str(ks_root))  # every list is checked, whichever split is built
+    with pytest.raises(data.DataError, match="ks_classes.txt: names 4 classes, but num_classes=31"):
+        data.build_dataset("ks", "train", root=str(ks_root), num_classes=31)
+    (ks_root / "ks_classes.txt").write_text("playing bagpipes\n\nsinging\n")
+    with pytest.raises(data.DataError, match="ks_classes.txt:2: empty line"):
+        data.build_dataset("ks", "train", root=str(ks_root))
+    (ks_root / "ks_classes.txt").write_text("singing\nplaying harp\nsinging\n")
+    with pytest.raises(data.DataError, match="ks_classes.txt:3: class name 'singing' repeats line 1"):
+        data.build_dataset("ks", "train", root=str(ks_root))
+
+
+def test_ks_inferred_class_count_says_where_it_comes_from(ks_root):
+    d = data.build_dataset("ks", "train", root=str(ks_root))
+    assert d.num_classes == 3
+    assert d.classes_inferred_from == f"the largest label, 2 at {ks_root / 'ks_audio' / 'val_1fps_path.txt'}:1"
+    listing = ks_root / "ks_audio" / "train_1fps_path.txt"
+    listing.write_text(listing.read_text().replace("b1 10 1", "b1 10 99"))
+    d = data.build_dataset("ks", "train", root=str(ks_root))
+    assert d.num_classes == 100
+    assert d.classes_inferred_from == f"the largest label, 99 at {listing}:2; 96 labels have no clip"  # 0, 1, 2, 99 used
+    assert data.build_dataset("ks", "train", root=str(ks_root), num_classes=100).classes_inferred_from is None
+
+
+def test_clip_listed_twice_stops_with_both_lines(ks_root):
+    listing = ks_root / "ks_audio" / "train_1fps_path.txt"
+    listing.write_text(listing.read_text() + "/data/ks/ks_visual/train/b1 10 1\n")
+    with pytest.raises(data.DataError, match=r"train_1fps_path.txt:4: clip b1 listed twice \(first at .*"
+                                             r"train_1fps_path.txt:2\)"):
+        data.build_dataset("ks", "train", root=str(ks_root))
+
+
+def test_train_startup_line_names_an_inferred_class_count(ks_root, capsys):
+    train.main(["--dataset", "ks", "--data-root", str(ks_root), "--image-size", "16", "--epochs", "1",
+                "--warmup", "0", "--batch-size", "4", "--workers", "0", "--gpu", "-1", "--mode", "baseline",
+                "--out", str(ks_root.parent / "run")])
+    listing = ks_root / "ks_audio" / "val_1fps_path.txt"
+    assert f", 3 classes (inferred from the largest label, 2 at {listing}:1); mode baseline" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------------------------
 # MM-Debiased
-
-def make_mmdebiased_tree(root, table):
-    for clip_id, entry in table.items():
-        (root / "audio").mkdir(parents=True, exist_ok=True)
-        np.save(root / "audio" / f"{clip_id}.npy", np.zeros((16, 8), dtype=np.float32))
-        write_frames(root / "visual" / clip_id, 10)
-    split_file = root / "MM-Debiased.json"
-    split_file.write_text(json.dumps(table))
-    return split_file
-
-
-MMDEBIASED_TABLE = {
-    "vid1": {"subset": "training", "label": "singing"},
-    "vid2": {"subset": "training", "label": "bowling"},
-    "vid3": {"subset": "validation", "label": "whistling"},
-    "vid4": {"subset": "testing", "label": "singing"},
-    "vid5": {"subset": "training", "label": "whistling"},
-}
-
 
 def test_mmdebiased_json_and_layout(tmp_path):
     split_file = make_mmdebiased_tree(tmp_path, MMDEBIASED_TABLE)
@@ -548,36 +650,21 @@ def test_mmdebiased_errors(tmp_path):
     assert build(split_file=str(split_file), skip_missing=True).sample_ids == ["vid1", "vid5"]
 
 
+def test_mmdebiased_class_names_inferred_from_the_json_and_clip_ids_unique(tmp_path):
+    split_file = make_mmdebiased_tree(tmp_path, MMDEBIASED_TABLE)
+    build = lambda **kw: data.build_dataset("mmdebiased", "train", root=str(tmp_path), **kw)
+    assert build(split_file=str(split_file)).classes_inferred_from == f"the class names in {split_file}"
+    names = ["bowling", "singing", "whistling"]
+    assert build(split_file=str(split_file), class_names=names).classes_inferred_from is None
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"vid1": {"subset": "training", "label": "singing"}, "vid2": {"subset": "training", '
+                     '"label": "bowling"}, "vid1": {"subset": "testing", "label": "singing"}}')
+    with pytest.raises(data.DataError, match=r"twice.json: 'vid1' appears twice in one object \(a clip id listed twice\?\)"):
+        build(split_file=str(twice))
+
+
 # ----------------------------------------------------------------------------------------------
 # UCF-101
-
-UCF_CLASSES = ["ApplyEyeMakeup", "Archery", "Basketball"]
-
-
-def make_ucf_tree(root, groups=range(8, 18), clips_per_group=2, test_groups=range(1, 3)):
-    (root / "splits").mkdir(parents=True)
-    (root / "splits" / "classInd.txt").write_text("".join(f"{k + 1} {c}\n" for k, c in enumerate(UCF_CLASSES)))
-    train_lines, test_lines = [], []
-    for k, c in enumerate(UCF_CLASSES):
-        for g in groups:
-            train_lines += [f"{c}/v_{c}_g{g:02d}_c{n:02d}.avi {k + 1}\n" for n in range(1, clips_per_group + 1)]
-        for g in test_groups:
-            test_lines += [f"{c}/v_{c}_g{g:02d}_c01.avi\n"]
-    (root / "splits" / "trainlist01.txt").write_text("".join(train_lines))
-    (root / "splits" / "testlist01.txt").write_text("".join(test_lines))
-    for line in train_lines + test_lines:
-        video = line.split()[0].split("/")[1][:-4]
-        write_frames(root / "rgb" / video, 10)
-        write_frames(root / "flow" / "u" / video, 9, name="frame{:06d}.jpg", gray=True, value=lambda k: 10 * k)
-        write_frames(root / "flow" / "v" / video, 9, name="frame{:06d}.jpg", gray=True, value=lambda k: 200 - 10 * k)
-
-
-@pytest.fixture(scope="module")
-def ucf_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ucf101")
-    make_ucf_tree(root)
-    return root
-
 
 def test_ucf101_rgb_and_stacked_flow(ucf_root):
     d = data.build_dataset("ucf101", "test", root=str(ucf_root), image_size=32)
@@ -652,18 +739,75 @@ def test_ucf101_errors(tmp_path):
         build()
 
 
-def test_mfeat_degrade_corrupts_one_view_per_sample_at_its_strength():
-    clean = data.build_dataset("mfeat", "train", views=("fou", "kar"))
-    degraded = data.build_dataset("mfeat", "train", views=("fou", "kar"), degrade=0.8)
-    again = data.build_dataset("mfeat", "train", views=("fou", "kar"), degrade=0.8, seed=5)
-    for v in range(2):
-        assert torch.equal(degraded.features[v], again.features[v])  # fixed for the data set, not the run
-        untouched = degraded.degraded_view != v
-        assert torch.equal(degraded.features[v][untouched], clean.features[v][untouched])
-        hit = ~untouched & (degraded.degrade_strength > 0.1)
-        assert (degraded.features[v][hit] - clean.features[v][hit]).abs().sum(1).gt(0).all()
-    # balanced at the dataset level: each view is the degraded one in about half of the samples
-    assert 0.4 < degraded.degraded_view.float().mean() < 0.6
-    assert 0.0 <= degraded.degrade_strength.min() and degraded.degrade_strength.max() <= 0.8
-    with pytest.raises(ValueError, match="degrade"):
-        data.build_dataset("mfeat", "train", degrade=1.5)
+def test_ucf101_video_listed_twice_and_flow_planes_of_other_sizes(tmp_path):
+    make_ucf_tree(tmp_path, groups=range(8, 10), clips_per_group=1, test_groups=range(1, 2))
+    test_list = tmp_path / "splits" / "testlist01.txt"
+    lines = test_list.read_text()
+    test_list.write_text(lines + lines.splitlines()[1] + "\n")
+    with pytest.raises(data.DataError, match=r"testlist01.txt:4: clip v_Archery_g01_c01 listed twice "
+                                             r"\(first at .*testlist01.txt:2\)"):
+        data.build_dataset("ucf101", "test", root=str(tmp_path))
+    test_list.write_text(lines)
+    v_frame = tmp_path / "flow" / "v" / "v_Archery_g01_c01" / "frame000005.jpg"  # the middle frame, v = 150
+    write_jpeg(torch.full((1, 50, 60), 160, dtype=torch.uint8), str(v_frame), quality=100)  # u frames are 32 x 40
+    (_, flow), _, _ = data.build_dataset("ucf101", "test", root=str(tmp_path), image_size=32)[1]
+    pixels = unnormalise(flow, data.FLOW_MEAN, data.FLOW_STD)
+    assert flow.shape == (2, 3, 32, 32)
+    assert [round(pixels[c, t].mean().item()) for c in range(2) for t in range(3)] == [20, 50, 80, 180, 160, 120]
+
+
+# ----------------------------------------------------------------------------------------------
+# CREMA-D
+
+def test_cremad_layout_labels_and_items(tmp_path):
+    frames = {"1001_DFA_ANG_XX": 2, "1001_IEO_NEU_XX": 3, "1002_TIE_SAD_LO": 4, "1003_MTI_HAP_HI": 5}
+    make_cremad_tree(tmp_path, CREMAD_LISTS, frames=dict(frames, **{"1004_WSI_FEA_MD": 1}),
+                     spectrogram_shape=(40, 12))
+    splits = data.build_splits("cremad", root=str(tmp_path), image_size=32)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    assert train.sample_ids == list(frames) and train.labels.tolist() == [5, 0, 2, 1]  # ANG, NEU, SAD, HAP
+    assert val.labels.tolist() == [3] and test.labels.tolist() == [4, 5]  # FEA; DIS, ANG
+    assert train.class_names == ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"] and train.num_classes == 6
+    assert train.classes_inferred_from is None
+    assert train.modalities == ["audio", "visual"] and train.input_specs == [("image", 1), ("video", 3)]
+    (audio, visual), label, index = splits["train_eval"][2]
+    assert audio.shape == (1, 40, 12) and audio.eq(2).all() and visual.shape == (3, 3, 32, 32)
+    assert (label, index) == (2, 2)
+    # fewer frames than the 3 segments: frames repeat; evaluation takes each segment's middle
+    assert [picked_frames(splits["train_eval"][i][0][1]) for i in range(4)] == [[1, 1, 2], [1, 2, 3], [1, 2, 3],
+                                                                                 [1, 2, 4]]
+    assert picked_frames(val[0][0][1]) == [1, 1, 1]
+    torch.manual_seed(0)
+    assert {tuple(picked_frames(train[0][0][1])) for _ in range(10)} == {(1, 1, 2)}
+    (audio, visual), labels, _ = next(iter(DataLoader(train, batch_size=4)))
+    assert audio.shape == (4, 1, 40, 12) and visual.shape == (4, 3, 3, 32, 32) and labels.tolist() == [5, 0, 2, 1]
+
+
+def test_cremad_errors(tmp_path):
+    make_cremad_tree(tmp_path, CREMAD_LISTS)
+    build = lambda split="train", **kw: data.build_dataset("cremad", split, root=str(tmp_path), **kw)
+    with pytest.raises(data.DataError, match="cremad needs root"):
+        data.build_dataset("cremad", "train")
+    with pytest.raises(ValueError, match="split_file does not apply to cremad"):
+        build(split_file="lists")
+    train_csv = tmp_path / "train.csv"
+    lines = train_csv.read_text()
+    train_csv.write_text(lines + "1007_IEO_XYZ_XX,XYZ\n")
+    with pytest.raises(data.DataError, match=r"train.csv:5: expected '<clip>,<EMO>' with EMO one of NEU, HAP, SAD, "
+                                             r"FEA, DIS, ANG, got '1007_IEO_XYZ_XX,XYZ'"):
+        build()
+    train_csv.write_text(lines + "1001_DFA_ANG_XX,ANG\n")
+    with pytest.raises(data.DataError, match=r"train.csv:5: clip 1001_DFA_ANG_XX listed twice \(first at .*:1\)"):
+        build()
+    train_csv.write_text(lines)
+    np.save(tmp_path / "audio" / "1002_TIE_SAD_LO.npy", np.zeros((16, 9), dtype=np.float32))
+    with pytest.raises(data.DataError, match=r"1002_TIE_SAD_LO.npy: spectrogram of shape \(16, 9\), but "
+                                             r".*1001_DFA_ANG_XX.npy has \(16, 8\)"):
+        build()
+    (tmp_path / "audio" / "1002_TIE_SAD_LO.npy").unlink()
+    with pytest.raises(data.DataError, match="1002_TIE_SAD_LO.npy not found"):
+        build()
+    assert build(skip_missing=True).sample_ids == ["1001_DFA_ANG_XX", "1001_IEO_NEU_XX", "1003_MTI_HAP_HI"]
+    (tmp_path / "val.csv").unlink()
+    with pytest.raises(data.DataError, match="val.csv: CREMA-D list not found"):
+        build("val")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from test_data import KS_LISTS, MMDEBIASED_TABLE, make_ks_tree, make_mmdebiased_tree, make_ucf_tree
+from conftest import KS_LISTS, MMDEBIASED_TABLE, make_ks_tree, make_mmdebiased_tree, make_ucf_tree
 
 MFEAT = ["--dataset", "mfeat", "--batch-size", "200", "--gpu", "-1"]
 TIMING = ("seconds", "valuation_seconds")
@@ -120,13 +120,6 @@ def test_a_second_run_into_a_run_directory_refuses_unless_told(tmp_path, capsys)
 
 # ----------------------------------------------------------------------------------------------
 # bad input: one line naming the file or flag, exit status 2
-
-
-@pytest.fixture
-def ks_root(tmp_path):
-    root = tmp_path / "ks"
-    make_ks_tree(root, KS_LISTS)
-    return root
 
 
 def ks_flags(root, *more):

@@ -42,7 +42,7 @@ import models
 import shapley_mm
 
 MODES = ("baseline", "sample", "modality", "naive", "reversed")
-AV_DATASETS = ("ks", "mmdebiased", "ucf101")
+AV_DATASETS = ("ks", "mmdebiased", "ucf101", "cremad")
 
 # The defaults of each data set, which --help shows for the --dataset given. The audio-visual ones follow the
 # paper (Sec. 4.1: SGD, momentum 0.9, lr 1e-3, batch 64, warm-up 5; UCF-101 from ImageNet weights); the authors'
@@ -53,6 +53,7 @@ AUDIO_VISUAL = dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3
 PRESETS = {
     "ks": AUDIO_VISUAL,
     "mmdebiased": AUDIO_VISUAL,
+    "cremad": AUDIO_VISUAL,
     "ucf101": dict(AUDIO_VISUAL, pretrained=True),
     "mfeat": dict(epochs=40, warmup=5, batch_size=64, optimizer="sgd", lr=1e-2, weight_decay=1e-4, lr_step=30,
                   workers=0, pretrained=False),
@@ -120,9 +121,10 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="mfeat", choices=data.DATASETS,
                    help="mfeat: bundled UCI Multiple Features digits (no download); ks: Kinetics-Sounds; "
-                        "mmdebiased: MM-Debiased; ucf101: UCF-101 RGB + optical flow; synthetic: generated in memory"
+                        "mmdebiased: MM-Debiased; ucf101: UCF-101 RGB + optical flow; cremad: CREMA-D; synthetic: generated in "
+                        "memory"
                         " (default: %(default)s)")
-    g.add_argument("--data-root", help="root folder of ks / mmdebiased / ucf101 (see README for layouts)")
+    g.add_argument("--data-root", help="root folder of ks / mmdebiased / ucf101 / cremad (see README for layouts)")
     g.add_argument("--split-file", help="mmdebiased: the JSON split file (default: DATA_ROOT/MM-Debiased.json)")
     g.add_argument("--list-dir", help="ks: a folder of OGM-GE style 'id,10,label' lists (my_train.txt, my_test.txt, "
                                       "my_val.txt) instead of the authors' ks_audio/*_1fps_path.txt")
@@ -132,7 +134,7 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g.add_argument("--mfeat-degrade", type=number(float, 0.0, 1.0), default=0.0,
                    help="mfeat: blend one random view of every sample with noise of strength U(0, this), giving "
                         "sample-level imbalance at dataset-level balance (like MM-Debiased) (default: %(default)s)")
-    g.add_argument("--image-size", type=number(int, 8), default=224, help="frame / image side for ks, mmdebiased, ucf101 (default: %(default)s)")
+    g.add_argument("--image-size", type=number(int, 8), default=224, help="frame / image side of the video data sets (default: %(default)s)")
     g.add_argument("--synthetic-modalities", type=number(int, 1), default=2, help="synthetic: number of modalities (default: %(default)s)")
     g.add_argument("--synthetic-samples", type=number(int, 3), default=600,
                    help="synthetic: training samples (val, test: a third) (default: %(default)s)")
@@ -265,12 +267,7 @@ def build_datasets(args):
                        val_size=args.synthetic_samples // 3, test_size=args.synthetic_samples // 3)
     else:
         options["image_size"] = args.image_size
-    splits = {
-        "train": data.build_dataset(args.dataset, "train", augment=True, **options),
-        "train_eval": data.build_dataset(args.dataset, "train", augment=False, **options),
-        "val": data.build_dataset(args.dataset, "val", **options),
-        "test": data.build_dataset(args.dataset, "test", **options),
-    }
+    splits = data.build_splits(args.dataset, **options)
     for split, dataset in splits.items():
         if split != "train_eval" and dataset.skipped:
             shown = ", ".join(f"{sample_id} ({reason})" for sample_id, reason in dataset.skipped[:5])
@@ -650,8 +647,11 @@ def train(args, given=()):
     save_json(os.path.join(out, "args.json"), vars(args))
     save_log(os.path.join(out, "log.jsonl"), log)
     n = len(train_set.modalities)
+    classes = f"{train_set.num_classes} classes"
+    if train_set.classes_inferred_from:
+        classes += f" (inferred from {train_set.classes_inferred_from})"
     print(f"{args.dataset}: {len(train_set)} train / {len(splits['val'])} val / {len(splits['test'])} test, "
-          f"modalities {', '.join(train_set.modalities)}, {train_set.num_classes} classes; mode {args.mode}, "
+          f"modalities {', '.join(train_set.modalities)}, {classes}; mode {args.mode}, "
           f"fusion {args.fusion}, {args.mask} masking, device {device}; writing {out}")
 
     epoch, saved_epoch = start_epoch, start_epoch - 1
