@@ -7,6 +7,7 @@ Fixture trees on disk, in the layouts data.py reads (KS, MM-Debiased, UCF-101, C
 of a clip is a uniform JPEG of value FRAME_STEP * k, so the frames a dataset picked can be read back from
 its output; a KS or CREMA-D spectrogram is filled with its clip's label."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -14,10 +15,32 @@ import torch
 from torchvision.io import write_jpeg
 
 import data
+import train
 
 torch.set_num_threads(1)
 
 FRAME_STEP = 20
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py runs: quick flags and one helper
+
+MFEAT = ["--dataset", "mfeat", "--batch-size", "200", "--gpu", "-1"]  # 6 batches an epoch, about 0.1 s
+SYNTHETIC = ["--dataset", "synthetic", "--synthetic-samples", "48", "--synthetic-size", "16", "--batch-size", "48",
+             "--epochs", "2", "--warmup", "1", "--gpu", "-1"]  # one batch per epoch before re-sampling
+TIMING = ("seconds", "valuation_seconds")  # the log's wall-clock fields
+
+
+def run_train(out, *flags):
+    """train.main(flags) writing into `out`: (its results, its log without the wall-clock fields)."""
+    results = train.main(list(flags) + ["--out", str(out)])
+    return results, logged(out)
+
+
+def logged(out):
+    """log.jsonl of the run in `out`, without its wall-clock fields."""
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in train.load_log(os.path.join(out, "log.jsonl"))]
+
 
 
 def write_frames(folder, count, name="frame_{:05d}.jpg", gray=False, value=None, size=(40, 32)):
