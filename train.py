@@ -135,11 +135,12 @@ def resolve_args(args):
             setattr(args, key, value)
     if args.pretrained is None:
         args.pretrained = False
+    allowed = models.allowed_masks(args.fusion)  # the default first
     if args.mask is None:
-        args.mask = models.DEFAULT_MASK[args.fusion]
-    if args.mask not in models.ALLOWED_MASKS[args.fusion]:
-        raise TrainingError(f"--fusion {args.fusion} mixes the modalities inside the encoders: a modality is removed "
-                            f"by zeroing its input (--mask input), not its feature (--mask {args.mask})")
+        args.mask = allowed[0]
+    if args.mask not in allowed:
+        raise TrainingError(f"--mask {args.mask} is not defined for --fusion {args.fusion}; use --mask "
+                            f"{' or '.join(allowed)}")
     if args.epochs < 1:
         raise TrainingError(f"--epochs must be at least 1, got {args.epochs}")
     if args.warmup < 0:
@@ -202,8 +203,8 @@ def model_config(args, dataset):
 
 
 def build_model(args, dataset):
-    return models.MultimodalClassifier(dataset.input_specs, dataset.num_classes, fusion=args.fusion,
-                                       mask_mode=args.mask, pretrained=args.pretrained)
+    return models.build_model(dataset.input_specs, dataset.num_classes, fusion=args.fusion, mask_mode=args.mask,
+                              pretrained=args.pretrained)
 
 
 def build_optimizer(args, model):
