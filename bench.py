@@ -81,7 +81,7 @@ SETTINGS = {
 NUM_CLASSES = 4
 SUBSET_RATIO = 0.2  # Z of the modality-level method (Alg. 2)
 KS_FRAMES, KS_FRAME_SIZE, KS_SPECTROGRAM = 10, (340, 256), (1024, 128)  # per clip: 10 frames (W, H), fbank
-MIXING = tuple(fusion for fusion in ("centralnet", "mmtm") if fusion in models.FUSIONS)
+MIXING = tuple(models.MIXING_TAPS)  # the fusions that run the whole network per coalition
 # the memory probe's environment: glibc malloc serves every block above 64 KiB with pages of its own and unmaps
 # them when freed (no reuse of freed, still resident memory), so the resident set size follows the memory in use
 PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

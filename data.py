@@ -32,7 +32,7 @@ import zlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, RandomSampler, Sampler
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
@@ -89,6 +89,49 @@ class ResampledDataset(Dataset):
         mask = torch.zeros(n, dtype=torch.bool)
         mask[self.copy_modality[j]] = True
         return inputs, label, index, mask
+
+
+class TrainingBatches(Sampler):
+    """The batches of one epoch of D^rs, as lists of item indices: torch's BatchSampler over
+    RandomSampler(dataset, generator=generator), the shuffle of DataLoader(shuffle=True, generator=generator),
+    except that a batch in which some modality is kept by the rows of a single sample (one row, or a sample with
+    its own uni-modal copy) is merged with the next one (the last with the one before). So every encoder that runs
+    in a training step normalises over at least two samples: BatchNorm never falls back on its running statistics,
+    which after a short warm-up are barely estimated, nor on the zero variance of one sample's duplicated 1 x 1
+    features. The originals keep every modality, so merging ends, and batches rarely grow (a shuffled batch of 64
+    almost always holds several originals). Use as DataLoader(dataset, batch_sampler=TrainingBatches(...),
+    generator=generator); len() is exact once the first batch has been drawn."""
+
+    def __init__(self, dataset, batch_size, generator=None):
+        n = len(dataset.modalities)
+        self.masks = torch.cat([torch.ones(len(dataset.base), n, dtype=torch.bool),
+                                F.one_hot(dataset.copy_modality, n).bool()])  # [M, n], each item's mask
+        self.samples = torch.cat([torch.arange(len(dataset.base)), dataset.copy_index])  # [M], each item's sample
+        self.sampler = RandomSampler(dataset, generator=generator)
+        self.batch_size = batch_size
+        self.batches = None
+
+    def one_sample_keeps_a_modality(self, rows):
+        kept, samples = self.masks[rows], self.samples[rows]
+        return any(len(set(samples[kept[:, i]].tolist())) == 1 for i in range(kept.shape[1]))
+
+    def __iter__(self):
+        order = list(self.sampler)
+        batches, pending = [], []
+        for start in range(0, len(order), self.batch_size):
+            pending += order[start:start + self.batch_size]
+            if not self.one_sample_keeps_a_modality(pending):
+                batches.append(pending)
+                pending = []
+        while pending and batches:  # the last rows still leave a modality to one sample: join the batches before
+            pending = batches.pop() + pending
+            if not self.one_sample_keeps_a_modality(pending):
+                break
+        self.batches = batches + [pending] if pending else batches
+        yield from self.batches  # a generator, as BatchSampler: the shuffle is drawn at the first batch
+
+    def __len__(self):
+        return len(self.batches) if self.batches is not None else -(-len(self.samples) // self.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,35 +1,79 @@
 """Encoders, fusion designs and the maskable multimodal classifier H(.) of the paper (Sec. 3.1).
 
 Each modality has its own encoder (ResNet-18 for images, spectrograms, RGB and optical-flow clips; a small MLP for
-vector views). Two families of fusion (Tables 1 and 3 of the paper) share one classifier interface:
+vector views). The fusion designs of Tables 1 and 3 come in two kinds of classifier over one base,
+MultimodalClassifier, which holds the encoders and checks inputs and masks:
 
-  late fusion (concat, sum, decision, film, gated): each encoder pools its input to one feature vector on its own,
-      and a fusion head maps the list of pooled features to logits;
-  cross-modal interaction (centralnet, mmtm): the encoders' stages are walked in lock-step and modules between
-      the stages mix the modalities (CentralNet, Vielzeuf et al. 2018; MMTM, Joze et al. 2020).
+  LateFusionClassifier (concat, sum, decision, film, gated): each encoder pools its modality to one feature vector
+      on its own (encode), and a fusion head maps the pooled features to logits (fuse);
+  InteractionClassifier (centralnet, mmtm): the encoders' stages are walked in lock-step and modules between the
+      stages mix the modalities (CentralNet, Vielzeuf et al. 2018; MMTM, Joze et al. 2020).
 
-The classifier takes a BoolTensor mask [B, n] of the modalities each row keeps, which is how the paper builds the
-prediction from a coalition C of modalities (Eq. 1) and the uni-modal copies of re-sampling (Alg. 1 and 2):
+forward(inputs, mask) takes a BoolTensor mask [B, n] of the modalities each row keeps, which is how the paper
+builds the prediction from a coalition C of modalities (Eq. 1) and the uni-modal copies of re-sampling (Alg. 1
+and 2). A kind's MASKS are the ways it can remove a modality, its default first:
 
-  mask_mode "feature" (the authors' code; the default for late fusion): an absent modality's pooled feature is
-      zeroed before the head.
-  mask_mode "input"   (the paper's text; the only choice for cross-modal interaction, where no modality has a
-      feature of its own to zero): an absent modality's input is zeroed before its encoder.
+  "feature" (the authors' code; late fusion's default): an absent modality's pooled feature is zeroed before the
+      head;
+  "input" (the paper's text; the only way for interaction, where no modality has a feature of its own to zero):
+      an absent modality's input is zeroed before its encoder.
 
-coalition_predictor() values all 2^n - 1 coalitions of a batch: for late fusion it encodes the batch once and runs
-only the fusion head per coalition (about one forward pass in all); for cross-modal interaction it runs the whole
-network once per coalition, each time as one batched call over the whole batch.
+coalition_predictor(inputs) values all 2^n - 1 coalitions of a batch: late fusion encodes the batch once and runs
+only the fusion head per coalition (about one forward pass in all); interaction runs the whole network once per
+coalition, each time as one batched call over the whole batch.
+
+build_model(input_specs, num_classes, fusion, mask_mode) builds the kind of classifier a fusion needs (CLASSIFIERS),
+and allowed_masks(fusion) says which maskings that kind allows.
+
+Re-sampled batches can hold a single row that keeps a modality. The BatchNorm layers (BatchNorm1d, BatchNorm2d)
+then normalise that sample with its own statistics over H, W wherever it has more than one value per channel, and
+with the running statistics elsewhere (an MLP layer, a 1 x 1 map).
 """
 
-import contextlib
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 KINDS = ("image", "video", "vector")
-MASK_MODES = ("feature", "input")
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm for re-sampled batches
+#
+# A training batch can hold a single row that keeps a given modality (a shuffled mix of full samples and uni-modal
+# copies, the last batch of an epoch, small batches, many modalities), and that modality's encoder then trains on
+# one sample. A convolution still gives H * W values per channel for it, and they are normalised with their own
+# statistics, as torch's BatchNorm2d does for a batch of one. Only a layer that sees a single value per channel (an
+# MLP layer [1, C], a 1 x 1 map [1, C, 1, 1]) has no statistics of its own and uses its running statistics. One
+# sample is no batch to estimate them from, so it leaves them as they are. Running statistics for every layer would
+# not do: after a short warm-up they are barely initialised, and a ResNet normalised with them amplifies its
+# activations stage after stage, up to inf.
+
+
+class SingleSampleBatchNorm:
+    """The forward of BatchNorm1d and BatchNorm2d below: torch's BatchNorm, except for a training input of a single
+    sample, which is normalised with its own statistics over H, W (or, with one value per channel, with the running
+    statistics) and does not update the running statistics."""
+
+    def forward(self, x):
+        if not (self.training and x.shape[0] == 1):
+            return super().forward(x)
+        if x.numel() == x.shape[1]:  # [1, C] or [1, C, 1, 1]: one value per channel, no statistics of its own
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False,
+                                eps=self.eps)
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+
+
+class BatchNorm1d(SingleSampleBatchNorm, nn.BatchNorm1d):
+    """nn.BatchNorm1d (same parameters and buffers) that trains a single sample [1, C] on its running statistics."""
+
+
+class BatchNorm2d(SingleSampleBatchNorm, nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters and buffers) that trains a single sample [1, C, H, W] on its own statistics
+    over H, W (on its running statistics where H = W = 1)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +120,7 @@ class ResNetEncoder(nn.Module):
 
     def __init__(self, channels, video=False, pretrained=False):
         super().__init__()
-        net = torchvision.models.resnet18(weights=None)
+        net = torchvision.models.resnet18(weights=None, norm_layer=BatchNorm2d)
         if channels != 3:
             net.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         if pretrained:
@@ -118,7 +162,7 @@ class MLPEncoder(nn.Module):
         super().__init__()
         layers, dim = OrderedDict(), in_dim
         for index, hidden in enumerate(hidden_dims, start=1):
-            layers[f"layer{index}"] = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
+            layers[f"layer{index}"] = nn.Sequential(nn.Linear(dim, hidden), BatchNorm1d(hidden), nn.ReLU(inplace=True))
             dim = hidden
         self.stages = nn.Sequential(layers)
         self.out_dim = dim
@@ -272,23 +316,6 @@ MIXING_TAPS = {
     # the stem and layer1 hold low-level, modality-specific filters
     "mmtm": {ResNetEncoder: ("layer2", "layer3", "layer4"), MLPEncoder: ("layer1", "layer2")},
 }
-MIXING_FUSIONS = tuple(MIXING_TAPS)
-FUSIONS = tuple(FUSION_HEADS) + MIXING_FUSIONS
-
-# the masking each fusion uses unless told otherwise, and the maskings it allows. Late fusion fuses pooled
-# features, so zeroing an absent modality's feature (the authors' choice) is exact and cheap. CentralNet and MMTM
-# mix the modalities inside the encoders, where a modality has no feature of its own to zero: removing it means
-# zeroing its input (the paper's definition).
-DEFAULT_MASK = {
-    "concat": "feature",
-    "sum": "feature",
-    "decision": "feature",
-    "film": "feature",
-    "gated": "feature",
-    "centralnet": "input",
-    "mmtm": "input",
-}
-ALLOWED_MASKS = {fusion: (MASK_MODES if fusion in FUSION_HEADS else ("input",)) for fusion in FUSIONS}
 
 
 def split_stages(encoder, taps):
@@ -366,7 +393,7 @@ class CentralNetLevel(nn.Module):
         self.first = first
         self.projections = nn.ModuleList(nn.Linear(c, width) for c in channels)
         self.weights = nn.Parameter(torch.ones(len(channels) + (0 if first else 1)))  # alpha_1..alpha_n[, alpha_C]
-        self.layer = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True))
+        self.layer = nn.Sequential(nn.Linear(width, width), BatchNorm1d(width), nn.ReLU(inplace=True))
 
     def forward(self, central, streams, frames):
         z = sum(self.weights[i] * projection(global_pool(h, t))
@@ -376,34 +403,6 @@ class CentralNetLevel(nn.Module):
         return self.layer(z)
 
 
-# ----------------------------------------------------------------------------------------------
-# the multimodal classifier H(.) with modality masks
-
-
-@contextlib.contextmanager
-def batchnorm_running_statistics(module):
-    """Within the block, the BatchNorm layers of `module` that are training normalise with their running statistics
-    (and do not update them); gradients flow as usual."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-    for norm in norms:
-        norm.eval()
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.train()
-
-
-def run_encoder(encoder, x):
-    """encoder(x), except that a training batch of a single row, which has no batch statistics, is normalised with
-    BatchNorm's running statistics. Re-sampled epochs make such rows possible: a shuffled batch can hold one sample
-    that keeps a given modality."""
-    if not (encoder.training and x.shape[0] == 1):
-        return encoder(x)
-    with batchnorm_running_statistics(encoder):
-        return encoder(x)
-
-
 def run_stages(encoder, names, x):
     """x through the named stages of the encoder, in order."""
     for name in names:
@@ -411,28 +410,31 @@ def run_stages(encoder, names, x):
     return x
 
 
+# ----------------------------------------------------------------------------------------------
+# the multimodal classifier H(.) with modality masks: a shared base and the two kinds of fusion
+
+
+def zero_absent(inputs, present):
+    """The inputs with modality i's rows zeroed where present [B, n] is False."""
+    return [x.masked_fill(~present[:, i].view(-1, *[1] * (x.dim() - 1)), 0) for i, x in enumerate(inputs)]
+
+
 class MultimodalClassifier(nn.Module):
-    """One encoder per modality and a fusion design; forward(inputs, mask) predicts from the modalities each row
-    keeps.
+    """What both kinds of classifier share: one encoder per modality, the masking, and the checks of inputs and
+    masks. A kind adds its fusion, forward(inputs, mask) -> logits [B, K], and coalition_predictor(inputs).
 
     input_specs: one (kind, channels) per modality, kind in KINDS. inputs: one tensor per modality, image
     [B, C, H, W], video [B, C, T, H, W], vector [B, D]. mask: BoolTensor [B, n], True = modality present.
+    mask_mode: one of the kind's MASKS; None takes its default, the first."""
 
-    Late fusion (FUSION_HEADS) encodes each modality on its own (encode) and fuses the pooled features (fuse).
-    CentralNet and MMTM (MIXING_FUSIONS) walk the encoders' stages in lock-step with `mixers` between them
-    (interact): MMTM rescales the streams and a Concatenation head reads their pooled features, as in the paper's
-    Concatenation baseline; CentralNet's central branch (one CentralNetLevel per level) gives the prediction."""
+    MASKS = ()  # the maskings a kind allows, its default first: the one place that decides them
 
-    def __init__(self, input_specs, num_classes, fusion="concat", mask_mode="feature", pretrained=False):
+    def __init__(self, input_specs, num_classes, fusion, mask_mode=None, pretrained=False):
         super().__init__()
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"unknown mask_mode {mask_mode!r}; expected one of {MASK_MODES}")
-        if mask_mode not in ALLOWED_MASKS[fusion]:
-            raise ValueError(f"fusion {fusion!r} mixes the modalities inside the encoders, so no modality has a "
-                             f"feature of its own to zero: mask_mode {mask_mode!r} is not defined for it; use "
-                             f"{' or '.join(repr(mode) for mode in ALLOWED_MASKS[fusion])} (zero the absent input)")
+        mask_mode = self.MASKS[0] if mask_mode is None else mask_mode
+        if mask_mode not in self.MASKS:
+            raise ValueError(f"mask_mode {mask_mode!r} is not defined for fusion {fusion!r}; use "
+                             f"{' or '.join(repr(mode) for mode in self.MASKS)}")
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         input_specs = [tuple(spec) for spec in input_specs]
@@ -445,33 +447,9 @@ class MultimodalClassifier(nn.Module):
         self.num_classes = num_classes
         self.fusion = fusion
         self.mask_mode = mask_mode
-        # True for fusions whose cross-modal modules sit between encoder stages (CentralNet, MMTM): a coalition
-        # then needs the whole network, not just the head (see coalition_predictor)
-        self.mixes_inside = fusion in MIXING_FUSIONS
         # pretrained applies to the ResNets; vector encoders start from scratch
         self.encoders = nn.ModuleList(build_encoder(kind, channels, pretrained and kind != "vector")
                                       for kind, channels in input_specs)
-        feature_dims = [encoder.out_dim for encoder in self.encoders]
-        if not self.mixes_inside:
-            self.head = FUSION_HEADS[fusion](feature_dims, num_classes)
-            return
-        # the levels: every encoder's last `levels` taps, so that the deepest features of all encoders meet
-        taps = [MIXING_TAPS[fusion][type(encoder)] for encoder in self.encoders]
-        levels = min(len(encoder_taps) for encoder_taps in taps)
-        # per encoder: the stage names of each level, then the tail after the last level
-        self.stage_groups = [split_stages(encoder, encoder_taps[-levels:])
-                             for encoder, encoder_taps in zip(self.encoders, taps)]
-        channels = [[stage_channels(encoder.stages.get_submodule(groups[level][-1]))
-                     for encoder, groups in zip(self.encoders, self.stage_groups)]
-                    for level in range(levels)]  # [levels][n]
-        if fusion == "mmtm":
-            self.mixers = nn.ModuleList(MMTM(level_channels) for level_channels in channels)
-            self.head = ConcatFusion(feature_dims, num_classes)
-        else:  # centralnet: one central width, the widest stream at any level
-            width = max(max(level_channels) for level_channels in channels)
-            self.mixers = nn.ModuleList(CentralNetLevel(level_channels, width, first=(level == 0))
-                                        for level, level_channels in enumerate(channels))
-            self.head = nn.Linear(width, num_classes)  # the central branch's classifier
 
     def check_inputs(self, inputs):
         """Raise a ValueError unless `inputs` holds one tensor per modality, shaped as its spec says."""
@@ -497,11 +475,20 @@ class MultimodalClassifier(nn.Module):
                              f"present), got {got}")
         return mask.to(device)
 
-    def check_late_fusion(self, method):
-        """Raise a ValueError for CentralNet and MMTM, which have no per-modality features for encode / fuse."""
-        if self.mixes_inside:
-            raise ValueError(f"{method}: fusion {self.fusion!r} mixes the modalities inside the encoders and has no "
-                             f"per-modality pooled features; call the model itself, forward(inputs, mask)")
+
+class LateFusionClassifier(MultimodalClassifier):
+    """Late fusion (FUSION_HEADS): each modality is encoded on its own to pooled features (encode), and the fusion
+    head maps them to logits (fuse). A coalition needs only the head: the batch is encoded once for all of them."""
+
+    # zeroing an absent modality's pooled feature (the authors' choice) is exact and cheap for late fusion; zeroing
+    # its input (the paper's definition) is offered too
+    MASKS = ("feature", "input")
+
+    def __init__(self, input_specs, num_classes, fusion, mask_mode=None, pretrained=False):
+        if fusion not in FUSION_HEADS:
+            raise ValueError(f"fusion {fusion!r} is not a late fusion; expected one of {tuple(FUSION_HEADS)}")
+        super().__init__(input_specs, num_classes, fusion, mask_mode, pretrained)
+        self.head = FUSION_HEADS[fusion]([encoder.out_dim for encoder in self.encoders], num_classes)
 
     def absent_feature(self, i, x):
         """What the head sees for modality i where it is absent, [d_i]: zeros in feature mode; in input mode, the
@@ -511,6 +498,20 @@ class MultimodalClassifier(nn.Module):
             return x.new_zeros(self.encoders[i].out_dim)
         return self.encoders[i](torch.zeros_like(x[:1]))[0]
 
+    def absent_features(self, inputs, absent_cache=None):
+        """absent_feature for every modality, one [d_i] each. absent_cache: a dict the caller keeps for one pass
+        over a data set with fixed weights, in eval mode; the absent features, which then depend only on the
+        weights and the shape of a sample, are computed once per sample shape instead of once per batch (in input
+        mode, one single-sample encoder call per modality, which costs a ResNet on a CPU about a tenth of a batch
+        of 64)."""
+        shape = tuple(tuple(x.shape[1:]) for x in inputs)
+        absent = None if absent_cache is None else absent_cache.get(shape)
+        if absent is None:
+            absent = [self.absent_feature(i, x) for i, x in enumerate(inputs)]
+            if absent_cache is not None:
+                absent_cache[shape] = absent
+        return absent
+
     def encode(self, inputs, present=None):
         """Pooled features, one [B, d_i] per modality, with absent rows replaced as mask_mode says.
 
@@ -519,27 +520,25 @@ class MultimodalClassifier(nn.Module):
         BatchNorm's batch statistics. So in feature mode an encoder's BatchNorm statistics in training come only
         from the samples in which its modality is present: uni-modal copies of other modalities do not dilute
         them with zeros, and a uni-modal copy costs about one encoder. A modality present in a single row of a
-        training batch is normalised with BatchNorm's running statistics (see run_encoder)."""
-        self.check_late_fusion("encode")
+        training batch is normalised as BatchNorm1d and BatchNorm2d say for a single sample."""
         self.check_inputs(inputs)
         batch = inputs[0].shape[0]
         present = self.check_mask(present, batch, inputs[0].device)
+        if self.mask_mode == "input" and self.training:
+            return [encoder(x) for encoder, x in zip(self.encoders, zero_absent(inputs, present))]
         features = []
         for i, (encoder, x) in enumerate(zip(self.encoders, inputs)):
             keep = present[:, i]  # [B]
             if keep.all():
-                features.append(run_encoder(encoder, x))
-            elif self.mask_mode == "input" and self.training:
-                keep_x = keep.view(-1, *[1] * (x.dim() - 1))
-                features.append(run_encoder(encoder, x.masked_fill(~keep_x, 0)))
+                features.append(encoder(x))
+                continue
+            fill = self.absent_feature(i, x)  # [d_i]
+            rows = keep.nonzero().squeeze(1)  # [B_i]
+            if len(rows) == 0:
+                features.append(fill.expand(batch, -1))
             else:
-                fill = self.absent_feature(i, x)  # [d_i]
-                rows = keep.nonzero().squeeze(1)  # [B_i]
-                if len(rows) == 0:
-                    features.append(fill.expand(batch, -1))
-                else:
-                    kept = run_encoder(encoder, x[rows])  # [B_i, d_i]
-                    features.append(fill.to(kept.dtype).expand(batch, -1).index_copy(0, rows, kept))
+                kept = encoder(x[rows])  # [B_i, d_i]
+                features.append(fill.to(kept.dtype).expand(batch, -1).index_copy(0, rows, kept))
         return features
 
     def fuse(self, features, mask=None, absent=None):
@@ -547,7 +546,6 @@ class MultimodalClassifier(nn.Module):
 
         Where mask [B, n] is False, modality i's row is first replaced by absent[i] ([d_i]; zeros when absent is
         None). Features from encode(inputs, mask) need no mask: encode has already removed the absent modalities."""
-        self.check_late_fusion("fuse")
         if len(features) != self.num_modalities:
             raise ValueError(f"features: expected {self.num_modalities} tensors, got {len(features)}")
         if mask is not None:
@@ -558,8 +556,58 @@ class MultimodalClassifier(nn.Module):
                         for i, (feature, fill) in enumerate(zip(features, absent))]
         return self.head(features)
 
+    def forward(self, inputs, mask=None):
+        return self.fuse(self.encode(inputs, mask))
+
+    def coalition_predictor(self, inputs, absent_cache=None):
+        """predict(mask) -> logits [B, K] for the coalitions in mask [B, n] (what shapley_mm.valuate calls), equal
+        to forward(inputs, mask).
+
+        In eval mode the batch is encoded once with every modality present; each call then only swaps in the
+        absent features (absent_features, with absent_cache) and runs the fusion head. In training mode, where
+        BatchNorm's batch statistics depend on which rows are present, each call is a forward of the whole batch."""
+        if self.training:
+            return lambda mask: self(inputs, mask)
+        features = self.encode(inputs)
+        absent = self.absent_features(inputs, absent_cache)
+        return lambda mask: self.fuse(features, mask, absent)
+
+
+class InteractionClassifier(MultimodalClassifier):
+    """CentralNet and MMTM (MIXING_TAPS): the encoders' stages are walked in lock-step with `mixers` between them
+    (interact). MMTM rescales the streams and a Concatenation head reads their pooled features, as in the paper's
+    Concatenation baseline; CentralNet's central branch (one CentralNetLevel per level) gives the prediction.
+    Every coalition needs the whole network."""
+
+    # the modalities mix inside the encoders, where a modality has no feature of its own to zero: removing it means
+    # zeroing its input (the paper's definition)
+    MASKS = ("input",)
+
+    def __init__(self, input_specs, num_classes, fusion, mask_mode=None, pretrained=False):
+        if fusion not in MIXING_TAPS:
+            raise ValueError(f"fusion {fusion!r} is not an interaction fusion; expected one of {tuple(MIXING_TAPS)}")
+        super().__init__(input_specs, num_classes, fusion, mask_mode, pretrained)
+        # the levels: every encoder's last `levels` taps, so that the deepest features of all encoders meet
+        taps = [MIXING_TAPS[fusion][type(encoder)] for encoder in self.encoders]
+        levels = min(len(encoder_taps) for encoder_taps in taps)
+        # per encoder: the stage names of each level, then the tail after the last level
+        self.stage_groups = [split_stages(encoder, encoder_taps[-levels:])
+                             for encoder, encoder_taps in zip(self.encoders, taps)]
+        channels = [[stage_channels(encoder.stages.get_submodule(groups[level][-1]))
+                     for encoder, groups in zip(self.encoders, self.stage_groups)]
+                    for level in range(levels)]  # [levels][n]
+        feature_dims = [encoder.out_dim for encoder in self.encoders]
+        if fusion == "mmtm":
+            self.mixers = nn.ModuleList(MMTM(level_channels) for level_channels in channels)
+            self.head = ConcatFusion(feature_dims, num_classes)
+        else:  # centralnet: one central width, the widest stream at any level
+            width = max(max(level_channels) for level_channels in channels)
+            self.mixers = nn.ModuleList(CentralNetLevel(level_channels, width, first=(level == 0))
+                                        for level, level_channels in enumerate(channels))
+            self.head = nn.Linear(width, num_classes)  # the central branch's classifier
+
     def interact(self, inputs):
-        """Logits [B, K] of CentralNet / MMTM for inputs in which the absent modalities are already zeroed.
+        """Logits [B, K] for inputs in which the absent modalities are already zeroed.
 
         The encoders' stages are walked in lock-step, level by level (stage_groups); after each level, MMTM
         rescales every stream, and CentralNet's central branch takes its next step from its state and the streams.
@@ -584,46 +632,36 @@ class MultimodalClassifier(nn.Module):
         return self.head(features)  # [B, K]
 
     def forward(self, inputs, mask=None):
-        if not self.mixes_inside:
-            return self.fuse(self.encode(inputs, mask))
-        # CentralNet, MMTM: an absent modality's input is zeroed and the whole batch runs through every encoder
+        # an absent modality's input is zeroed and the whole batch runs through every encoder
         self.check_inputs(inputs)
-        batch = inputs[0].shape[0]
-        present = self.check_mask(mask, batch, inputs[0].device)
-        zeroed = [x.masked_fill(~present[:, i].view(-1, *[1] * (x.dim() - 1)), 0) for i, x in enumerate(inputs)]
-        if self.training and batch == 1:  # no batch statistics for one row (see run_encoder)
-            with batchnorm_running_statistics(self):
-                return self.interact(zeroed)
-        return self.interact(zeroed)
+        present = self.check_mask(mask, inputs[0].shape[0], inputs[0].device)
+        return self.interact(zero_absent(inputs, present))
 
     def coalition_predictor(self, inputs, absent_cache=None):
-        """predict(mask) -> logits [B, K] for the coalitions in mask [B, n] (what shapley_mm.valuate calls).
+        """predict(mask) -> logits [B, K] for the coalitions in mask [B, n] (what shapley_mm.valuate calls): each
+        call is forward(inputs, mask), one batched run of the whole network. absent_cache is accepted for the
+        callers' sake and not used: no part of the network is shared between coalitions."""
+        return lambda mask: self(inputs, mask)
 
-        Late fusion: the batch is encoded once with every modality present; each call then only swaps in the
-        absent features (zeros, or the constant zero-input feature in input mode) and runs the fusion head.
-        CentralNet and MMTM, which mix modalities inside the encoders, and a model in training mode (where
-        BatchNorm's batch statistics depend on which rows are present), run the whole network per call instead,
-        as one batched forward of the whole batch. Either way predict(mask) equals forward(inputs, mask).
 
-        absent_cache: a dict the caller keeps for one pass over a data set with fixed weights; the absent
-        features, which in eval mode depend only on the weights and the shape of a sample, are then computed once
-        per sample shape instead of once per batch (in input mode, one single-sample encoder call per modality,
-        which costs a ResNet on a CPU about a tenth of a batch of 64)."""
-        if self.mixes_inside or self.training:
-            return lambda mask: self(inputs, mask)
-        features = self.encode(inputs)
-        shape = tuple(tuple(x.shape[1:]) for x in inputs)
-        absent = None if absent_cache is None else absent_cache.get(shape)
-        if absent is None:
-            absent = [self.absent_feature(i, x) for i, x in enumerate(inputs)]
-            if absent_cache is not None:
-                absent_cache[shape] = absent
-        return lambda mask: self.fuse(features, mask, absent)
+# fusion -> the kind of classifier that builds it, in the order of Tables 1 and 3
+CLASSIFIERS = {**dict.fromkeys(FUSION_HEADS, LateFusionClassifier), **dict.fromkeys(MIXING_TAPS, InteractionClassifier)}
+FUSIONS = tuple(CLASSIFIERS)
+
+
+def classifier_kind(fusion):
+    """The classifier class of a fusion; a ValueError for an unknown one."""
+    if fusion not in CLASSIFIERS:
+        raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+    return CLASSIFIERS[fusion]
+
+
+def allowed_masks(fusion):
+    """The maskings a fusion allows, its default first (its kind's MASKS)."""
+    return classifier_kind(fusion).MASKS
 
 
 def build_model(input_specs, num_classes, fusion="concat", mask_mode=None, pretrained=False):
-    """A MultimodalClassifier; mask_mode None takes the fusion's default (DEFAULT_MASK)."""
-    if fusion not in FUSIONS:
-        raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
-    mask_mode = DEFAULT_MASK[fusion] if mask_mode is None else mask_mode
-    return MultimodalClassifier(input_specs, num_classes, fusion, mask_mode, pretrained)
+    """The classifier of a fusion: a LateFusionClassifier or an InteractionClassifier. mask_mode None takes the
+    fusion's default, allowed_masks(fusion)[0]; a mask_mode the fusion does not allow is a ValueError."""
+    return classifier_kind(fusion)(input_specs, num_classes, fusion, mask_mode, pretrained)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from torchvision.io import write_jpeg
 
 import data
@@ -811,3 +811,36 @@ def test_cremad_errors(tmp_path):
     (tmp_path / "val.csv").unlink()
     with pytest.raises(data.DataError, match="val.csv: CREMA-D list not found"):
         build("val")
+
+
+# ----------------------------------------------------------------------------------------------
+# the batches of a re-sampled epoch
+
+
+def batches_of(dataset, batch_size, seed):
+    sampler = data.TrainingBatches(dataset, batch_size, torch.Generator().manual_seed(seed))
+    return sampler, list(sampler)
+
+
+def test_training_batches_are_torchs_shuffle_when_no_batch_leaves_a_modality_to_one_sample():
+    base = data.SyntheticDataset("train", train_size=40, size=8)
+    epoch = data.ResampledDataset(base, torch.arange(10), torch.arange(10) % 2)  # 50 items
+    sampler, batches = batches_of(epoch, 16, seed=0)
+    reference = list(BatchSampler(RandomSampler(epoch, generator=torch.Generator().manual_seed(0)), 16, False))
+    assert batches == reference and len(sampler) == 4
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_training_batches_never_leave_a_modality_to_one_sample(seed):
+    base = data.SyntheticDataset("train", num_modalities=3, train_size=6, size=8)
+    copy_index = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 5])
+    epoch = data.ResampledDataset(base, copy_index, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2]))  # 15 items
+    sampler, batches = batches_of(epoch, 2, seed)
+    assert sorted(k for batch in batches for k in batch) == list(range(15))  # every item once
+    assert len(sampler) == len(batches)
+    samples = torch.cat([torch.arange(6), copy_index])
+    for batch in batches:
+        masks = torch.stack([epoch[k][3] for k in batch])  # [b, 3]
+        for i in range(3):
+            kept_by = set(samples[torch.tensor(batch)][masks[:, i]].tolist())
+            assert len(kept_by) != 1, (batch, i)

@@ -16,16 +16,7 @@ SHAPES = {("image", 1): (1, 32, 32), ("image", 3): (3, 32, 32), ("video", 3): (3
 TWO = [("image", 1), ("vector", 6)]
 THREE = [("image", 1), ("vector", 6), ("vector", 4)]
 # every fusion with every masking it allows (CentralNet and MMTM: input masking only)
-FUSION_MASKS = [(fusion, mask_mode) for fusion in models.FUSIONS for mask_mode in models.ALLOWED_MASKS[fusion]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is far faster than two threads contending for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+FUSION_MASKS = [(fusion, mask_mode) for fusion in models.FUSIONS for mask_mode in models.allowed_masks(fusion)]
 
 
 def make_inputs(specs, batch=6):
@@ -78,7 +69,7 @@ def test_video_encoder_averages_frame_features():
 def test_model_output_shape_with_every_kind():
     torch.manual_seed(0)
     specs = [("image", 1), ("image", 3), ("video", 3), ("video", 2), ("vector", 6)]
-    model = models.MultimodalClassifier(specs, num_classes=7)
+    model = models.build_model(specs, num_classes=7)
     assert (model.num_modalities, model.num_classes, model.fusion, model.mask_mode) == (5, 7, "concat", "feature")
     assert model.input_specs == specs
     mask = torch.rand(4, 5) > 0.5
@@ -86,17 +77,17 @@ def test_model_output_shape_with_every_kind():
     assert model(make_inputs(specs, batch=4), mask).shape == (4, 7)
 
 
-@pytest.mark.parametrize("mask_mode", models.MASK_MODES)
+@pytest.mark.parametrize("mask_mode", models.LateFusionClassifier.MASKS)
 def test_all_ones_mask_equals_no_mask(mask_mode):
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(THREE, 5, mask_mode=mask_mode).eval()
+    model = models.build_model(THREE, 5, mask_mode=mask_mode).eval()
     inputs = make_inputs(THREE)
     assert torch.equal(model(inputs, torch.ones(6, 3, dtype=torch.bool)), model(inputs))
 
 
 def test_feature_masked_modality_gets_zero_gradient():
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5, fusion="concat", mask_mode="feature")
+    model = models.build_model(TWO, 5, fusion="concat", mask_mode="feature")
     inputs, target = make_inputs(TWO), torch.randint(0, 5, (6,))
     mask = torch.ones(6, 2, dtype=torch.bool)
     mask[:3, 1] = False  # rows 0-2 drop the vector modality
@@ -109,7 +100,7 @@ def test_feature_masked_modality_gets_zero_gradient():
 
 def test_encode_skips_encoders_of_absent_modalities():
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(THREE, 5)
+    model = models.build_model(THREE, 5)
     calls = [count_calls(encoder) for encoder in model.encoders]
     mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 0]], dtype=torch.bool)
     features = model.encode(make_inputs(THREE), mask)
@@ -119,7 +110,7 @@ def test_encode_skips_encoders_of_absent_modalities():
 
 def test_feature_mode_sub_batch_rows_equal_full_batch_in_eval():
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5).eval()
+    model = models.build_model(TWO, 5).eval()
     inputs = make_inputs(TWO)
     mask = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
     full, masked = model.encode(inputs), model.encode(inputs, mask)
@@ -130,8 +121,8 @@ def test_feature_mode_sub_batch_rows_equal_full_batch_in_eval():
 
 def test_feature_mode_batchnorm_statistics_come_from_present_rows():
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5).train()
-    reference = models.MultimodalClassifier(TWO, 5).train()
+    model = models.build_model(TWO, 5).train()
+    reference = models.build_model(TWO, 5).train()
     reference.load_state_dict(model.state_dict())
     inputs = make_inputs(TWO)
     mask = torch.tensor([[1, 1], [1, 0], [1, 0], [1, 1], [1, 0], [1, 1]], dtype=torch.bool)
@@ -150,7 +141,7 @@ def zeroed(inputs, mask):
 def test_input_mode_eval_constant_feature_equals_zeroed_inputs(fusion):
     torch.manual_seed(0)
     specs = [("image", 1), ("video", 2), ("vector", 6)]
-    model = models.MultimodalClassifier(specs, 5, fusion=fusion, mask_mode="input")
+    model = models.build_model(specs, 5, fusion=fusion, mask_mode="input")
     model(make_inputs(specs, batch=8))  # BatchNorm statistics away from (0, 1): a fresh ResNet maps zeros to zeros
     model.eval()
     inputs = make_inputs(specs)
@@ -164,7 +155,7 @@ def test_input_mode_eval_constant_feature_equals_zeroed_inputs(fusion):
 
 def test_input_mode_training_runs_encoders_on_zeroed_inputs():
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5, mask_mode="input").train()
+    model = models.build_model(TWO, 5, mask_mode="input").train()
     inputs = make_inputs(TWO)
     mask = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
     calls = count_calls(model.encoders[0])
@@ -186,17 +177,18 @@ def explicitly_masked_logits(model, inputs, mask):
 @pytest.mark.parametrize("fusion, mask_mode", FUSION_MASKS)
 def test_coalition_predictor_equals_explicitly_masked_network(fusion, mask_mode, specs):
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(specs, 5, fusion=fusion, mask_mode=mask_mode)
+    model = models.build_model(specs, 5, fusion=fusion, mask_mode=mask_mode)
     model(make_inputs(specs, batch=8))  # one training step's worth of BatchNorm statistics
     model.eval()
     inputs = make_inputs(specs)
     # late fusion: the encoders run as a whole; CentralNet, MMTM: their stages run in lock-step
-    calls = count_calls(model.encoders[0].stages[0] if model.mixes_inside else model.encoders[0])
+    interaction = isinstance(model, models.InteractionClassifier)
+    calls = count_calls(model.encoders[0].stages[0] if interaction else model.encoders[0])
     masks = list(coalition_masks(len(specs), batch=6)) + [torch.rand(6, len(specs)) > 0.5]  # last: mixed rows
     with torch.no_grad():
         predict = model.coalition_predictor(inputs)
         predicted = [predict(mask) for mask in masks]
-        if model.mixes_inside:  # the whole network per coalition, each time one call over the whole batch
+        if interaction:  # the whole network per coalition, each time one call over the whole batch
             assert calls == [6] * len(masks)
         else:  # the batch (and, in input mode, one zero sample) encoded once; only the head per coalition
             assert calls == ([6] if mask_mode == "feature" else [6, 1])
@@ -208,7 +200,7 @@ def test_coalition_predictor_equals_explicitly_masked_network(fusion, mask_mode,
                                                ("mmtm", "input")])
 def test_coalition_predictor_in_training_mode_equals_forward(fusion, mask_mode):
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5, fusion=fusion, mask_mode=mask_mode).train()
+    model = models.build_model(TWO, 5, fusion=fusion, mask_mode=mask_mode).train()
     inputs = make_inputs(TWO)
     predict = model.coalition_predictor(inputs)
     mixed = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)  # uni-modal copies
@@ -221,7 +213,7 @@ def test_coalition_predictor_in_training_mode_equals_forward(fusion, mask_mode):
 
 def test_coalition_predictor_absent_cache_encodes_the_zero_sample_once_per_pass():
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5, fusion="concat", mask_mode="input")
+    model = models.build_model(TWO, 5, fusion="concat", mask_mode="input")
     model(make_inputs(TWO, batch=8))  # BatchNorm statistics of one training step
     model.eval()
     batches = [make_inputs(TWO) for _ in range(3)]
@@ -240,7 +232,7 @@ def test_coalition_predictor_absent_cache_encodes_the_zero_sample_once_per_pass(
 
 def test_decision_fusion_averages_the_classifiers_over_zeroed_features():
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(THREE, 5, fusion="decision").eval()
+    model = models.build_model(THREE, 5, fusion="decision").eval()
     inputs = make_inputs(THREE)
     features = model.encode(inputs)
     mask = torch.tensor([[1, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=torch.bool)
@@ -280,11 +272,11 @@ INTERACTION_SPECS = [
 
 
 @pytest.mark.parametrize("specs, levels", INTERACTION_SPECS, ids=["image+video", "video+image+vector", "vector+vector"])
-@pytest.mark.parametrize("fusion", models.MIXING_FUSIONS)
+@pytest.mark.parametrize("fusion", models.MIXING_TAPS)
 def test_interaction_fusion_shapes_and_levels(fusion, specs, levels):
     torch.manual_seed(0)
     model = models.build_model(specs, 7, fusion=fusion)
-    assert model.mixes_inside and model.mask_mode == "input" and len(model.mixers) == levels[fusion]
+    assert isinstance(model, models.InteractionClassifier) and model.mask_mode == "input" and len(model.mixers) == levels[fusion]
     inputs = make_inputs(specs, batch=3)
     mask = torch.tensor([[True] * len(specs), [True] + [False] * (len(specs) - 1), [False] + [True] * (len(specs) - 1)])
     assert model(inputs).shape == (3, 7) and model(inputs, mask).shape == (3, 7)
@@ -296,26 +288,26 @@ def test_interaction_fusion_shapes_and_levels(fusion, specs, levels):
             assert torch.allclose(alone, together[row:row + 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("fusion", models.MIXING_FUSIONS)
-def test_interaction_fusions_refuse_feature_masking(fusion):
-    with pytest.raises(ValueError, match="'input'"):
-        models.MultimodalClassifier(TWO, 5, fusion=fusion, mask_mode="feature")
-    with pytest.raises(ValueError, match="'input'"):
-        models.build_model(TWO, 5, fusion=fusion, mask_mode="feature")
-    model = models.build_model(TWO, 5, fusion=fusion)
-    assert model.mask_mode == "input"
-    inputs = make_inputs(TWO)
-    with pytest.raises(ValueError, match="forward"):
-        model.encode(inputs)
-    with pytest.raises(ValueError, match="forward"):
-        model.fuse([torch.randn(6, 512), torch.randn(6, 128)])
+@pytest.mark.parametrize("fusion", models.FUSIONS)
+def test_each_fusion_allows_its_maskings_default_first(fusion):
+    vectors = [("vector", 6), ("vector", 4)]
+    # late fusion: feature masking (the authors' code) by default, input masking too; interaction: input only
+    expected = ("input",) if fusion in models.MIXING_TAPS else ("feature", "input")
+    assert models.allowed_masks(fusion) == expected
+    assert models.build_model(vectors, 5, fusion=fusion).mask_mode == expected[0]
+    for mask_mode in ("feature", "input"):
+        if mask_mode in expected:
+            assert models.build_model(vectors, 5, fusion=fusion, mask_mode=mask_mode).mask_mode == mask_mode
+        else:
+            with pytest.raises(ValueError, match=f"mask_mode '{mask_mode}' is not defined for fusion '{fusion}'"):
+                models.build_model(vectors, 5, fusion=fusion, mask_mode=mask_mode)
 
 
 @pytest.mark.parametrize("fusion, mask_mode", FUSION_MASKS)
 def test_gradients_reach_every_encoder(fusion, mask_mode):
     torch.manual_seed(0)
     specs = [("video", 2), ("image", 1), ("vector", 6)]
-    model = models.MultimodalClassifier(specs, 5, fusion=fusion, mask_mode=mask_mode).train()
+    model = models.build_model(specs, 5, fusion=fusion, mask_mode=mask_mode).train()
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [1, 0, 1]], dtype=torch.bool)
     F.cross_entropy(model(make_inputs(specs), mask), torch.randint(0, 5, (6,))).backward()
     assert all(p.grad is not None for p in model.parameters())  # every encoder stage, mixer and head took part
@@ -366,8 +358,8 @@ def test_centralnet_ignores_a_modality_whose_weights_are_zero():
         assert torch.allclose(model(changed), model(inputs), atol=1e-6)
 
 
-@pytest.mark.parametrize("fusion", models.MIXING_FUSIONS)
-def test_interaction_fusion_trains_a_single_row_on_running_statistics(fusion):
+@pytest.mark.parametrize("fusion", models.MIXING_TAPS)
+def test_interaction_fusion_trains_a_batch_of_one_sample(fusion):
     torch.manual_seed(0)
     model = models.build_model(TWO, 3, fusion=fusion).train()
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -376,7 +368,6 @@ def test_interaction_fusion_trains_a_single_row_on_running_statistics(fusion):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.equal(norm.running_mean, before) for norm, before in zip(norms, running))
-    assert all(norm.training for norm in norms)
 
 
 def test_adapt_first_conv_averages_rgb_kernels():
@@ -407,7 +398,7 @@ def test_pretrained_starts_from_the_imagenet_state(monkeypatch):
     assert torch.equal(flow.stages.stem[0].weight, models.adapt_first_conv(imagenet["conv1.weight"], 2))
     assert torch.equal(flow.stages.layer3[1].conv2.weight, imagenet["layer3.1.conv2.weight"])
     assert torch.equal(flow.stages.stem[1].running_var, imagenet["bn1.running_var"])
-    rgb = models.MultimodalClassifier([("image", 3), ("vector", 6)], 5, pretrained=True)
+    rgb = models.build_model([("image", 3), ("vector", 6)], 5, pretrained=True)
     assert torch.equal(rgb.encoders[0].stages.stem[0].weight, imagenet["conv1.weight"])
 
 
@@ -424,7 +415,7 @@ def test_pretrained_without_weights_raises_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("fusion, mask_mode", FUSION_MASKS)
 def test_every_fusion_trains(fusion, mask_mode):
     torch.manual_seed(0)
-    model = models.MultimodalClassifier(TWO, 5, fusion=fusion, mask_mode=mask_mode).train()
+    model = models.build_model(TWO, 5, fusion=fusion, mask_mode=mask_mode).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     inputs, target = make_inputs(TWO, batch=8), torch.randint(0, 5, (8,))
     mask = torch.ones(8, 2, dtype=torch.bool)
@@ -441,33 +432,30 @@ def test_every_fusion_trains(fusion, mask_mode):
     assert any(not torch.equal(b, p) for b, p in zip(before, model.head.parameters()))
 
 
-def test_default_mask_names_an_allowed_mode_for_every_fusion():
-    assert models.FUSIONS == ("concat", "sum", "decision", "film", "gated", "centralnet", "mmtm")
-    assert set(models.DEFAULT_MASK) == set(models.ALLOWED_MASKS) == set(models.FUSIONS)
-    assert all(models.DEFAULT_MASK[fusion] in models.ALLOWED_MASKS[fusion] for fusion in models.FUSIONS)
-    assert all(models.ALLOWED_MASKS[fusion] == models.MASK_MODES for fusion in models.FUSION_HEADS)
-    assert models.build_model(TWO, 5, fusion="gated").mask_mode == models.DEFAULT_MASK["gated"] == "feature"
-    assert models.build_model(TWO, 5, fusion="mmtm").mask_mode == models.DEFAULT_MASK["mmtm"] == "input"
-
-
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="concat"):
-        models.MultimodalClassifier(TWO, 5, fusion="attention")
+        models.build_model(TWO, 5, fusion="attention")
+    with pytest.raises(ValueError, match="unknown fusion"):
+        models.allowed_masks("attention")
+    with pytest.raises(ValueError, match="not a late fusion"):
+        models.LateFusionClassifier(TWO, 5, fusion="mmtm")
+    with pytest.raises(ValueError, match="not an interaction fusion"):
+        models.InteractionClassifier(TWO, 5, fusion="concat")
     with pytest.raises(ValueError, match="feature"):
-        models.MultimodalClassifier(TWO, 5, mask_mode="dropout")
+        models.build_model(TWO, 5, mask_mode="dropout")
     with pytest.raises(ValueError, match="image"):
-        models.MultimodalClassifier([("audio", 1)], 5)
+        models.build_model([("audio", 1)], 5)
     with pytest.raises(ValueError, match="channels"):
         models.build_encoder("image", 0)
     with pytest.raises(ValueError, match="num_classes"):
-        models.MultimodalClassifier(TWO, 1)
+        models.build_model(TWO, 1)
     with pytest.raises(ValueError, match="pretrained"):
         models.build_encoder("vector", 6, pretrained=True)
     with pytest.raises(ValueError, match="pretrained"):
-        models.MultimodalClassifier([("vector", 6), ("vector", 4)], 5, pretrained=True)
+        models.build_model([("vector", 6), ("vector", 4)], 5, pretrained=True)
     with pytest.raises(ValueError, match="input_specs"):
-        models.MultimodalClassifier([], 5)
-    model = models.MultimodalClassifier(TWO, 5)
+        models.build_model([], 5)
+    model = models.build_model(TWO, 5)
     inputs = make_inputs(TWO)
     with pytest.raises(ValueError, match="2 tensors"):
         model(inputs[:1])
@@ -481,10 +469,10 @@ def test_bad_arguments_raise():
         model(inputs, torch.ones(6, 2))
 
 
-def test_a_single_present_row_trains_on_running_statistics():
-    """A re-sampled batch can hold one row that keeps a modality: BatchNorm has no batch statistics for it."""
+def test_a_single_present_row_of_a_vector_trains_on_running_statistics():
+    """A re-sampled batch can hold one row that keeps a modality: an MLP's BatchNorm has no statistics for it."""
     torch.manual_seed(0)
-    model = models.MultimodalClassifier([("vector", 6), ("vector", 5)], num_classes=3)
+    model = models.build_model([("vector", 6), ("vector", 5)], num_classes=3)
     model.train()
     inputs = [torch.randn(4, 6), torch.randn(4, 5)]
     mask = torch.tensor([[True, True], [False, True], [False, True], [False, True]])  # modality 0 in one row
@@ -495,6 +483,53 @@ def test_a_single_present_row_trains_on_running_statistics():
     assert torch.isfinite(loss)
     assert torch.equal(norm.running_mean, running_mean)  # the lone row does not update the statistics
     assert model.encoders[0].stages.layer1[0].weight.grad.abs().sum() > 0
-    assert norm.training  # switched back after the lone row
     # a whole training batch of one sample goes through too
     model(inputs=[x[:1] for x in inputs]).sum().backward()
+
+
+# (ours, torch's, input shape): more than one sample, a single sample with H * W values per channel, a single
+# sample with one value per channel
+BATCHNORM_CASES = [(models.BatchNorm2d, torch.nn.BatchNorm2d, (3, 4, 2, 5)),
+                   (models.BatchNorm2d, torch.nn.BatchNorm2d, (1, 4, 2, 5)),
+                   (models.BatchNorm2d, torch.nn.BatchNorm2d, (1, 4, 1, 1)),
+                   (models.BatchNorm1d, torch.nn.BatchNorm1d, (3, 4)),
+                   (models.BatchNorm1d, torch.nn.BatchNorm1d, (1, 4))]
+
+
+@pytest.mark.parametrize("ours, theirs, shape", BATCHNORM_CASES, ids=lambda case: str(case))
+def test_batchnorm_normalises_a_single_sample_without_updating_the_running_statistics(ours, theirs, shape):
+    """torch's BatchNorm in training, except that a single sample is normalised with its own statistics (torch in
+    training) where it has more than one value per channel, with the running statistics (torch in eval mode) where
+    it has one, and leaves the running statistics as they are."""
+    torch.manual_seed(0)
+    norm, reference = ours(4), theirs(4)
+    state = {name: torch.rand_like(value) + 0.5 for name, value in norm.state_dict().items() if value.dim() == 1}
+    norm.load_state_dict(state, strict=False)
+    reference.load_state_dict(state, strict=False)
+    x = 3 * torch.randn(shape) + 1
+    single, values_per_channel = shape[0] == 1, x.numel() // shape[1]
+    reference.train(not (single and values_per_channel == 1))
+    assert torch.allclose(norm.train()(x), reference(x), atol=1e-5)
+    expected = state if single else reference.state_dict()
+    assert torch.equal(norm.running_mean, expected["running_mean"])
+    assert torch.equal(norm.running_var, expected["running_var"])
+
+
+def test_single_present_rows_after_a_short_warm_up_keep_the_loss_sane():
+    """Re-sampled batches in which a ResNet modality has a single present row, right after a warm-up of two steps:
+    that row normalised with the barely initialised running statistics of every layer drove the loss to 1e5, then
+    nan; with its own statistics over H, W it stays about log 2."""
+    torch.manual_seed(0)
+    model = models.build_model([("image", 1), ("image", 3)], 2).train()  # spectrograms and images
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    labels = torch.tensor([0, 1, 0, 1])
+    inputs = [torch.randn(4, 1, 64, 32) + labels.view(4, 1, 1, 1), torch.randn(4, 3, 32, 32)]
+    both, first, second = [True, True], [True, False], [False, True]
+    steps = [([0, 1], [both, both]), ([2, 3], [both, both]),  # the warm-up
+             ([0, 1], [both, second]), ([1, 2], [first, both]), ([3, 0], [first, second])]  # lone rows
+    for rows, mask in steps:
+        loss = F.cross_entropy(model([x[rows] for x in inputs], torch.tensor(mask)), labels[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert loss.item() < 5, (rows, mask)

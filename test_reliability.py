@@ -314,3 +314,20 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkey
     monkeypatch.setattr(train, "train_one_epoch", original)
     train.main(["--resume", str(last)])
     assert [r["epoch"] for r in logged(tmp_path / "run")] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sample_mode_trains_on_a_tiny_audio_visual_tree_with_batches_of_two(tmp_path, seed):
+    # 4 clips per split, batch 2, warm-up 1: batches of an original and a copy of another modality used to leave
+    # a ResNet with one row, normalised by barely estimated running statistics, and the loss went to nan
+    lists = {split: [(f"{split}{k}", k % 2) for k in range(4)] for split in ("train", "val", "test")}
+    make_ks_tree(tmp_path / "ks", lists)
+    generator = np.random.default_rng(seed)
+    for path in (tmp_path / "ks").glob("ks_audio/*/*.npy"):
+        np.save(path, generator.standard_normal((16, 8)).astype(np.float32))
+    results = train.main(["--dataset", "ks", "--data-root", str(tmp_path / "ks"), "--mode", "sample",
+                          "--batch-size", "2", "--warmup", "1", "--epochs", "5", "--image-size", "32", "--workers", "0",
+                          "--gpu", "-1", "--seed", str(seed), "--out", str(tmp_path / "run")])
+    log = train.load_log(tmp_path / "run" / "log.jsonl")
+    assert results is not None and len(log) == 5 and sum(log[-1]["copies"]) > 0
+    assert all(np.isfinite(record["train_loss"]) for record in log)

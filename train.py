@@ -147,7 +147,7 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g.add_argument("--mode", default="sample", choices=MODES,
                    help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4) (default: %(default)s)")
     g.add_argument("--fusion", default="concat", choices=models.FUSIONS, help="fusion design (concat is the paper's) (default: %(default)s)")
-    g.add_argument("--mask", choices=models.MASK_MODES,
+    g.add_argument("--mask", choices=("feature", "input"),
                    help="how a modality is removed: zero its encoder feature (the authors' code) or its input (the "
                         "paper's text); default: the fusion's own, feature for late fusion, input for fusions that "
                         "mix modalities inside the network")
@@ -214,11 +214,11 @@ def make_args(**settings):
 
 def check_args(args):
     """Refuse combinations of flags no run can use, in one line; warn about ones that do nothing."""
-    allowed = models.ALLOWED_MASKS[args.fusion]
+    allowed = models.allowed_masks(args.fusion)  # the fusion's default first
     args.mask = args.mask or allowed[0]
     if args.mask not in allowed:
-        raise TrainingError(f"--fusion {args.fusion} mixes the modalities inside the encoders: a modality is removed "
-                            f"by zeroing its input (--mask input), not its feature (--mask {args.mask})")
+        raise TrainingError(f"--mask {args.mask} is not defined for --fusion {args.fusion}, which mixes the modalities "
+                            f"inside the network; use --mask {' or '.join(allowed)} (zero the absent input)")
     num_modalities = {"mfeat": len(args.views), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
     if args.mode != "baseline" and num_modalities < 2:
         raise TrainingError(f"--mode {args.mode} re-samples one modality against the others and needs at least two "
@@ -673,7 +673,9 @@ def train(args, given=()):
 
             copy_index, copy_modality = shapley_mm.expand_copies(copies)
             epoch_set = data.ResampledDataset(train_set, copy_index, copy_modality)  # D^rs = D + copies
-            loader = DataLoader(epoch_set, shuffle=True, generator=generator, **loader_kwargs)
+            batches = data.TrainingBatches(epoch_set, args.batch_size, generator)  # no encoder sees a lone sample
+            loader = DataLoader(epoch_set, batch_sampler=batches, generator=generator, num_workers=args.workers,
+                                pin_memory=device.type == "cuda")
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_samples = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args.amp)
             scheduler.step()
