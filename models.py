@@ -30,6 +30,7 @@ then normalise that sample with its own statistics over H, W wherever it has mor
 with the running statistics elsewhere (an MLP layer, a 1 x 1 map).
 """
 
+import hashlib
 from collections import OrderedDict
 
 import torch
@@ -96,19 +97,32 @@ def adapt_first_conv(weight, channels):
     return weight.mean(dim=1, keepdim=True).repeat(1, channels, 1, 1)
 
 
-def load_imagenet_resnet18_state():
-    """The state dict of torchvision's ImageNet ResNet-18 (ResNet18_Weights.IMAGENET1K_V1), read from the torch hub
-    cache or downloaded into it; a RuntimeError says where to put the file when it can be neither."""
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+IMAGENET_RESNET18_URL = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url  # .../resnet18-f37072fd.pth
+
+
+def load_imagenet_resnet18_state(path=None):
+    """The state dict of torchvision's ImageNet ResNet-18 (ResNet18_Weights.IMAGENET1K_V1): from `path`, a copy of
+    that file downloaded beforehand, whose SHA-256 must begin with the 8 hex digits torchvision's file name gives
+    (as torch.hub checks); or, with path None, from the torch hub cache, downloaded into it if needed. A
+    RuntimeError says what is wrong and where to put the file."""
+    url = IMAGENET_RESNET18_URL
     file_name = url.rsplit("/", 1)[-1]
+    if path is not None:
+        expected = file_name.rsplit("-", 1)[-1].split(".")[0]
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if not digest.startswith(expected):
+            raise RuntimeError(f"{path}: SHA-256 {digest[:8]}... is not that of torchvision's ImageNet ResNet-18 "
+                               f"({expected}...); download {url}")
+        return torch.load(path, map_location="cpu", weights_only=True)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     except Exception as error:  # no network, a failed download, or a corrupt cached file
         cache_path = f"{torch.hub.get_dir()}/checkpoints/{file_name}"
         raise RuntimeError(
-            f"pretrained=True: could not load the ImageNet ResNet-18 weights ({error}). Without network access, "
-            f"download {url} on another machine and place it at {cache_path} (torch hub's cache; set TORCH_HOME to "
-            f"move it), or train with pretrained=False") from error
+            f"could not load the ImageNet ResNet-18 weights ({error}). Without network access, download {url} on "
+            f"another machine and pass it with --weights FILE (or place it at {cache_path}, torch hub's cache), or "
+            f"train without --pretrained") from error
 
 
 class ResNetEncoder(nn.Module):
@@ -123,8 +137,8 @@ class ResNetEncoder(nn.Module):
         net = torchvision.models.resnet18(weights=None, norm_layer=BatchNorm2d)
         if channels != 3:
             net.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        if pretrained:
-            state = load_imagenet_resnet18_state()
+        if pretrained:  # True: torch hub's copy; a path: a local copy of the same file
+            state = load_imagenet_resnet18_state(None if pretrained is True else pretrained)
             state["conv1.weight"] = adapt_first_conv(state["conv1.weight"], channels)
             net.load_state_dict(state)
         self.video = video
@@ -448,7 +462,7 @@ class MultimodalClassifier(nn.Module):
         self.fusion = fusion
         self.mask_mode = mask_mode
         # pretrained applies to the ResNets; vector encoders start from scratch
-        self.encoders = nn.ModuleList(build_encoder(kind, channels, pretrained and kind != "vector")
+        self.encoders = nn.ModuleList(build_encoder(kind, channels, pretrained if kind != "vector" else False)
                                       for kind, channels in input_specs)
 
     def check_inputs(self, inputs):

@@ -1,12 +1,16 @@
 """Reliability of train.py: deterministic runs, exact resume, atomic checkpoints, and one clear line
 for every kind of bad input (the file or flag at fault and what was expected), with nothing already
 written lost."""
+import hashlib
+import json
 import os
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 
+import models
 import train
 from conftest import MFEAT, KS_LISTS, MMDEBIASED_TABLE, logged, make_ks_tree, make_mmdebiased_tree, make_ucf_tree
 
@@ -331,3 +335,28 @@ def test_sample_mode_trains_on_a_tiny_audio_visual_tree_with_batches_of_two(tmp_
     log = train.load_log(tmp_path / "run" / "log.jsonl")
     assert results is not None and len(log) == 5 and sum(log[-1]["copies"]) > 0
     assert all(np.isfinite(record["train_loss"]) for record in log)
+
+
+def test_pretrained_weights_from_a_local_file_with_its_checksum(tmp_path, capsys, monkeypatch):
+    fake = tmp_path / "resnet18.pth"
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(state, fake)
+    flags = ["--dataset", "synthetic", "--synthetic-samples", "6", "--synthetic-size", "8", "--mode", "baseline",
+             "--epochs", "1", "--gpu", "-1", "--pretrained", "--weights", str(fake)]
+    message = fails(capsys, flags + ["--out", str(tmp_path / "run")])
+    assert message.startswith(f"error: --weights: {fake}: SHA-256") and "f37072fd" in message
+    assert not (tmp_path / "run").exists()
+    # a file whose checksum is the expected one loads into every ResNet encoder (first conv averaged per channel)
+    digest = hashlib.sha256(fake.read_bytes()).hexdigest()
+    monkeypatch.setattr(models, "IMAGENET_RESNET18_URL", f"https://x/resnet18-{digest[:8]}.pth")
+    train.main(flags + ["--out", str(tmp_path / "run")])
+    model = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    assert model["encoders.1.stages.stem.0.weight"].shape == state["conv1.weight"].shape  # the RGB encoder
+    assert "--weights FILE is the ImageNet file of --pretrained" in fails(capsys, flags[:-3] + ["--weights", str(fake)])
+
+
+def test_ucf101_trains_without_imagenet_weights(ucf_root, tmp_path):
+    results = train.main(["--dataset", "ucf101", "--data-root", str(ucf_root), "--no-pretrained", "--epochs", "1",
+                          "--warmup", "0", "--mode", "baseline", "--image-size", "16", "--batch-size", "8",
+                          "--workers", "0", "--gpu", "-1", "--out", str(tmp_path / "run")])
+    assert json.load(open(tmp_path / "run" / "args.json"))["pretrained"] is False and results is not None

@@ -284,8 +284,13 @@ def model_config(args, dataset):
 
 
 def build_model(args, dataset):
-    return models.build_model(dataset.input_specs, dataset.num_classes, fusion=args.fusion, mask_mode=args.mask,
-                              pretrained=args.pretrained)
+    """The classifier of the run; with --pretrained, ResNet encoders start from ImageNet weights (--weights FILE, or
+    torch hub's copy). A weights file that is missing or is not torchvision's stops the run in one line."""
+    try:
+        return models.build_model(dataset.input_specs, dataset.num_classes, fusion=args.fusion, mask_mode=args.mask,
+                                  pretrained=(args.weights or args.pretrained))
+    except (RuntimeError, ValueError) as error:
+        raise TrainingError(f"{'--weights' if args.weights else '--pretrained'}: {error}")
 
 
 def build_optimizer(args, model):
