@@ -100,15 +100,19 @@ class TrainingBatches(Sampler):
     which after a short warm-up are barely estimated, nor on the zero variance of one sample's duplicated 1 x 1
     features. The originals keep every modality, so merging ends, and batches rarely grow (a shuffled batch of 64
     almost always holds several originals). Use as DataLoader(dataset, batch_sampler=TrainingBatches(...),
-    generator=generator); len() is exact once the first batch has been drawn."""
+    generator=generator); len() is exact once the first batch has been drawn.
 
-    def __init__(self, dataset, batch_size, generator=None):
+    Under torchrun every process draws the same batches (the same generator, seeded alike) and trains on its share,
+    batches rank, rank + world_size, ...: the epoch is covered once, a few batches repeated so that every process
+    takes as many steps (as DistributedSampler pads), and a new shuffle each epoch as the generator moves on."""
+
+    def __init__(self, dataset, batch_size, generator=None, rank=0, world_size=1):
         n = len(dataset.modalities)
         self.masks = torch.cat([torch.ones(len(dataset.base), n, dtype=torch.bool),
                                 F.one_hot(dataset.copy_modality, n).bool()])  # [M, n], each item's mask
         self.samples = torch.cat([torch.arange(len(dataset.base)), dataset.copy_index])  # [M], each item's sample
         self.sampler = RandomSampler(dataset, generator=generator)
-        self.batch_size = batch_size
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.batches = None
 
     def one_sample_keeps_a_modality(self, rows):
@@ -127,11 +131,15 @@ class TrainingBatches(Sampler):
             pending = batches.pop() + pending
             if not self.one_sample_keeps_a_modality(pending):
                 break
-        self.batches = batches + [pending] if pending else batches
+        batches = batches + [pending] if pending else batches
+        batches += batches[:-len(batches) % self.world_size]  # every process takes as many steps
+        self.batches = batches[self.rank::self.world_size]
         yield from self.batches  # a generator, as BatchSampler: the shuffle is drawn at the first batch
 
     def __len__(self):
-        return len(self.batches) if self.batches is not None else -(-len(self.samples) // self.batch_size)
+        if self.batches is not None:
+            return len(self.batches)
+        return -(-len(self.samples) // (self.batch_size * self.world_size))
 
 
 # ----------------------------------------------------------------------------------------------

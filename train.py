@@ -13,6 +13,7 @@ One script for every mode of the paper:
     python train.py --dataset ks --data-root /data/ks --mode sample --gpu 0
     python train.py --resume runs/X/last.pt --epochs 80          # continue a run
     python train.py --resume runs/X/best.pt --eval-only          # evaluate a checkpoint, per-sample CSV
+    torchrun --nproc-per-node 4 train.py --dataset ks --data-root /data/ks   # several GPUs, same method
 
 Each run writes into its directory (--out): args.json, log.jsonl (one JSON object per epoch),
 contributions/epoch_NNN.npz (phi of every valued sample), best.pt, last.pt and results.json.
@@ -34,8 +35,11 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 import data
 import models
@@ -175,7 +179,11 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g.add_argument("--amp", action="store_true", help="mixed precision on GPU (no-op on CPU)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the weights, the shuffling and the re-sampling draws (default: %(default)s)")
-    g.add_argument("--gpu", type=number(int, -1), help="GPU index; -1 for the CPU; default: the first GPU if any")
+    g.add_argument("--gpu", type=number(int, -1),
+                   help="GPU index; -1 for the CPU; default: the first GPU if any (under torchrun: LOCAL_RANK's GPU)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the batches of all processes (needs "
+                        "--mask input or a fusion that runs every encoder on every row)")
     g.add_argument("--workers", type=number(int, 0), help="DataLoader worker processes (default: %(default)s)")
     g.add_argument("--out", help="run directory (default runs/<dataset>-<mode>-s<seed>-<time>)")
     g.add_argument("--overwrite", action="store_true", help="write into an existing run directory, replacing it")
@@ -253,6 +261,43 @@ def select_device(gpu):
 def autocast(device, amp):
     """Mixed precision on CUDA when --amp is given; full precision otherwise."""
     return torch.autocast(device.type, enabled=amp and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# several processes (torchrun): one code path, a single process being a world of one
+
+
+def setup_distributed(gpu):
+    """The device of this process; under torchrun (WORLD_SIZE > 1) also the default process group, from env://:
+    NCCL with one GPU per process (LOCAL_RANK's), Gloo on CPUs (--gpu -1 or no GPU), as torchvision's references."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return select_device(gpu)
+    use_cuda = torch.cuda.is_available() and gpu != -1
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
+    return device
+
+
+def is_main_process():
+    """True in a single process and in rank 0: the one process that prints and writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world():
+    """(rank, world size) of this process; (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def broadcast(obj):
+    """rank 0's `obj` on every process (as is in a single process)."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def build_datasets(args):
@@ -476,6 +521,20 @@ def run_pass(model, loader, device, amp=False):
                 correct=torch.cat(correct))
 
 
+def pass_over(model, dataset, loader_kwargs, device, amp=False):
+    """run_pass over the whole `dataset`, every process getting the whole result in dataset order. Under torchrun
+    each process reads its shard (DistributedSampler, in order: process r takes items r, r + W, ...) and the
+    shards are gathered, without the items the sampler repeats to even them out."""
+    rank, world_size = world()
+    if world_size == 1:
+        return run_pass(model, DataLoader(dataset, shuffle=False, **loader_kwargs), device, amp)
+    shard = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    part = run_pass(model, DataLoader(dataset, sampler=shard, **loader_kwargs), device, amp)
+    parts = [None] * world_size
+    dist.all_gather_object(parts, part)
+    return {key: torch.stack([p[key] for p in parts], 1).flatten(0, 1)[:len(dataset)] for key in part}
+
+
 def contributions(result):
     """phi [N, n] of every sample of a pass (Eq. 1-3)."""
     return shapley_mm.shapley_values(shapley_mm.benefit(result["correct"]))
@@ -548,8 +607,7 @@ def resampling_plan(phase, model, train_eval, loader_kwargs, device, generator, 
     "baseline" (--track-phi) values every sample and plans no copies."""
     resampling = phase not in ("warmup", "baseline")
     valued = choose_valued(phase if resampling else "sample", len(train_eval), subset_ratio, generator)
-    loader = DataLoader(Subset(train_eval, valued.tolist()), shuffle=False, **loader_kwargs)
-    phi = contributions(run_pass(model, loader, device, amp))
+    phi = contributions(pass_over(model, Subset(train_eval, valued.tolist()), loader_kwargs, device, amp))
     if not resampling:
         return valued, phi, torch.zeros(len(train_eval), phi.shape[1], dtype=torch.long)
     return valued, phi, plan_copies(phase, phi, valued, len(train_eval), generator, alpha, f_m)
@@ -579,7 +637,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False):
         with autocast(device, amp):
             logits = model(to_device(inputs, device), mask)
             loss = F.cross_entropy(logits.float(), target)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # under torchrun, the process that sees it stops, and torchrun ends the others
             kept = (f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0
                     else "no checkpoint was written")
             raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopped; {kept}")
@@ -590,6 +648,10 @@ def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False):
         total_loss += loss.item() * len(target)
         total_samples += len(target)
         progress(step, len(loader), start)
+    if dist.is_initialized():  # the mean over every process's rows
+        totals = torch.tensor([total_loss, total_samples], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        total_loss, total_samples = totals[0].item(), int(totals[1].item())
     return total_loss / max(total_samples, 1), total_samples
 
 
@@ -619,9 +681,12 @@ def train(args, given=()):
             print(f"nothing left to train: {resume_path} holds epoch {resume['epoch']} of a run of {args.epochs} "
                   f"epochs; pass --epochs N to extend it (files left as they are)")
             return None
-    else:
+    elif is_main_process():
         check_writable(args.out)
-    device = select_device(args.gpu)
+    device = setup_distributed(args.gpu)
+    if args.sync_bn and (device.type != "cuda" or not dist.is_initialized() or args.mask == "feature"):
+        raise TrainingError("--sync-bn needs torchrun with GPUs and --mask input (with feature masking an encoder "
+                            "skips the batches that hold none of its modality, and the processes would wait)")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -634,7 +699,13 @@ def train(args, given=()):
     optimizer, scheduler = build_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     loader_kwargs = loader_settings(args, device)
-    val_loader = DataLoader(splits["val"], shuffle=False, **loader_kwargs)
+    trained = model  # what the training step calls; evaluation and valuation call `model` itself
+    if dist.is_initialized():
+        if args.sync_bn:
+            trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # with feature masking an encoder skips a batch that holds none of its modality: its weights get no grad
+        trained = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None,
+                                          find_unused_parameters=args.mask == "feature")
 
     out = args.out
     if resume is not None:
@@ -647,10 +718,12 @@ def train(args, given=()):
         start_epoch, best, log = resume["epoch"] + 1, resume["best"], resume["log"]  # the history travels with it
         print(f"resuming {out} after epoch {resume['epoch']}")
     else:
-        prepare_run_dir(out, args.overwrite)
+        if is_main_process():
+            prepare_run_dir(out, args.overwrite)
         start_epoch, best, log = 0, dict(val_acc=-1.0, epoch=-1), []
-    save_json(os.path.join(out, "args.json"), vars(args))
-    save_log(os.path.join(out, "log.jsonl"), log)
+    if is_main_process():
+        save_json(os.path.join(out, "args.json"), vars(args))
+        save_log(os.path.join(out, "log.jsonl"), log)
     n = len(train_set.modalities)
     classes = f"{train_set.num_classes} classes"
     if train_set.classes_inferred_from:
@@ -673,18 +746,20 @@ def train(args, given=()):
             if phase not in ("warmup", "baseline") or args.track_phi:
                 valued, phi, copies = resampling_plan(phase, model, train_eval, loader_kwargs, device, generator,
                                                       args.subset_ratio, args.alpha, args.f_m, args.amp)
-                save_contributions(out, epoch, train_eval, valued, phi)
+                if is_main_process():
+                    save_contributions(out, epoch, train_eval, valued, phi)
                 valuation_seconds = time.time() - start
 
             copy_index, copy_modality = shapley_mm.expand_copies(copies)
             epoch_set = data.ResampledDataset(train_set, copy_index, copy_modality)  # D^rs = D + copies
-            batches = data.TrainingBatches(epoch_set, args.batch_size, generator)  # no encoder sees a lone sample
+            # no encoder sees a lone sample; under torchrun each process trains on its share of the batches
+            batches = data.TrainingBatches(epoch_set, args.batch_size, generator, *world())
             loader = DataLoader(epoch_set, batch_sampler=batches, generator=generator, num_workers=args.workers,
                                 pin_memory=device.type == "cuda")
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_samples = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args.amp)
+            train_loss, train_samples = train_one_epoch(trained, loader, optimizer, scaler, device, epoch, args.amp)
             scheduler.step()
-            val = metrics(run_pass(model, val_loader, device, args.amp))
+            val = metrics(pass_over(model, splits["val"], loader_kwargs, device, args.amp))
 
             record = dict(epoch=epoch, phase=phase, train_loss=train_loss, train_samples=train_samples,
                           copies=copies.sum(0).tolist(), mean_phi=phi.mean(0).tolist() if phi is not None else None,
@@ -700,10 +775,11 @@ def train(args, given=()):
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), epoch=epoch, best=best, rng=rng_state(generator), log=log,
                          plan=dict(valued_index=valued, phi=phi, copies=copies), args=vars(args), model_config=config)
-            save_log(os.path.join(out, "log.jsonl"), log)
-            if is_best:
-                save_checkpoint(os.path.join(out, "best.pt"), state)
-            save_checkpoint(os.path.join(out, "last.pt"), state)
+            if is_main_process():
+                save_log(os.path.join(out, "log.jsonl"), log)
+                if is_best:
+                    save_checkpoint(os.path.join(out, "best.pt"), state)
+                save_checkpoint(os.path.join(out, "last.pt"), state)
             saved_epoch = epoch
     except KeyboardInterrupt:
         last = os.path.join(out, "last.pt")
@@ -711,16 +787,17 @@ def train(args, given=()):
                 if saved_epoch >= 0 else "no checkpoint was written")
         raise TrainingError(f"interrupted in epoch {epoch}: {kept}", code=130)
 
-    # the test split is read once, for the checkpoint chosen on validation
-    best_state = load_checkpoint(os.path.join(out, "best.pt"))
+    # the test split is read once, for the checkpoint chosen on validation (rank 0's file, sent to every process)
+    best_state = broadcast(load_checkpoint(os.path.join(out, "best.pt")) if is_main_process() else None)
     model.load_state_dict(best_state["model"])
-    test_pass = run_pass(model, DataLoader(splits["test"], shuffle=False, **loader_kwargs), device, args.amp)
+    test_pass = pass_over(model, splits["test"], loader_kwargs, device, args.amp)
     test = metrics(test_pass)
     results = dict(best_epoch=best_state["epoch"], val_acc=best_state["best"]["val_acc"],
                    test_acc=test["acc"], test_map=test["map"], test_acc_per_modality=test["acc_per_modality"],
                    test_mean_phi=contributions(test_pass).mean(0).tolist(), modalities=list(train_set.modalities),
                    train_seconds=sum(r["seconds"] for r in log))
-    save_json(os.path.join(out, "results.json"), results)
+    if is_main_process():
+        save_json(os.path.join(out, "results.json"), results)
     names = train_set.modalities
     print(f"best epoch {results['best_epoch']} (val acc {100 * results['val_acc']:.2f})")
     print(f"test acc {100 * test['acc']:.2f}  mAP {100 * test['map']:.2f}")
@@ -735,13 +812,13 @@ def evaluate_checkpoint(path, split="test", args=None, given=()):
     --data-root, say); any other given flag must agree with the checkpoint."""
     checkpoint = load_checkpoint(path)
     saved = checkpoint_args(checkpoint, args, given, EVAL_OVERRIDES)
-    device = select_device(saved.gpu)
+    device = setup_distributed(saved.gpu)
     splits = build_datasets(saved)
     dataset = splits["train_eval" if split == "train" else split]
     check_config(checkpoint, model_config(saved, dataset), path)
     model = build_model(saved, dataset).to(device)
     model.load_state_dict(checkpoint["model"])
-    result = run_pass(model, DataLoader(dataset, shuffle=False, **loader_settings(saved, device)), device, saved.amp)
+    result = pass_over(model, dataset, loader_settings(saved, device), device, saved.amp)
     result["phi"] = contributions(result)
     result["epoch"] = checkpoint["epoch"]
     return result, dataset
@@ -765,11 +842,13 @@ def eval_only(args, given=()):
             writer.writerow([dataset.sample_ids[index], label, prediction] + [f"{p:.4f}" for p in phi])
         f.write(text.getvalue().encode())
 
-    write_atomic(csv_path, write)
+    if is_main_process():
+        write_atomic(csv_path, write)
     results = dict(split=args.eval_split, checkpoint=os.path.abspath(args.resume), epoch=result["epoch"],
                    acc=scores["acc"], map=scores["map"], acc_per_modality=scores["acc_per_modality"],
                    mean_phi=result["phi"].mean(0).tolist(), modalities=list(dataset.modalities))
-    save_json(os.path.join(out, f"eval_{args.eval_split}.json"), results)
+    if is_main_process():
+        save_json(os.path.join(out, f"eval_{args.eval_split}.json"), results)
     print(f"{args.eval_split} acc {100 * scores['acc']:.2f}  mAP {100 * scores['map']:.2f}  per modality: "
           + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(dataset.modalities, scores["acc_per_modality"])))
     print(f"per-sample valuation written to {csv_path}")
@@ -786,6 +865,10 @@ def one_line(error):
 
 def main(argv=None):
     args, given = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:  # under torchrun, rank 0 alone reports progress; errors still name the process they come from
+        sys.stdout = open(os.devnull, "w")
+    where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         if args.eval_only:
             return eval_only(args, given)
@@ -795,14 +878,17 @@ def main(argv=None):
                 args.out = os.path.join("runs", f"{args.dataset}-{args.mode}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
         return train(args, given)
     except (TrainingError, data.DataError) as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        print(f"{where}error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(getattr(error, "code", 2))
     except OSError as error:  # a file that cannot be written or read: disk full, permissions
-        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        print(f"{where}error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
-        print("error: interrupted before training started; nothing was trained", file=sys.stderr)
+        print(f"{where}error: interrupted before training started; nothing was trained", file=sys.stderr)
         raise SystemExit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
