@@ -710,8 +710,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def get_args_parser():
-    parser = ArgumentParser(prog="preprocess.py", description="Raw videos -> the layouts data.py reads (frames at 1 fps, spectrograms "
-                                        "by a named recipe, TV-L1 flow for ucf101). See the module docstring.")
+    parser = ArgumentParser(prog="preprocess.py", description="Raw videos -> the layouts data.py reads (frames at "
+                            "1 fps, spectrograms by a named recipe, TV-L1 flow for ucf101). See the module docstring.")
     parser.add_argument("dataset", choices=tuple(DATASET_DEFAULTS), help="which layout to write")
     parser.add_argument("--videos", required=True, help="folder of the raw videos (searched recursively; for ks "
                         "without --lists: <split>/<class name>/<clip>.mp4)")
@@ -719,13 +719,13 @@ def get_args_parser():
     parser.add_argument("--lists", default=None, help="folder of split lists: ks: the authors' "
                         "<split>_1fps_path.txt or OGM-GE's my_<split>.txt (and ks_classes.txt); cremad: "
                         "train.csv, val.csv, test.csv; ucf101: classInd.txt, trainlist0k.txt, testlist0k.txt")
-    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                        else os.cpu_count(), help="processes (default: the CPUs available to this process)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser.add_argument("--workers", type=int, default=cpus, help=f"processes (default: the {cpus} CPUs available)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                         help="spectrogram recipe (default: fbank for ks, stft-ogm for cremad; ucf101 has none)")
     parser.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE,
-                        help=f"downscale frames whose shorter side exceeds this (default {DEFAULT_SHORT_SIDE}); 0 keeps the "
-                        f"decoded size")
+                        help=f"downscale frames whose shorter side exceeds this (default {DEFAULT_SHORT_SIDE}); "
+                             f"0 keeps the decoded size")
     return parser
 
 

@@ -122,8 +122,8 @@ def grey_level(index):
 def make_video(path, seconds, fps=10, size=(64, 48), tone=440.0, audio_rate=44100, channels=1, codec="libx264",
                audio_codec="aac", video=True, moving_square=False):
     """A video of uniform grey frames (grey_level of the index; or, with moving_square, a white square moving
-    right by 2 pixels a frame over a still background) and a sine tone (tone=None: no audio track; right channel silent when
-    channels=2)."""
+    right by 2 pixels a frame over a still background of 8 x 8 blocks) and a sine tone (tone=None: no audio
+    track; with channels=2 the right channel is silent)."""
     import av
     with av.open(path, "w") as container:
         if video:
@@ -132,11 +132,10 @@ def make_video(path, seconds, fps=10, size=(64, 48), tone=440.0, audio_rate=4410
         if tone is not None:
             sound = container.add_stream(audio_codec, rate=audio_rate, layout="mono" if channels == 1 else "stereo")
         blocks = np.random.default_rng(0).integers(0, 160, (size[1] // 8, size[0] // 8, 1), dtype=np.uint8)
-        texture = blocks.repeat(8, axis=0).repeat(8, axis=1)  # a still background of 8 x 8 blocks
         for i in range(round(seconds * fps) if video else 0):
             image = np.full((size[1], size[0], 3), grey_level(i), np.uint8)
             if moving_square:
-                image[:] = texture
+                image[:] = blocks.repeat(8, axis=0).repeat(8, axis=1)
                 image[size[1] // 3:size[1] // 3 + 16, 8 + 2 * i:24 + 2 * i] = 255
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = i
@@ -455,8 +454,8 @@ def test_ucf101_without_opencv_contrib_writes_rgb_and_says_so(ucf_videos, tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["ks", "--videos", "{missing}", "--out", "{out}"], "error: --videos {missing}: folder not found"),
-    (["ks", "--videos", "{empty}", "--out", "{out}"], "error: {empty} (expected {empty}/<split>/<class name>/<clip>.mp4): "
-                                                     "no train or test split found"),
+    (["ks", "--videos", "{empty}", "--out", "{out}"],
+     "error: {empty} (expected {empty}/<split>/<class name>/<clip>.mp4): no train or test split found"),
     (["ks", "--videos", "{empty}", "--out", "{out}", "--workers", "0"], "error: --workers must be at least 1, got 0"),
     (["ucf101", "--videos", "{empty}", "--out", "{out}", "--recipe", "fbank"], "error: --recipe does not apply"),
     (["cremad", "--videos", "{empty}", "--out", "{out}"], "error: {empty}: no CREMA-D videos"),
