@@ -1,0 +1,790 @@
+"""
+Raw videos -> the on-disk layouts that data.py reads, for Kinetics-Sounds (ks), CREMA-D (cremad) and UCF-101
+(ucf101):
+
+    python preprocess.py DATASET --videos DIR --out ROOT [--lists DIR] [--workers N] [--recipe NAME]
+
+Decoding uses PyAV (`pip install -r requirements-preprocess.txt`; the `av` wheel carries its own FFmpeg); TV-L1
+flow for ucf101 uses OpenCV's contrib module where it is installed. Neither is needed by train.py or data.py.
+
+What is read (videos are found by name anywhere under --videos: .mp4, .mkv, .webm, .avi, .flv, .mov, ...) and
+written under ROOT (the lists name only the clips on disk):
+  ks      --videos DIR/<split>/<class name>/<clip>.mp4 (split: train, test, and val, which is carved from train
+          where missing, as data.py carves it from OGM-GE's lists); labels number the sorted class names, written
+          to ROOT/ks_classes.txt. Or --lists with the authors' <split>_1fps_path.txt or OGM-GE's my_<split>.txt
+          (and a ks_classes.txt, copied and checked against the labels, if there).
+          -> ks_audio/<split>_1fps_path.txt ('ks_visual/<split>/<clip> <frames> <label>' per line),
+             ks_audio/<split>/<clip>.npy, ks_visual/<split>/<clip>/frame_00001.jpg ...
+  cremad  <actor>_<sentence>_<EMO>_<level>.flv, split by speaker: 70 / 10 / 20 % of the actors, seed 2024. Or
+          --lists with train.csv, test.csv and val.csv ('<clip>,<EMO>', OGM-GE's format; without val.csv, a
+          tenth of train's speakers is held out).
+          -> {train,val,test}.csv ('<clip>,<EMO>'), audio/<clip>.npy, visual/<clip>/frame_00001.jpg ...
+  ucf101  v_<Class>_g<group>_c<clip>.avi; classes in sorted order and the official splits' rule (testlist0k:
+          groups 1-7, 8-14, 15-21). Or --lists with the official classInd.txt, trainlist0k.txt, testlist0k.txt.
+          -> splits/classInd.txt, trainlist0k.txt, testlist0k.txt, rgb/<clip>/frame_00001.jpg ...,
+             flow/u/<clip>/frame000001.jpg ..., flow/v/<clip>/frame000001.jpg ...
+
+Frames: 1 per second of video, saved as JPEG (quality 95, cv2.imencode's default, which OGM-GE's Kinetics-Sounds
+script used), downscaled so that the shorter side is at most --short-side (default 256; 0 keeps the decoded size;
+the readers resize to --image-size anyway). The frame kept for second k is the one on screen at time k + offset,
+measured from the first frame (the last frame for times past its end):
+    ks      offset 0    the first frame of each second, as OGM-GE's VGGSound / Kinetics-Sounds script keeps
+                        (frame index divisible by the frame rate)
+    cremad  offset 0.5  the middle of each second, as OGM-GE's AVE / CREMA-D script keeps (round((k + 0.5) fps))
+    ucf101  offset 0.5  the middle of each second
+A clip of D seconds gets one frame per second that starts before its end (offset 0: ceil(D); a 10 s clip gives
+frame_00001.jpg ... frame_00010.jpg), and at least one. (OGM-GE's AVE / CREMA-D script forces 10 frames by
+repeating the last second; we do not.)
+
+Audio: the first audio track, decoded, averaged over its channels to mono and resampled to 16 kHz with FFmpeg's
+resampler, like the `ffmpeg -ar 16000` step of OGM-GE and PMR. (OGM-GE's Kinetics-Sounds wavs kept the source's
+channels and torchaudio's fbank then read channel 0 only; we average the channels.) Spectrogram recipes, named
+by --recipe, as float32 .npy:
+
+  fbank      (1024, 128), default for ks. OGM-GE's data/KineticSound/process_audio.py: waveform minus its mean,
+             torchaudio.compliance.kaldi.fbank(htk_compat=True, sample_frequency=16000, use_energy=False,
+             window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10), i.e. Kaldi's defaults
+             otherwise: 25 ms frames (400 samples) every 10 ms (160), whole frames only (snip_edges), DC offset
+             removed per frame, pre-emphasis 0.97, symmetric Hann window, zero-padded to a 512-point FFT, power
+             spectrum, 128 triangular mel filters (mel = 1127 ln(1 + f / 700)) from 20 Hz to 8 kHz, log with a
+             floor at float32's eps. Computed here with torch (kaldi_fbank), equal to torchaudio's to 1e-4
+             (test_preprocess.py). Then padded with zero rows or cut to 1024 frames (10.24 s) and normalised
+             (x + 4.503877) / (5.141276 * 2) (AudioSet's fbank mean and std, as that script uses).
+  stft-pmr   (257, 1004). PMR's data/CREMAD scripts: waveform at 16 kHz tiled and cut to 160,000 samples (10 s),
+             clipped to [-1, 1], scipy.signal.spectrogram(x, 16000, nperseg=512, noverlap=353) (its defaults:
+             periodic Tukey window alpha 0.25, each segment's mean removed, one-sided power spectral density,
+             1 + (160000 - 512) // 159 = 1004 segments), log(S + 1e-7), then standardised by the clip's own
+             mean and std (+ 1e-9). Computed here with numpy / torch. (PMR's audio_preprocessing.py loads at
+             librosa's default 22,050 Hz but still cuts 16000 * 10 samples, 7.3 s; its video_preprocessing.py
+             loads at 16 kHz, which we follow. Both tile exactly 10 times, so clips under 1 s come out short
+             and fail their shape assert; we tile as often as needed.)
+  stft-ogm   (257, 188), default for cremad. OGM-GE's dataset/CramedDataset.py (on the fly there): the 16 kHz
+             audio (its wavs come from `ffmpeg -ac 1 -ar 16000`) resampled to 22,050 Hz (librosa.load's sr),
+             tiled and cut to 66,150 samples (3 s), clipped to [-1, 1], librosa.stft(n_fft=512, hop_length=353)
+             with librosa's defaults of its time (periodic Hann window, centred frames, reflect padding; librosa
+             0.10 changed the padding to zeros), log(|S| + 1e-7), not normalised: 1 + 66150 // 353 = 188 frames.
+A clip shorter than a recipe's length is padded (fbank) or tiled (stft-*) as that recipe says; a longer one is cut.
+
+UCF-101 optical flow (where cv2.optflow exists, e.g. `pip install opencv-contrib-python-headless`): OpenCV's
+Dual TV-L1 between each kept frame and the next decoded frame (the one before, for the last frame), on the
+grayscale frames at the saved size; u and v clipped to [-20, 20] pixels and mapped linearly to 0..255 (zero
+flow at 127.5), saved as grayscale JPEGs, one pair per RGB frame.
+
+Real data: clips run in --workers processes with a progress line on stderr; a clip is written under temporary
+names and renamed into place, so clips already written are skipped by a rerun and a killed run leaves no half
+clip; a clip that cannot be decoded, has no audio track (ks, cremad) or has no video frames is listed in
+ROOT/failures.csv with the reason, and the rest go on. The lists written name only the clips on disk.
+"""
+
+import argparse
+import csv
+import fractions
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from torchvision.io import encode_jpeg
+
+import data
+
+AUDIO_RATE = 16000  # every recipe starts from 16 kHz mono, as the ffmpeg -ar 16000 steps of OGM-GE and PMR
+JPEG_QUALITY = 95
+DEFAULT_SHORT_SIDE = 256
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".flv", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp")
+PARTIAL = ".partial"  # suffix of an output being written; renamed into place when complete
+FLOW_BOUND = 20.0  # pixels; flow beyond is clipped before quantisation to 0..255
+
+KS_NORM_MEAN, KS_NORM_STD = -4.503877, 5.141276  # OGM-GE's Kinetics-Sounds fbank normalisation
+KS_FRAMES = 1024
+
+CREMAD_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
+CREMAD_NAME = re.compile(r"^(\d+)_([A-Z]+)_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]+)$")  # actor_sentence_EMO_level
+CREMAD_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test speakers, without --lists
+SPLIT_SEED = 2024  # speaker splits are fixed by this seed alone
+
+UCF_NAME = re.compile(r"^v_(.+)_g(\d+)_c(\d+)$")
+UCF_TEST_GROUPS = {1: range(1, 8), 2: range(8, 15), 3: range(15, 22)}  # the official splits' test groups
+
+
+class PreprocessError(ValueError):
+    """A bad flag, folder or list; the message names it."""
+
+
+class ClipError(Exception):
+    """Why one clip cannot be pre-processed (it goes to failures.csv)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectrogram recipes (numpy / torch only)
+
+def mel_banks(num_bins, fft_size, sample_rate, low_freq=20.0):
+    """Kaldi's triangular mel filters [num_bins, fft_size // 2] over the FFT bins below Nyquist, evenly spaced
+    on mel = 1127 ln(1 + f / 700) from low_freq to Nyquist, each rising from its left edge to 1 at its centre
+    and falling to its right edge (edges = the neighbours' centres). In float32, as torchaudio computes them
+    whatever the waveform's precision: its rounding of the filter edges moves narrow low-frequency bands by up
+    to 1e-4 in log energy, and the features are to match torchaudio's."""
+    def mel(freq):
+        return 1127.0 * math.log(1.0 + freq / 700.0)
+    mel_low = mel(low_freq)
+    delta = (mel(sample_rate / 2) - mel_low) / (num_bins + 1)
+    index = torch.arange(num_bins, dtype=torch.float32).unsqueeze(1)  # [num_bins, 1]
+    left, center, right = (mel_low + (index + k) * delta for k in (0.0, 1.0, 2.0))
+    bin_mel = 1127.0 * (1.0 + sample_rate / fft_size * torch.arange(fft_size // 2) / 700.0).log()  # [fft_size // 2]
+    rising, falling = (bin_mel - left) / (center - left), (right - bin_mel) / (right - center)
+    return torch.minimum(rising, falling).clamp_min(0.0)
+
+
+def kaldi_fbank(waveform, sample_rate, num_mel_bins):
+    """Log mel filterbank energies [frames, num_mel_bins] of a mono waveform [N] (float, any scale), as
+    torchaudio.compliance.kaldi.fbank computes them with dither 0, a 'hanning' window and Kaldi's other
+    defaults (see the module docstring). Frames: 1 + (N - 25 ms) // 10 ms; none for N < 25 ms."""
+    waveform = torch.as_tensor(waveform, dtype=torch.float64)
+    frame_length, frame_shift = int(sample_rate * 0.025), int(sample_rate * 0.010)
+    fft_size = 1 << (frame_length - 1).bit_length()  # next power of two: 400 -> 512
+    if len(waveform) < frame_length:
+        return torch.zeros(0, num_mel_bins)
+    frames = waveform.unfold(0, frame_length, frame_shift)  # [T, frame_length]
+    frames = frames - frames.mean(dim=1, keepdim=True)  # DC offset removed per frame
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=1)  # x[j - 1], the first sample against itself
+    frames = (frames - 0.97 * previous) * torch.hann_window(frame_length, periodic=False, dtype=torch.float64)
+    power = torch.fft.rfft(frames, n=fft_size).abs().pow(2)  # [T, fft_size // 2 + 1]
+    banks = mel_banks(num_mel_bins, fft_size, sample_rate).double()
+    energies = power[:, :fft_size // 2] @ banks.T  # the Nyquist bin has no filter
+    return energies.clamp_min(torch.finfo(torch.float32).eps).log().float()
+
+
+def fbank_ogm_ks(waveform):
+    """Recipe `fbank`: [16 kHz waveform] -> float32 (1024, 128), OGM-GE's Kinetics-Sounds spectrogram."""
+    waveform = np.asarray(waveform, dtype=np.float64)
+    fbank = kaldi_fbank(waveform - waveform.mean(), AUDIO_RATE, 128)[:KS_FRAMES]
+    fbank = torch.cat([fbank, torch.zeros(KS_FRAMES - len(fbank), 128)])  # zero rows, before normalisation
+    return ((fbank - KS_NORM_MEAN) / (KS_NORM_STD * 2)).numpy()
+
+
+def tukey_window(length, alpha):
+    """scipy.signal.get_window(('tukey', alpha), length): the periodic Tukey window (cosine tapers over
+    alpha / 2 of the period at each end, flat in between)."""
+    n = torch.arange(length, dtype=torch.float64)
+    from_edge = torch.minimum(n, length - n)  # distance to the nearer end of the period
+    taper = 0.5 * (1 - torch.cos(2 * math.pi * from_edge / (alpha * length)))
+    return torch.where(from_edge < alpha * length / 2, taper, torch.ones_like(taper))
+
+
+def stft_pmr(waveform):
+    """Recipe `stft-pmr`: [16 kHz waveform] -> float32 (257, 1004), PMR's standardised log spectrogram."""
+    x = torch.from_numpy(np.clip(np.resize(np.asarray(waveform, dtype=np.float64), AUDIO_RATE * 10), -1, 1))
+    window = tukey_window(512, 0.25)
+    segments = x.unfold(0, 512, 512 - 353)  # [1004, 512]
+    segments = (segments - segments.mean(dim=1, keepdim=True)) * window  # detrend='constant', then the window
+    psd = torch.fft.rfft(segments).abs().pow(2) / (AUDIO_RATE * window.pow(2).sum())  # scaling='density'
+    psd[:, 1:-1] *= 2  # one-sided: the energy of the negative frequencies, except at DC and Nyquist
+    spectrogram = torch.log(psd.T + 1e-7)  # [257, 1004], frequency x time as scipy returns it
+    return ((spectrogram - spectrogram.mean()) / (spectrogram.std(unbiased=False) + 1e-9)).float().numpy()
+
+
+def stft_ogm_cremad(waveform):
+    """Recipe `stft-ogm`: [22,050 Hz waveform] -> float32 (257, 188), OGM-GE's CREMA-D log magnitude."""
+    x = torch.from_numpy(np.clip(np.resize(np.asarray(waveform, dtype=np.float64), 22050 * 3), -1, 1))
+    stft = torch.stft(x, n_fft=512, hop_length=353, window=torch.hann_window(512, dtype=torch.float64),
+                      center=True, pad_mode="reflect", return_complex=True)  # [257, 188]
+    return torch.log(stft.abs() + 1e-7).float().numpy()
+
+
+RECIPES = {  # name -> (sample rate the recipe takes, function, output shape)
+    "fbank": (AUDIO_RATE, fbank_ogm_ks, (1024, 128)),
+    "stft-pmr": (AUDIO_RATE, stft_pmr, (257, 1004)),
+    "stft-ogm": (22050, stft_ogm_cremad, (257, 188)),
+}
+DATASET_DEFAULTS = {  # name -> (default recipe, which frame of each second: seconds after its start)
+    "ks": ("fbank", fractions.Fraction(0)),
+    "cremad": ("stft-ogm", fractions.Fraction(1, 2)),
+    "ucf101": (None, fractions.Fraction(1, 2)),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding (PyAV) and optical flow (OpenCV contrib)
+
+def require_av():
+    try:
+        import av
+    except ImportError:
+        raise PreprocessError("preprocess.py needs PyAV: pip install -r requirements-preprocess.txt") from None
+    return av
+
+
+def tvl1_available():
+    try:
+        import cv2
+    except ImportError:
+        return False
+    return hasattr(cv2, "optflow") and hasattr(cv2.optflow, "DualTVL1OpticalFlow_create")
+
+
+def resample(waveform, rate_in, rate_out):
+    """float32 mono waveform at rate_in -> rate_out, with FFmpeg's resampler."""
+    if rate_in == rate_out:
+        return waveform
+    av = require_av()
+    frame = av.AudioFrame.from_ndarray(waveform[None, :].astype(np.float32), format="fltp", layout="mono")
+    frame.sample_rate = rate_in
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate_out)
+    return np.concatenate([f.to_ndarray()[0] for f in resampler.resample(frame) + resampler.resample(None)])
+
+
+def output_size(width, height, short_side):
+    """(width, height) with the shorter side brought down to short_side (aspect kept); never upscaled."""
+    if short_side <= 0 or min(width, height) <= short_side:
+        return width, height
+    scale = short_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode_clip(path, frame_offset, want_audio, want_flow, short_side):
+    """Decode one video. Returns (frames, flow_pairs, audio):
+    frames: uint8 [H, W, 3] RGB arrays, one per second (see the module docstring for which frame);
+    flow_pairs: per frame, two gray uint8 [H, W] frames to compute its flow from (it and the next decoded
+    frame; for the last frame, the one before and it), when want_flow, else None;
+    audio: float32 [N] mono at AUDIO_RATE, when want_audio, else None. Raises ClipError with the reason."""
+    av = require_av()
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as error:
+        raise ClipError(f"cannot open ({error.strerror or error})") from None
+    with container:
+        if not container.streams.video:
+            raise ClipError("no video track")
+        video = container.streams.video[0]
+        streams = [video]
+        if want_audio:
+            if not container.streams.audio:
+                raise ClipError("no audio track")
+            streams.append(container.streams.audio[0])
+            resampler = av.AudioResampler(format="fltp", rate=AUDIO_RATE)
+        rate = video.average_rate
+        frames, pairs, audio = [], [], []
+        last_kept = None  # (frame, rgb, pair) of the frame kept last, converted once however often it is kept
+
+        def keep(shown, neighbour):  # shown, neighbour: (frame, seconds since the first frame)
+            nonlocal last_kept
+            if last_kept is None or last_kept[0] is not shown[0]:
+                size = dict(zip(("width", "height"), output_size(shown[0].width, shown[0].height, short_side)))
+                rgb = shown[0].to_ndarray(format="rgb24", interpolation="AREA", **size)
+                first, second = (shown, neighbour) if neighbour[1] >= shown[1] else (neighbour, shown)
+                pair = tuple(f[0].to_ndarray(format="gray", interpolation="AREA", **size)
+                             for f in (first, second)) if want_flow else None
+                last_kept = (shown[0], rgb, pair)
+            frames.append(last_kept[1])
+            pairs.append(last_kept[2])
+
+        start, count, second = None, 0, 0
+        before = previous = None  # the last two decoded frames, as (frame, seconds since the first frame)
+        try:
+            for packet in container.demux(streams):
+                for frame in packet.decode():
+                    if packet.stream.type == "audio":
+                        audio += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+                        continue
+                    t = frame.pts * frame.time_base if frame.pts is not None else count / rate  # exact Fractions
+                    start = t if start is None else start
+                    current = (frame, t - start)
+                    while previous is not None and second + frame_offset < current[1]:
+                        keep(previous, current)  # previous is on screen at that time
+                        second += 1
+                    before, previous, count = previous, current, count + 1
+            if want_audio:
+                audio += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
+        except av.error.FFmpegError as error:
+            raise ClipError(f"cannot decode ({error.strerror or error})") from None
+        if previous is None:
+            raise ClipError("no video frames")
+        # the last frame lasts one frame period (the gap before it where the rate is unknown), less the time
+        # base to which its timestamp was rounded; it takes the seconds left and is kept at least once
+        period = 1 / rate if rate else previous[1] - before[1] if before is not None else 0
+        end = previous[1] + period - video.time_base
+        while second + frame_offset < end or not frames:
+            keep(previous, before if before is not None else previous)
+            second += 1
+    if not want_audio:
+        return frames, pairs, None
+    audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+    if len(audio) == 0:
+        raise ClipError("audio track holds no samples")
+    return frames, pairs, audio.astype(np.float32, copy=False)
+
+
+def tvl1_flow(first, second):
+    """TV-L1 flow from gray frame `first` to `second` -> (u, v) uint8 [H, W], zero flow at 127.5."""
+    import cv2
+    flow = cv2.optflow.DualTVL1OpticalFlow_create().calc(first, second, None)  # [H, W, 2] pixels
+    scaled = (np.clip(flow, -FLOW_BOUND, FLOW_BOUND) + FLOW_BOUND) * (255 / (2 * FLOW_BOUND))
+    quantised = np.round(scaled).astype(np.uint8)
+    return quantised[..., 0], quantised[..., 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# One clip: decode and compute in memory, then write under temporary names and rename into place
+
+def write_jpeg(path, image):
+    """uint8 [H, W, 3] RGB or [H, W] gray -> a JPEG file."""
+    tensor = torch.from_numpy(image)
+    tensor = tensor.permute(2, 0, 1) if tensor.dim() == 3 else tensor.unsqueeze(0)
+    with open(path, "wb") as f:
+        f.write(encode_jpeg(tensor.contiguous(), quality=JPEG_QUALITY).numpy().tobytes())
+
+
+def write_images(folder, images, name_format):
+    os.makedirs(folder)
+    for k, image in enumerate(images, start=1):
+        write_jpeg(os.path.join(folder, name_format.format(k)), image)
+
+
+def save_array(path, array):
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def remove_path(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def count_jpegs(folder):
+    return sum(name.endswith(".jpg") for name in os.listdir(folder))
+
+
+def clip_outputs(job):
+    """The final paths of one clip's outputs: its frame folder, flow folders, spectrogram."""
+    return [job["frames"]] + list(job["flow"] or ()) + ([job["spectrogram"]] if job["spectrogram"] else [])
+
+
+def process_clip(job):
+    """Pre-process one clip. Returns (key, status, detail): ("written" | "skipped", number of frames) or
+    ("failed", reason). A clip whose outputs all exist is skipped; outputs are written as <path>.partial and
+    renamed into place once all are written, so an interrupted clip leaves no final output half-written."""
+    outputs = clip_outputs(job)
+    for path in outputs:
+        remove_path(path + PARTIAL)  # left by an interrupted run
+    if all(os.path.exists(path) for path in outputs):
+        return job["key"], "skipped", count_jpegs(job["frames"])
+    try:
+        frames, pairs, audio = decode_clip(job["video"], job["frame_offset"], job["spectrogram"] is not None,
+                                           job["flow"] is not None, job["short_side"])
+        flows = [tvl1_flow(*pair) for pair in pairs] if job["flow"] else None
+        if job["spectrogram"]:
+            rate, recipe, _ = RECIPES[job["recipe"]]
+            spectrogram = recipe(resample(audio, AUDIO_RATE, rate))
+    except ClipError as error:
+        return job["key"], "failed", str(error)
+    except Exception as error:  # whatever else one file makes a decoder or converter raise: the run goes on
+        return job["key"], "failed", f"{error.__class__.__name__}: {error}"
+    write_images(job["frames"] + PARTIAL, frames, "frame_{:05d}.jpg")
+    if job["flow"]:
+        for folder, channel in zip(job["flow"], (0, 1)):  # u, v
+            write_images(folder + PARTIAL, [flow[channel] for flow in flows], "frame{:06d}.jpg")
+    if job["spectrogram"]:
+        save_array(job["spectrogram"] + PARTIAL, spectrogram)
+    for path in outputs:
+        remove_path(path)  # an incomplete earlier attempt
+        os.rename(path + PARTIAL, path)
+    return job["key"], "written", len(frames)
+
+
+def init_worker():
+    torch.set_num_threads(1)  # one process per core
+    if tvl1_available():
+        import cv2
+        cv2.setNumThreads(1)
+
+
+def run_jobs(jobs, workers):
+    """Process every job, with a progress line on stderr. Returns {key: (status, detail)}."""
+    results, counts = {}, dict(written=0, skipped=0, failed=0)
+    started, every, tty = time.time(), max(1, len(jobs) // 20), sys.stderr.isatty()
+    if workers == 1:
+        outcomes = map(process_clip, jobs)
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)  # no fork of live threads
+        outcomes = pool.imap_unordered(process_clip, jobs)
+    try:
+        for done, (key, status, detail) in enumerate(outcomes, start=1):
+            results[key] = (status, detail)
+            counts[status] += 1
+            rate = done / max(time.time() - started, 1e-6)
+            line = (f"{done}/{len(jobs)} clips: {counts['written']} written, {counts['skipped']} skipped, "
+                    f"{counts['failed']} failed; {rate:.1f} clips/s, {(len(jobs) - done) / rate:.0f} s left")
+            if tty:  # one line, rewritten in place
+                print(f"\r{line}", end="\n" if done == len(jobs) else "", file=sys.stderr, flush=True)
+            elif done % every == 0 or done == len(jobs):  # a log file: about 20 lines
+                print(line, file=sys.stderr, flush=True)
+    finally:
+        if workers > 1:
+            pool.terminate()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the clips of each data set. An entry is (split, clip name, label, video path or None).
+
+def index_videos(folder):
+    """{file name without extension: [paths]} of the video files under `folder`, recursively."""
+    index = {}
+    for parent, _, names in os.walk(folder):
+        for name in sorted(names):
+            stem, extension = os.path.splitext(name)
+            if extension.lower() in VIDEO_EXTENSIONS:
+                index.setdefault(stem, []).append(os.path.join(parent, name))
+    return index
+
+
+def find_video(index, clip, videos):
+    """The one video named `clip`, or a ClipError saying why not."""
+    paths = index.get(clip, [])
+    if len(paths) != 1:
+        raise ClipError(f"no video named {clip}.* under {videos}" if not paths else
+                        f"{len(paths)} videos named {clip}: {', '.join(paths)}")
+    return paths[0]
+
+
+def require_splits(found, where):
+    missing = [split for split in ("train", "test") if split not in found]
+    if missing:
+        raise PreprocessError(f"{where}: no {' or '.join(missing)} split found (train and test are needed; "
+                              f"val is carved from train where missing)")
+
+
+def carve_ks_validation(entries):
+    """Hold out validation clips from train, as data.py's ks reader does for OGM-GE lists."""
+    train = [e for e in entries if e[0] == "train"]
+    is_val = data.carve_validation([e[2] for e in train], [e[1] for e in train])
+    held_out = {e[1] for e, v in zip(train, is_val) if v}
+    return [("val",) + e[1:] if e[0] == "train" and e[1] in held_out else e for e in entries]
+
+
+def plan_ks(videos, lists):
+    """Kinetics-Sounds entries and class names (None where unknown).
+    Without lists: videos/<split>/<class name>/<clip>.<ext>, split in train, val (optional), test; labels
+    number the class folders in sorted order. With lists: the authors' <split>_1fps_path.txt or OGM-GE's
+    my_<split>.txt in `lists` give clips and labels (and lists/ks_classes.txt, if there, the class names);
+    videos/**/<clip>.<ext> are found by name."""
+    if lists is None:
+        found = []  # (split, class name, clip, path)
+        for split in data.SPLITS:
+            split_dir = os.path.join(videos, split)
+            if not os.path.isdir(split_dir):
+                continue
+            for class_name in sorted(os.listdir(split_dir)):
+                class_dir = os.path.join(split_dir, class_name)
+                if not os.path.isdir(class_dir):
+                    if class_name.lower().endswith(VIDEO_EXTENSIONS):
+                        raise PreprocessError(f"{class_dir}: expected videos in class folders "
+                                              f"{split_dir}/<class name>/, or lists given with --lists")
+                    continue
+                found += [(split, class_name, os.path.splitext(name)[0], os.path.join(class_dir, name))
+                          for name in sorted(os.listdir(class_dir)) if name.lower().endswith(VIDEO_EXTENSIONS)]
+        require_splits({f[0] for f in found}, f"{videos} (expected {videos}/<split>/<class name>/<clip>.mp4)")
+        class_names = sorted({f[1] for f in found})
+        entries = [(split, clip, class_names.index(name), path) for split, name, clip, path in found]
+    else:
+        ogm = not os.path.isfile(os.path.join(lists, "train_1fps_path.txt"))
+        files = {s: os.path.join(lists, f"my_{s}.txt" if ogm else f"{s}_1fps_path.txt") for s in data.SPLITS}
+        files = {s: path for s, path in files.items() if os.path.isfile(path)}
+        require_splits(files, f"{lists} (expected the authors' <split>_1fps_path.txt or OGM-GE's my_<split>.txt)")
+        entries = [(s, clip, label, None) for s, path in files.items()
+                   for clip, label in data.read_ks_list(path, ogm_format=ogm)]
+        class_names = None
+        class_path = os.path.join(lists, "ks_classes.txt")
+        if os.path.isfile(class_path):
+            class_names = [name for _, name in data.read_text_lines(class_path, "class list")]
+            for split, clip, label, _ in entries:
+                if not 0 <= label < len(class_names):
+                    raise PreprocessError(f"{files[split]}: clip {clip} has label {label}, but {class_path} "
+                                          f"names {len(class_names)} classes (labels 0..{len(class_names) - 1})")
+    if not any(e[0] == "val" for e in entries):
+        entries = carve_ks_validation(entries)
+    return entries, class_names
+
+
+def speaker_split(speakers, fractions, seed):
+    """{speaker: part index}: the sorted distinct speakers in a random order fixed by `seed` (a
+    torch.Generator, stable across runs), cut into len(fractions) parts of int(fraction * n) speakers (at
+    least one each); the last part takes the rest."""
+    speakers = sorted(set(speakers))
+    counts = [max(1, int(f * len(speakers))) for f in fractions[:-1]]
+    if len(speakers) - sum(counts) < 1:
+        raise PreprocessError(f"{len(speakers)} speakers cannot be split {len(fractions)} ways without sharing one")
+    order = torch.randperm(len(speakers), generator=torch.Generator().manual_seed(seed)).tolist()
+    bounds = np.cumsum([0] + counts + [len(speakers) - sum(counts)])
+    return {speakers[i]: part for part in range(len(fractions)) for i in order[bounds[part]:bounds[part + 1]]}
+
+
+def read_cremad_list(path):
+    entries = []
+    for number, line in data.read_text_lines(path, "CREMA-D list"):
+        fields = line.lstrip("\ufeff").split(",")
+        if len(fields) != 2 or fields[1] not in CREMAD_EMOTIONS or not fields[0]:
+            raise PreprocessError(f"{path}:{number}: expected '<clip>,<EMO>' with EMO one of "
+                                  f"{', '.join(CREMAD_EMOTIONS)}, got {line!r}")
+        entries.append(tuple(fields))
+    return entries
+
+
+def plan_cremad(videos, lists, failures):
+    """CREMA-D entries. Without lists: every video under `videos` named <actor>_<sentence>_<EMO>_<level>,
+    split train / val / test by speaker (CREMAD_FRACTIONS of the actors, SPLIT_SEED); other video names go
+    to `failures`. With lists: lists/train.csv, test.csv and val.csv (optional; else SPLIT_SEED holds out a
+    tenth of train's speakers) with lines '<clip>,<EMO>' (OGM-GE's format)."""
+    if lists is None:
+        clips = {}  # clip -> (actor, EMO)
+        for stem, paths in sorted(index_videos(videos).items()):
+            match = CREMAD_NAME.match(stem)
+            if match:
+                clips[stem] = (match.group(1), match.group(3))
+            else:
+                failures += [(stem, path, "name is not <actor>_<sentence>_<EMO>_<level>") for path in paths]
+        if not clips:
+            raise PreprocessError(f"{videos}: no CREMA-D videos (named <actor>_<sentence>_<EMO>_<level>.flv)")
+        part = speaker_split([actor for actor, _ in clips.values()], CREMAD_FRACTIONS, SPLIT_SEED)
+        return [(data.SPLITS[part[actor]], clip, emotion, None) for clip, (actor, emotion) in clips.items()]
+    files = {s: os.path.join(lists, f"{s}.csv") for s in data.SPLITS}
+    files = {s: path for s, path in files.items() if os.path.isfile(path)}
+    require_splits(files, f"{lists} (expected train.csv, val.csv, test.csv)")
+    entries = [(s, clip, emotion, None) for s, path in files.items() for clip, emotion in read_cremad_list(path)]
+    if "val" not in files:
+        train = [clip for split, clip, _, _ in entries if split == "train"]
+        unnamed = [clip for clip in train if not CREMAD_NAME.match(clip)]
+        if unnamed:
+            raise PreprocessError(f"{files['train']}: cannot tell the speaker of clip {unnamed[0]} to hold out "
+                                  f"a validation split by speaker; give {lists}/val.csv")
+        part = speaker_split([CREMAD_NAME.match(c).group(1) for c in train], (0.9, 0.1), SPLIT_SEED)
+        held_out = {clip for clip in train if part[CREMAD_NAME.match(clip).group(1)] == 1}
+        entries = [("val",) + e[1:] if e[0] == "train" and e[1] in held_out else e for e in entries]
+    return entries
+
+
+def plan_ucf101(videos, lists, index, failures):
+    """UCF-101 clips, class names and split files {file name: [(clip, line)]}. With lists: the official
+    classInd.txt, trainlist0k.txt and testlist0k.txt in `lists` (k = 1 at least). Without: every video under
+    `videos` named v_<Class>_g<group>_c<clip> (others go to `failures`); classes numbered in sorted order;
+    the official splits' rule, testlist0k holding groups 1-7, 8-14, 15-21 for k = 1, 2, 3."""
+    if lists is not None:
+        class_path = os.path.join(lists, "classInd.txt")
+        class_names = []
+        for number, line in data.read_text_lines(class_path, "UCF-101 class index"):
+            fields = line.split()
+            if len(fields) != 2 or fields[0] != str(len(class_names) + 1):
+                raise PreprocessError(f"{class_path}:{number}: expected '{len(class_names) + 1} <ClassName>', "
+                                      f"got {line!r}")
+            class_names.append(fields[1])
+        split_files = {}
+        for k in UCF_TEST_GROUPS:
+            for kind in ("train", "test"):
+                path = os.path.join(lists, f"{kind}list0{k}.txt")
+                if os.path.isfile(path):
+                    split_files[os.path.basename(path)] = [
+                        (os.path.splitext(os.path.basename(line.split()[0]))[0], line)
+                        for _, line in data.read_text_lines(path, "UCF-101 split file")]
+        if not {"trainlist01.txt", "testlist01.txt"} <= set(split_files):
+            raise PreprocessError(f"{lists}: expected the official UCF-101 split files trainlist01.txt and "
+                                  f"testlist01.txt beside classInd.txt")
+        return class_names, split_files
+    named = {}  # clip -> (class name, group, file name)
+    for stem, paths in sorted(index.items()):
+        match = UCF_NAME.match(stem)
+        if match and len(paths) == 1:
+            named[stem] = (match.group(1), int(match.group(2)), os.path.basename(paths[0]))
+        else:
+            failures += [(stem, path, "name is not v_<Class>_g<group>_c<clip>" if not match else
+                          f"{len(paths)} videos named {stem}") for path in paths]
+    if not named:
+        raise PreprocessError(f"{videos}: no UCF-101 videos (named v_<Class>_g<group>_c<clip>.avi)")
+    class_names = sorted({name for name, _, _ in named.values()})
+    split_files = {}
+    for k, test_groups in UCF_TEST_GROUPS.items():
+        split_files[f"trainlist0{k}.txt"] = [(clip, f"{name}/{file} {class_names.index(name) + 1}")
+                                            for clip, (name, group, file) in named.items() if group not in test_groups]
+        split_files[f"testlist0{k}.txt"] = [(clip, f"{name}/{file}")
+                                           for clip, (name, group, file) in named.items() if group in test_groups]
+    return class_names, split_files
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs of each data set
+
+def make_jobs(dataset, entries, index, args, flow, failures):
+    """One job per distinct clip of `entries`; a clip whose video cannot be found goes to `failures`."""
+    recipe = args.recipe or DATASET_DEFAULTS[dataset][0]
+    jobs, seen = [], set()
+    for split, clip, _, video in entries:
+        if dataset == "ks":
+            frames, spectrogram = f"ks_visual/{split}/{clip}", f"ks_audio/{split}/{clip}.npy"
+        elif dataset == "cremad":
+            frames, spectrogram = f"visual/{clip}", f"audio/{clip}.npy"
+        else:
+            frames, spectrogram = f"rgb/{clip}", None
+        if frames in seen:
+            continue
+        seen.add(frames)
+        try:
+            video = video or find_video(index, clip, args.videos)
+        except ClipError as error:
+            failures.append((clip, "", str(error)))
+            continue
+        if re.search(r"\s", clip):
+            failures.append((clip, video, "clip name contains white space, which the lists cannot hold"))
+            continue
+        jobs.append(dict(key=frames, clip=clip, video=video, recipe=recipe, frame_offset=DATASET_DEFAULTS[dataset][1],
+                         short_side=args.short_side, frames=os.path.join(args.out, frames),
+                         spectrogram=os.path.join(args.out, spectrogram) if spectrogram else None,
+                         flow=tuple(os.path.join(args.out, "flow", c, clip) for c in "uv") if flow else None))
+    for job in jobs:
+        for path in clip_outputs(job):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    return jobs
+
+
+def write_lines(path, lines):
+    """Write a text file whole (temporary name, then rename)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + PARTIAL, "w") as f:
+        f.writelines(f"{line}\n" for line in lines)
+    os.replace(path + PARTIAL, path)
+
+
+def write_lists(dataset, out, entries, done, class_names, split_files):
+    """The lists the readers of data.py take, naming only the clips on disk (done: {job key: frames}).
+    Returns [(path, number of clips)]; a list that would be empty is not written."""
+    lists = {}
+    if dataset == "ks":
+        for split in data.SPLITS:
+            lists[f"ks_audio/{split}_1fps_path.txt"] = [
+                f"ks_visual/{split}/{clip} {done[f'ks_visual/{split}/{clip}']} {label}"
+                for s, clip, label, _ in entries if s == split and f"ks_visual/{split}/{clip}" in done]
+    elif dataset == "cremad":
+        for split in data.SPLITS:
+            lists[f"{split}.csv"] = [f"{clip},{emotion}" for s, clip, emotion, _ in entries
+                                     if s == split and f"visual/{clip}" in done]
+    else:
+        for name, lines in split_files.items():
+            lists[f"splits/{name}"] = [line for clip, line in lines if f"rgb/{clip}" in done]
+    written = []
+    for name, lines in lists.items():
+        if lines:
+            write_lines(os.path.join(out, name), lines)
+            written.append((os.path.join(out, name), len(lines)))
+    if class_names is not None:
+        name = "ks_classes.txt" if dataset == "ks" else "splits/classInd.txt"
+        write_lines(os.path.join(out, name),
+                    class_names if dataset == "ks" else [f"{k} {c}" for k, c in enumerate(class_names, start=1)])
+    return written
+
+
+def write_failures(out, failures):
+    """ROOT/failures.csv (clip,video,reason) with this run's failures; removed when there are none."""
+    path = os.path.join(out, "failures.csv")
+    if not failures:
+        remove_path(path)
+        return None
+    with open(path + PARTIAL, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["clip", "video", "reason"])
+        writer.writerows(sorted(failures))
+    os.replace(path + PARTIAL, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def get_args_parser():
+    parser = ArgumentParser(prog="preprocess.py", description="Raw videos -> the layouts data.py reads (frames at "
+                            "1 fps, spectrograms by a named recipe, TV-L1 flow for ucf101). See the module docstring.")
+    parser.add_argument("dataset", choices=tuple(DATASET_DEFAULTS), help="which layout to write")
+    parser.add_argument("--videos", required=True, help="folder of the raw videos (searched recursively; for ks "
+                        "without --lists: <split>/<class name>/<clip>.mp4)")
+    parser.add_argument("--out", required=True, help="root folder to write (train.py's --data-root)")
+    parser.add_argument("--lists", default=None, help="folder of split lists: ks: the authors' "
+                        "<split>_1fps_path.txt or OGM-GE's my_<split>.txt (and ks_classes.txt); cremad: "
+                        "train.csv, val.csv, test.csv; ucf101: classInd.txt, trainlist0k.txt, testlist0k.txt")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parser.add_argument("--workers", type=int, default=cpus, help=f"processes (default: the {cpus} CPUs available)")
+    parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
+                        help="spectrogram recipe (default: fbank for ks, stft-ogm for cremad; ucf101 has none)")
+    parser.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE,
+                        help=f"downscale frames whose shorter side exceeds this (default {DEFAULT_SHORT_SIDE}); "
+                             f"0 keeps the decoded size")
+    return parser
+
+
+def check_args(args):
+    for flag, folder in (("--videos", args.videos), ("--lists", args.lists)):
+        if folder is not None and not os.path.isdir(folder):
+            raise PreprocessError(f"{flag} {folder}: folder not found")
+    if args.workers < 1:
+        raise PreprocessError(f"--workers must be at least 1, got {args.workers}")
+    if args.short_side < 0:
+        raise PreprocessError(f"--short-side must be 0 (keep the size) or positive, got {args.short_side}")
+    if args.dataset == "ucf101" and args.recipe is not None:
+        raise PreprocessError("--recipe does not apply to ucf101 (RGB and flow, no audio)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise PreprocessError(f"--out {args.out}: exists and is not a folder")
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        check_args(args)
+        require_av()
+        os.makedirs(args.out, exist_ok=True)
+        failures, class_names, split_files = [], None, None  # failures: (clip, video, reason)
+        index = index_videos(args.videos)
+        flow = args.dataset == "ucf101" and tvl1_available()
+        if args.dataset == "ucf101" and not flow:
+            print("note: OpenCV's contrib module (cv2.optflow) is not installed, so no TV-L1 flow is written, only "
+                  "rgb/; pip install opencv-contrib-python-headless and rerun to add flow/", file=sys.stderr)
+        if args.dataset == "ks":
+            entries, class_names = plan_ks(args.videos, args.lists)
+        elif args.dataset == "cremad":
+            entries = plan_cremad(args.videos, args.lists, failures)
+        else:
+            class_names, split_files = plan_ucf101(args.videos, args.lists, index, failures)
+            entries = [(None, clip, None, None) for lines in split_files.values() for clip, _ in lines]
+        jobs = make_jobs(args.dataset, entries, index, args, flow, failures)
+        results = run_jobs(jobs, min(args.workers, max(1, len(jobs))))
+    except (PreprocessError, data.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: clips written so far are complete; rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130)
+    done = {key: detail for key, (status, detail) in results.items() if status != "failed"}
+    failures += [(job["clip"], job["video"], results[job["key"]][1]) for job in jobs
+                 if results[job["key"]][0] == "failed"]
+    written = write_lists(args.dataset, args.out, entries, done, class_names, split_files)
+    failures_path = write_failures(args.out, failures)
+    counts = {status: sum(s == status for s, _ in results.values()) for status in ("written", "skipped")}
+    print(f"{args.dataset}: {counts['written']} clips written, {counts['skipped']} skipped (already on disk), "
+          f"{len(failures)} failed" + (f" (listed in {failures_path})" if failures else ""))
+    for path, count in written:
+        print(f"  {path}: {count} clips")
+    if args.dataset == "ks" and class_names is None:
+        print(f"  no class names: put ks_classes.txt (line k = name of label k) beside the lists to have it "
+              f"copied to {args.out}")
+    print(f"train with: python train.py --dataset {args.dataset} --data-root {args.out}")
+
+
+if __name__ == "__main__":
+    main()

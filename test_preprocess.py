@@ -1,0 +1,549 @@
+"""Tests of preprocess.py: the spectrogram recipes against independent references (torchaudio through a committed
+fixture, scipy, numpy), then tiny videos made here with PyAV (frames whose grey level encodes their index, a sine
+tone) pre-processed for ks, cremad and ucf101: layouts, frame choice, spectrograms, failures.csv, resumption, the
+command line, and one epoch of train.py on the output.
+
+fixtures/kaldi_fbank_ogm_ks.npz was made once, outside the project, with real torchaudio (torch 2.9.1, torchaudio
+2.9.1, in a throwaway venv: pip install torch==2.9.1 'torchaudio==2.9.*' numpy):
+
+    rng = np.random.default_rng(16)
+    t = np.arange(8000) / 16000
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * (200 + 3000 * t) * t) \\
+        + 0.05 * rng.standard_normal(8000) + 0.1
+    x[-1600:] = 0.0  # digital silence: the log floor
+    x = x.astype(np.float32)
+    kwargs = dict(htk_compat=True, sample_frequency=16000, use_energy=False, window_type="hanning",
+                  num_mel_bins=128, dither=0.0, frame_shift=10)  # OGM-GE's Kinetics-Sounds call
+    fbank = torchaudio.compliance.kaldi.fbank(torch.from_numpy(x)[None], **kwargs)  # in float32, as OGM-GE ran it
+    fbank_double = torchaudio.compliance.kaldi.fbank(torch.from_numpy(x)[None].double(), **kwargs)
+    np.savez_compressed("fixtures/kaldi_fbank_ogm_ks.npz", waveform=x, fbank=fbank.numpy(),
+                        fbank_double=fbank_double.float().numpy())
+"""
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.io import decode_jpeg, read_file
+
+import data
+import preprocess
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None,
+                              reason="PyAV is not installed (pip install -r requirements-preprocess.txt)")
+needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="scipy is not installed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes
+
+def test_kaldi_fbank_equals_torchaudio_on_the_fixture():
+    fixture = np.load(os.path.join(HERE, "fixtures", "kaldi_fbank_ogm_ks.npz"))
+    ours = preprocess.kaldi_fbank(fixture["waveform"], 16000, 128)
+    assert ours.shape == fixture["fbank_double"].shape == (48, 128)
+    np.testing.assert_allclose(ours.numpy(), fixture["fbank_double"], rtol=0, atol=1e-4)
+    # torchaudio's own float32 arithmetic (OGM-GE's call) strays up to 2e-4 from its float64 result here
+    np.testing.assert_allclose(ours.numpy(), fixture["fbank"], rtol=0, atol=5e-4)
+    assert ours[-1].eq(np.log(np.finfo(np.float32).eps)).all()  # the silent frames sit on the floor
+
+
+def test_fbank_recipe_removes_the_mean_pads_cuts_and_normalises():
+    t = np.arange(16000 * 12) / 16000
+    waveform = 0.4 * np.sin(2 * np.pi * 1000 * t) + 0.2  # 12 s, with an offset the recipe removes
+    raw = preprocess.kaldi_fbank(waveform - waveform.mean(), 16000, 128).numpy()
+    assert raw.shape == (1198, 128)
+    long = preprocess.fbank_ogm_ks(waveform)
+    assert long.shape == (1024, 128) and long.dtype == np.float32
+    np.testing.assert_allclose(long, (raw[:1024] + 4.503877) / (5.141276 * 2), atol=1e-6)
+    short = preprocess.fbank_ogm_ks(waveform[:16000])  # 1 s: 98 frames, then zero rows
+    np.testing.assert_allclose(short[:98], (raw[:98] + 4.503877) / (5.141276 * 2), atol=1e-5)
+    np.testing.assert_allclose(short[98:], 4.503877 / (5.141276 * 2), atol=1e-7)
+
+
+def reference_stft_pmr(waveform):
+    """PMR's data/CREMAD recipe with scipy (tiling as often as needed)."""
+    from scipy import signal
+    x = np.clip(np.resize(waveform, 160000), -1, 1)
+    _, _, spectrogram = signal.spectrogram(x, 16000, nperseg=512, noverlap=353)
+    spectrogram = np.log(spectrogram + 1e-7)
+    return (spectrogram - spectrogram.mean()) / (spectrogram.std() + 1e-9)
+
+
+@needs_scipy
+def test_stft_pmr_equals_scipy_and_tiles_short_clips():
+    from scipy import signal
+    np.testing.assert_allclose(preprocess.tukey_window(512, 0.25).numpy(), signal.get_window(("tukey", 0.25), 512),
+                               atol=1e-12)
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 3) / 16000
+    waveform = 0.5 * np.sin(2 * np.pi * 700 * t) + 0.1 * rng.standard_normal(len(t)) + 0.05
+    ours = preprocess.stft_pmr(waveform)
+    assert ours.shape == (257, 1004) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, reference_stft_pmr(waveform), atol=1e-4)
+    short = waveform[:8000]  # 0.5 s: PMR's np.tile(x, 10) would give 5 s and fail its shape check
+    np.testing.assert_allclose(preprocess.stft_pmr(short), reference_stft_pmr(np.tile(short, 20)), atol=1e-4)
+
+
+def test_stft_ogm_equals_a_numpy_librosa_stft():
+    """librosa.stft(n_fft=512, hop_length=353) of OGM-GE's time: frames centred by reflecting 256 samples at each
+    end, periodic Hann window; written here with numpy alone."""
+    t = np.arange(22050 * 2) / 22050  # 2 s, tiled to 3 s
+    waveform = 0.6 * np.sin(2 * np.pi * 300 * t) * np.cos(2 * np.pi * 2 * t)
+    x = np.clip(np.resize(waveform, 66150), -1, 1)
+    padded = np.pad(x, 256, mode="reflect")
+    frames = np.stack([padded[i * 353:i * 353 + 512] for i in range(1 + len(x) // 353)])
+    expected = np.log(np.abs(np.fft.rfft(frames * np.hanning(513)[:-1], axis=1)).T + 1e-7)
+    ours = preprocess.stft_ogm_cremad(waveform)
+    assert ours.shape == (257, 188) == expected.shape
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_recipe_table_shapes():
+    for name, (rate, recipe, shape) in preprocess.RECIPES.items():
+        assert recipe(np.sin(np.arange(rate) / 7.0)).shape == shape, name
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny videos
+
+def grey_level(index):
+    """The grey level of frame `index` in the test videos, so that a saved JPEG tells which frame it was."""
+    return 8 + (4 * index) % 240
+
+
+def make_video(path, seconds, fps=10, size=(64, 48), tone=440.0, audio_rate=44100, channels=1, codec="libx264",
+               audio_codec="aac", video=True, moving_square=False):
+    """A video of uniform grey frames (grey_level of the index; or, with moving_square, a white square moving
+    right by 2 pixels a frame over a still background of 8 x 8 blocks) and a sine tone (tone=None: no audio
+    track; with channels=2 the right channel is silent)."""
+    import av
+    with av.open(path, "w") as container:
+        if video:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        if tone is not None:
+            sound = container.add_stream(audio_codec, rate=audio_rate, layout="mono" if channels == 1 else "stereo")
+        blocks = np.random.default_rng(0).integers(0, 160, (size[1] // 8, size[0] // 8, 1), dtype=np.uint8)
+        for i in range(round(seconds * fps) if video else 0):
+            image = np.full((size[1], size[0], 3), grey_level(i), np.uint8)
+            if moving_square:
+                image[:] = blocks.repeat(8, axis=0).repeat(8, axis=1)
+                image[size[1] // 3:size[1] // 3 + 16, 8 + 2 * i:24 + 2 * i] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        if video:
+            container.mux(stream.encode())
+        if tone is not None:
+            samples = np.round(16000 * np.sin(2 * np.pi * tone * np.arange(round(seconds * audio_rate)) / audio_rate))
+            samples = np.stack([samples] + [np.zeros_like(samples)] * (channels - 1))  # [channels, N], int16 scale
+            step = sound.codec_context.frame_size or 1024
+            for start in range(0, samples.shape[1], step):
+                chunk, name = samples[:, start:start + step], sound.codec_context.format.name
+                array = {"fltp": chunk / 32768, "s16": chunk.T.reshape(1, -1), "s32p": chunk * 65536}[name]
+                dtype = {"fltp": np.float32, "s16": np.int16, "s32p": np.int32}[name]
+                frame = av.AudioFrame.from_ndarray(array.astype(dtype), format=name, layout=sound.layout.name)
+                frame.sample_rate, frame.pts = audio_rate, start
+                container.mux(sound.encode(frame))
+            container.mux(sound.encode())
+
+
+def run_preprocess(*argv, capsys=None):
+    """preprocess.main in this process; returns (stdout, stderr) when capsys is given."""
+    preprocess.main([str(a) for a in argv])
+    return capsys.readouterr() if capsys is not None else None
+
+
+def jpeg_levels(folder):
+    names = sorted(os.listdir(folder))
+    return [decode_jpeg(read_file(os.path.join(folder, n))).float().mean().item() for n in names]
+
+
+def read_lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+KS_CLIPS = {  # split -> class folder -> [(clip, seconds)]
+    "train": {"playing drums": [("d1", 3), ("d2", 3), ("d3", 2.5)], "singing": [("s1", 3), ("s2", 3), ("s3", 3)]},
+    "val": {"playing drums": [("d4", 3)], "singing": [("s4", 3)]},
+    "test": {"playing drums": [("d5", 3)], "singing": [("s5", 3)]},
+}
+
+
+@pytest.fixture(scope="module")
+def ks_videos(tmp_path_factory):
+    if importlib.util.find_spec("av") is None:
+        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    root = tmp_path_factory.mktemp("ks_videos")
+    for split, classes in KS_CLIPS.items():
+        for class_name, clips in classes.items():
+            os.makedirs(root / split / class_name)
+            for clip, seconds in clips:
+                make_video(str(root / split / class_name / f"{clip}.mp4"), seconds)
+    # 16 kHz 16-bit PCM in stereo: decoded without loss, so its spectrogram can be recomputed exactly
+    make_video(str(root / "train" / "singing" / "pcm.mkv"), 2, audio_codec="pcm_s16le", audio_rate=16000, channels=2)
+    make_video(str(root / "train" / "singing" / "silent.mp4"), 2, tone=None)
+    make_video(str(root / "train" / "playing drums" / "soundonly.mp4"), 2, video=False)
+    with open(root / "test" / "singing" / "corrupt.mp4", "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def ks_root(ks_videos, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ks_root")
+    run_preprocess("ks", "--videos", ks_videos, "--out", root, "--workers", 1)
+    return root
+
+
+@needs_av
+def test_ks_layout_lists_classes_and_frames(ks_root):
+    assert read_lines(ks_root / "ks_classes.txt") == ["playing drums", "singing"]
+    train = read_lines(ks_root / "ks_audio" / "train_1fps_path.txt")
+    assert sorted(train) == sorted(["ks_visual/train/d1 3 0", "ks_visual/train/d2 3 0", "ks_visual/train/d3 3 0",
+                                    "ks_visual/train/s1 3 1", "ks_visual/train/s2 3 1", "ks_visual/train/s3 3 1",
+                                    "ks_visual/train/pcm 2 1"])
+    assert sorted(read_lines(ks_root / "ks_audio" / "test_1fps_path.txt")) == ["ks_visual/test/d5 3 0",
+                                                                              "ks_visual/test/s5 3 1"]
+    assert data.read_ks_list(str(ks_root / "ks_audio" / "val_1fps_path.txt"), ogm_format=False) == [("d4", 0),
+                                                                                                  ("s4", 1)]
+    for split, clip in (("train", "d1"), ("train", "d3"), ("val", "s4")):
+        # ks keeps the first frame of each second: frames 0, 10, 20 at 10 fps (d3 lasts 2.5 s: 3 seconds begin)
+        levels = jpeg_levels(ks_root / "ks_visual" / split / clip)
+        np.testing.assert_allclose(levels, [grey_level(0), grey_level(10), grey_level(20)], atol=2)
+        spectrogram = np.load(ks_root / "ks_audio" / split / f"{clip}.npy")
+        assert spectrogram.shape == (1024, 128) and spectrogram.dtype == np.float32
+    assert not any(name.endswith(preprocess.PARTIAL) for _, dirs, files in os.walk(ks_root) for name in dirs + files)
+
+
+@needs_av
+def test_ks_spectrogram_is_the_recipe_of_the_decoded_mono_audio(ks_root):
+    # pcm.mkv: lossless 16 kHz stereo, left a 440 Hz sine, right silent -> mono is half the left channel
+    left = np.round(16000 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)) / 32768
+    np.testing.assert_allclose(np.load(ks_root / "ks_audio" / "train" / "pcm.npy"),
+                               preprocess.fbank_ogm_ks((left / 2).astype(np.float32)), atol=1e-5)
+    # d1.mp4: 440 Hz through AAC at 44.1 kHz, resampled to 16 kHz: its energy peaks in the mel band of 440 Hz
+    spectrogram = np.load(ks_root / "ks_audio" / "train" / "d1.npy")
+    mel = 1127 * np.log1p(np.array([20.0, 440.0, 8000.0]) / 700)
+    band = (mel[1] - mel[0]) / ((mel[2] - mel[0]) / 129) - 1  # the filter centred nearest 440 Hz
+    assert abs(spectrogram[:290].mean(axis=0).argmax() - band) <= 1
+    np.testing.assert_allclose(spectrogram[300:], 4.503877 / (5.141276 * 2), atol=1e-6)  # 3 s: 298 frames, then pad
+
+
+@needs_av
+def test_ks_failures_are_listed_with_their_reason_and_left_out(ks_root, ks_videos):
+    with open(ks_root / "failures.csv") as f:
+        rows = {row["clip"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"silent", "soundonly", "corrupt"}
+    assert rows["silent"]["reason"] == "no audio track"
+    assert rows["soundonly"]["reason"] == "no video track"
+    assert rows["corrupt"]["reason"].startswith("cannot open (Invalid data")
+    assert rows["corrupt"]["video"] == str(ks_videos / "test" / "singing" / "corrupt.mp4")
+    listed = " ".join(read_lines(ks_root / "ks_audio" / f"{s}_1fps_path.txt")[0] for s in data.SPLITS)
+    assert not any(clip in listed for clip in rows)
+    assert not os.path.exists(ks_root / "ks_visual" / "train" / "silent")
+
+
+def copy_videos(source, target, clips):
+    """Copy the named clips of the ks test videos, keeping their split / class folders."""
+    for split, classes in KS_CLIPS.items():
+        for class_name, names in classes.items():
+            for clip, _ in names:
+                if clip in clips:
+                    os.makedirs(target / split / class_name, exist_ok=True)
+                    shutil.copy(source / split / class_name / f"{clip}.mp4", target / split / class_name)
+
+
+@needs_av
+def test_rerun_skips_finished_clips_and_redoes_interrupted_ones(ks_videos, tmp_path, capsys, monkeypatch):
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d4", "d5"})
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 4 clips written, 0 skipped (already on disk), 0 failed")
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 0 clips written, 4 skipped")
+    # a run killed while writing clip s1: its outputs are still under temporary names, nothing half-written in place
+    def killed(path, array):
+        raise KeyboardInterrupt
+
+    shutil.rmtree(root / "ks_visual" / "train" / "s1")
+    os.remove(root / "ks_audio" / "train" / "s1.npy")
+    monkeypatch.setattr(preprocess, "save_array", killed)
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1)
+    assert exit_info.value.code == 130 and "rerun the same command" in capsys.readouterr().err
+    assert os.path.isdir(str(root / "ks_visual" / "train" / "s1") + preprocess.PARTIAL)
+    assert not os.path.exists(root / "ks_visual" / "train" / "s1")
+    monkeypatch.undo()
+    # an older kind of leftover: frames in place but no spectrogram, and a stray temporary file
+    os.remove(root / "ks_audio" / "train" / "d1.npy")
+    with open(str(root / "ks_audio" / "train" / "d1.npy") + preprocess.PARTIAL, "wb") as f:
+        f.write(b"half")
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 2 clips written, 2 skipped")
+    for clip in ("d1", "s1"):
+        assert np.load(root / "ks_audio" / "train" / f"{clip}.npy").shape == (1024, 128)
+        assert len(os.listdir(root / "ks_visual" / "train" / clip)) == 3
+    assert not any(name.endswith(preprocess.PARTIAL) for _, dirs, files in os.walk(root) for name in dirs + files)
+    assert not os.path.exists(root / "failures.csv")
+
+
+@needs_av
+def test_ks_from_authors_lists_with_class_names_and_other_recipes(ks_videos, tmp_path, capsys):
+    lists = tmp_path / "lists"
+    os.makedirs(lists)
+    for split, lines in dict(train=["x/d1 10 0", "x/s1 10 1", "x/missing 10 1"], val=["x/d4 10 0"],
+                             test=["x/d5 10 0", "x/s5 10 1"]).items():
+        with open(lists / f"{split}_1fps_path.txt", "w") as f:
+            f.write("\n".join(lines) + "\n")
+    with open(lists / "ks_classes.txt", "w") as f:
+        f.write("playing drums\nsinging\n")
+    root = tmp_path / "root"
+    out, _ = run_preprocess("ks", "--videos", ks_videos, "--out", root, "--lists", lists, "--workers", 1,
+                            "--recipe", "stft-pmr", "--short-side", 32, capsys=capsys)
+    assert out.startswith("ks: 5 clips written, 0 skipped (already on disk), 1 failed")
+    assert read_lines(root / "ks_classes.txt") == ["playing drums", "singing"]
+    assert read_lines(root / "ks_audio" / "train_1fps_path.txt") == ["ks_visual/train/d1 3 0", "ks_visual/train/s1 3 1"]
+    with open(root / "failures.csv") as f:
+        assert [row["reason"] for row in csv.DictReader(f)] == [f"no video named missing.* under {ks_videos}"]
+    assert np.load(root / "ks_audio" / "test" / "s5.npy").shape == (257, 1004)
+    assert decode_jpeg(read_file(str(root / "ks_visual" / "val" / "d4" / "frame_00001.jpg"))).shape == (3, 32, 43)
+    # OGM-GE lists (id,10,label), no val list: val is carved from train as data.py's reader carves it
+    for split, lines in dict(train=["d1,10,0", "d2,10,0", "s1,10,1", "s2,10,1"], test=["d5,10,0"]).items():
+        with open(tmp_path / f"my_{split}.txt", "w") as f:
+            f.write("\n".join(lines) + "\n")
+    ogm = tmp_path / "ogm"
+    os.makedirs(ogm)
+    for split in ("train", "test"):
+        shutil.move(str(tmp_path / f"my_{split}.txt"), ogm)
+    run_preprocess("ks", "--videos", ks_videos, "--out", tmp_path / "root_ogm", "--lists", ogm, "--workers", 1,
+                   "--recipe", "stft-ogm")
+    lists_written = {s: read_lines(tmp_path / "root_ogm" / "ks_audio" / f"{s}_1fps_path.txt") for s in data.SPLITS}
+    assert len(lists_written["train"]) == 2 and len(lists_written["val"]) == 2 and len(lists_written["test"]) == 1
+    assert np.load(tmp_path / "root_ogm" / "ks_audio" / "test" / "d5.npy").shape == (257, 188)
+
+
+CREMAD_ACTORS = ("1001", "1002", "1003", "1004", "1005", "1006")
+
+
+@pytest.fixture(scope="module")
+def cremad_videos(tmp_path_factory):
+    if importlib.util.find_spec("av") is None:
+        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    root = tmp_path_factory.mktemp("cremad_videos")
+    for actor in CREMAD_ACTORS:  # CREMA-D's own kind of file: Sorenson H.263 and MP3 in FLV
+        for emotion in ("ANG", "NEU"):
+            make_video(str(root / f"{actor}_IEO_{emotion}_HI.flv"), 2.5, fps=30, size=(80, 60), codec="flv",
+                       audio_codec="libmp3lame", audio_rate=22050)
+    make_video(str(root / "interview.flv"), 1, codec="flv", audio_codec="libmp3lame", audio_rate=22050)
+    return root
+
+
+@needs_av
+def test_cremad_speaker_disjoint_split_middle_frames_and_recipe(cremad_videos, tmp_path, capsys):
+    root = tmp_path / "root"
+    out, _ = run_preprocess("cremad", "--videos", cremad_videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("cremad: 12 clips written, 0 skipped (already on disk), 1 failed")
+    lists = {s: [line.split(",") for line in read_lines(root / f"{s}.csv")] for s in data.SPLITS}
+    speakers = {s: {clip.split("_")[0] for clip, _ in lines} for s, lines in lists.items()}
+    assert [len(speakers[s]) for s in data.SPLITS] == [4, 1, 1]  # int(0.7 * 6), int(0.1 * 6) -> 1, the rest
+    assert set().union(*speakers.values()) == set(CREMAD_ACTORS)
+    assert all(emotion == clip.split("_")[2] for lines in lists.values() for clip, emotion in lines)
+    again = tmp_path / "again"  # the split is fixed by its seed alone
+    run_preprocess("cremad", "--videos", cremad_videos, "--out", again, "--workers", 1)
+    assert all(read_lines(again / f"{s}.csv") == read_lines(root / f"{s}.csv") for s in data.SPLITS)
+    clip = lists["test"][0][0]
+    # the middle of each second: frames 15 and 45 at 30 fps (2.5 s: seconds 0 and 1 have middles before the end)
+    np.testing.assert_allclose(jpeg_levels(root / "visual" / clip), [grey_level(15), grey_level(45)], atol=2)
+    spectrogram = np.load(root / "audio" / f"{clip}.npy")
+    assert spectrogram.shape == (257, 188) and spectrogram.dtype == np.float32
+    peak = spectrogram.mean(axis=1).argmax()  # bin width 22050 / 512 Hz
+    assert abs(peak - 440 / (22050 / 512)) <= 1
+    with open(root / "failures.csv") as f:
+        assert [row["reason"] for row in csv.DictReader(f)] == ["name is not <actor>_<sentence>_<EMO>_<level>"]
+
+
+@needs_av
+def test_cremad_lists_with_validation_held_out_by_speaker(cremad_videos, tmp_path):
+    lists = tmp_path / "lists"
+    os.makedirs(lists)
+    train = [f"{a}_IEO_{e}_HI,{e}" for a in CREMAD_ACTORS[:5] for e in ("ANG", "NEU")]
+    with open(lists / "train.csv", "w", encoding="utf-8-sig") as f:  # OGM-GE's files open with a BOM
+        f.write("\n".join(train) + "\n")
+    with open(lists / "test.csv", "w") as f:
+        f.write("1006_IEO_ANG_HI,ANG\n")
+    root = tmp_path / "root"
+    run_preprocess("cremad", "--videos", cremad_videos, "--out", root, "--lists", lists, "--workers", 1)
+    written = {s: read_lines(root / f"{s}.csv") for s in data.SPLITS}
+    assert sorted(written["train"] + written["val"]) == sorted(train)
+    assert {line[:4] for line in written["val"]} == {written["val"][0][:4]} and len(written["val"]) == 2
+    assert not {line[:4] for line in written["val"]} & {line[:4] for line in written["train"]}
+    assert written["test"] == ["1006_IEO_ANG_HI,ANG"]
+
+
+@pytest.fixture(scope="module")
+def ucf_videos(tmp_path_factory):
+    if importlib.util.find_spec("av") is None:
+        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    root = tmp_path_factory.mktemp("ucf_videos")
+    for class_name in ("Archery", "Bowling"):
+        os.makedirs(root / class_name)
+        for group in (1, 8, 9, 10):  # group 1 is in testlist01, the others in trainlist01
+            make_video(str(root / class_name / f"v_{class_name}_g{group:02d}_c01.avi"), 2.2, fps=25, size=(96, 72),
+                       codec="mpeg4", tone=None, moving_square=True)
+    return root
+
+
+@needs_av
+def test_ucf101_rgb_flow_and_split_files(ucf_videos, tmp_path):
+    if not preprocess.tvl1_available():
+        pytest.skip("OpenCV's contrib module (cv2.optflow) is not installed")
+    root = tmp_path / "root"
+    run_preprocess("ucf101", "--videos", ucf_videos, "--out", root, "--workers", 1)
+    assert read_lines(root / "splits" / "classInd.txt") == ["1 Archery", "2 Bowling"]
+    assert sorted(read_lines(root / "splits" / "testlist01.txt")) == ["Archery/v_Archery_g01_c01.avi",
+                                                                     "Bowling/v_Bowling_g01_c01.avi"]
+    assert "Bowling/v_Bowling_g10_c01.avi 2" in read_lines(root / "splits" / "trainlist01.txt")
+    assert len(read_lines(root / "splits" / "testlist02.txt")) == 6  # groups 8-14
+    clip = "v_Bowling_g08_c01"
+    assert sorted(os.listdir(root / "rgb" / clip)) == ["frame_00001.jpg", "frame_00002.jpg"]  # 2.2 s, middles
+    u_names = sorted(os.listdir(root / "flow" / "u" / clip))
+    assert u_names == ["frame000001.jpg", "frame000002.jpg"] == sorted(os.listdir(root / "flow" / "v" / clip))
+    # the square moves 2 pixels right a frame, u = 127.5 + 2 * 255 / 40 = 140.25 where TV-L1 sees it move (its
+    # edges; its uniform inside less), v stays at 127.5, and so does the still background
+    u = decode_jpeg(read_file(str(root / "flow" / "u" / clip / u_names[0]))).float()[0]
+    v = decode_jpeg(read_file(str(root / "flow" / "v" / clip / u_names[0]))).float()[0]
+    square = (slice(24, 40), slice(32, 50))  # where the square is around frame 12 (t = 0.5 s)
+    assert u[square].mean() > 131 and 136 <= u[square].max() <= 145
+    assert abs(v[square].mean() - 127.5) < 2 and abs(u[:16].mean() - 127.5) < 1.5
+    # with the official lists: copied, naming only the clips on disk
+    lists = tmp_path / "lists"
+    os.makedirs(lists)
+    with open(lists / "classInd.txt", "w") as f:
+        f.write("1 Archery\n2 Bowling\n")
+    with open(lists / "trainlist01.txt", "w") as f:
+        f.write("Archery/v_Archery_g08_c01.avi 1\nBowling/v_Bowling_g08_c01.avi 2\nBowling/v_Bowling_g11_c01.avi 2\n")
+    with open(lists / "testlist01.txt", "w") as f:
+        f.write("Archery/v_Archery_g01_c01.avi\n")
+    official = tmp_path / "official"
+    run_preprocess("ucf101", "--videos", ucf_videos, "--out", official, "--lists", lists, "--workers", 1)
+    assert read_lines(official / "splits" / "trainlist01.txt") == ["Archery/v_Archery_g08_c01.avi 1",
+                                                                  "Bowling/v_Bowling_g08_c01.avi 2"]
+    assert sorted(os.listdir(official / "rgb")) == ["v_Archery_g01_c01", "v_Archery_g08_c01", "v_Bowling_g08_c01"]
+
+
+@needs_av
+def test_ucf101_without_opencv_contrib_writes_rgb_and_says_so(ucf_videos, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(preprocess, "tvl1_available", lambda: False)
+    _, err = run_preprocess("ucf101", "--videos", ucf_videos, "--out", tmp_path, "--workers", 1, capsys=capsys)
+    assert "cv2.optflow" in err and "opencv-contrib-python-headless" in err
+    assert len(os.listdir(tmp_path / "rgb")) == 8 and not os.path.exists(tmp_path / "flow")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+@pytest.mark.parametrize("flags, message", [
+    (["ks", "--videos", "{missing}", "--out", "{out}"], "error: --videos {missing}: folder not found"),
+    (["ks", "--videos", "{empty}", "--out", "{out}"],
+     "error: {empty} (expected {empty}/<split>/<class name>/<clip>.mp4): no train or test split found"),
+    (["ks", "--videos", "{empty}", "--out", "{out}", "--workers", "0"], "error: --workers must be at least 1, got 0"),
+    (["ucf101", "--videos", "{empty}", "--out", "{out}", "--recipe", "fbank"], "error: --recipe does not apply"),
+    (["cremad", "--videos", "{empty}", "--out", "{out}"], "error: {empty}: no CREMA-D videos"),
+    (["ucf101", "--videos", "{empty}", "--out", "{out}", "--lists", "{empty}"], "error: {empty}/classInd.txt: "
+                                                                                "UCF-101 class index not found"),
+    (["mmdebiased", "--videos", "{empty}", "--out", "{out}"], "preprocess.py: error: argument dataset: invalid"),
+    (["ks", "--out", "{out}"], "preprocess.py: error: the following arguments are required: --videos"),
+])
+@needs_av
+def test_bad_flags_and_folders_give_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    names = dict(missing=tmp_path / "missing", empty=tmp_path / "empty", out=tmp_path / "out")
+    os.makedirs(names["empty"])
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess.main([flag.format(**names) for flag in flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(message.format(**names)), err
+
+
+@needs_av
+def test_ks_label_beyond_the_class_list_is_an_error(ks_videos, tmp_path, capsys):
+    lists = tmp_path / "lists"
+    os.makedirs(lists)
+    for split, line in dict(train="d1 10 0", test="d5 10 2").items():
+        with open(lists / f"{split}_1fps_path.txt", "w") as f:
+            f.write(line + "\n")
+    with open(lists / "ks_classes.txt", "w") as f:
+        f.write("playing drums\nsinging\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", ks_videos, "--out", tmp_path / "out", "--lists", lists)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "clip d5 has label 2" in err and "names 2 classes (labels 0..1)" in err
+
+
+@pytest.mark.slow  # the worker processes start a fresh interpreter each (spawn): seconds on a small machine
+@needs_av
+def test_two_workers_report_progress_and_summary(ks_videos, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    copy_videos(ks_videos, videos, {"d1", "d2", "s1", "s2", "d5"})
+    out, err = run_preprocess("ks", "--videos", videos, "--out", tmp_path / "root", "--workers", 2, capsys=capsys)
+    assert "5/5 clips: 5 written, 0 skipped, 0 failed" in err
+    assert out.splitlines()[0] == "ks: 5 clips written, 0 skipped (already on disk), 0 failed"
+    assert f"python train.py --dataset ks --data-root {tmp_path / 'root'}" in out
+    assert sorted(os.listdir(tmp_path / "root" / "ks_audio" / "train")) == ["d2.npy", "s2.npy"]  # 1 per class to val
+
+
+def test_command_line_runs_as_a_script(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(HERE, "preprocess.py"), "ks", "--videos",
+                             str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr == f"error: --videos {tmp_path / 'missing'}: folder not found\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Straight into train.py
+
+def train_one_epoch(dataset, root, out):
+    return train.main(["--dataset", dataset, "--data-root", str(root), "--epochs", "1", "--warmup", "0",
+                       "--batch-size", "2", "--image-size", "32", "--gpu", "-1", "--workers", "0", "--out", str(out)])
+
+
+@pytest.mark.parametrize("recipe", ["fbank", pytest.param("stft-pmr", marks=pytest.mark.slow),
+                                    pytest.param("stft-ogm", marks=pytest.mark.slow)])
+@needs_av
+def test_train_one_epoch_on_the_ks_output(ks_videos, tmp_path, recipe):
+    copy_videos(ks_videos, tmp_path / "videos", {"d1", "d2", "s1", "s2", "d5", "s5"})
+    run_preprocess("ks", "--videos", tmp_path / "videos", "--out", tmp_path / "root", "--workers", 1,
+                   "--recipe", recipe)
+    results = train_one_epoch("ks", tmp_path / "root", tmp_path / "run")
+    assert 0.0 <= results["test_acc"] <= 1.0
+    assert len(train.load_log(str(tmp_path / "run" / "log.jsonl"))) == 1
+
+
+@needs_av
+def test_train_one_epoch_on_the_ucf101_output(ucf_videos, tmp_path, monkeypatch):
+    if not preprocess.tvl1_available():
+        pytest.skip("OpenCV's contrib module (cv2.optflow) is not installed: no flow to train on")
+    run_preprocess("ucf101", "--videos", ucf_videos, "--out", tmp_path / "root", "--workers", 1)
+    # ucf101 starts from ImageNet weights by default; this machine may have no network, so a random state stands in
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kwargs: dict(imagenet))
+    results = train_one_epoch("ucf101", tmp_path / "root", tmp_path / "run")
+    assert 0.0 <= results["test_acc"] <= 1.0
+
+
+@needs_av
+@pytest.mark.skipif("cremad" not in data.DATASETS, reason="data.py has no cremad reader yet")
+def test_train_one_epoch_on_the_cremad_output(cremad_videos, tmp_path):
+    run_preprocess("cremad", "--videos", cremad_videos, "--out", tmp_path / "root", "--workers", 1)
+    results = train_one_epoch("cremad", tmp_path / "root", tmp_path / "run")
+    assert 0.0 <= results["test_acc"] <= 1.0
