@@ -499,7 +499,7 @@ def plan_ks(videos, lists):
         files = {s: path for s, path in files.items() if os.path.isfile(path)}
         require_splits(files, f"{lists} (expected the authors' <split>_1fps_path.txt or OGM-GE's my_<split>.txt)")
         entries = [(s, clip, label, None) for s, path in files.items()
-                   for clip, label in data.read_ks_list(path, ogm_format=ogm)]
+                   for clip, label, _ in data.read_ks_list(path, ogm_format=ogm)]
         class_names = None
         class_path = os.path.join(lists, "ks_classes.txt")
         if os.path.isfile(class_path):

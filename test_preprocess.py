@@ -28,8 +28,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 from torchvision.io import decode_jpeg, read_file
 
 import data
@@ -214,8 +212,8 @@ def test_ks_layout_lists_classes_and_frames(ks_root):
                                     "ks_visual/train/pcm 2 1"])
     assert sorted(read_lines(ks_root / "ks_audio" / "test_1fps_path.txt")) == ["ks_visual/test/d5 3 0",
                                                                               "ks_visual/test/s5 3 1"]
-    assert data.read_ks_list(str(ks_root / "ks_audio" / "val_1fps_path.txt"), ogm_format=False) == [("d4", 0),
-                                                                                                  ("s4", 1)]
+    val_list = data.read_ks_list(str(ks_root / "ks_audio" / "val_1fps_path.txt"), ogm_format=False)
+    assert [(clip, label) for clip, label, _ in val_list] == [("d4", 0), ("s4", 1)]
     for split, clip in (("train", "d1"), ("train", "d3"), ("val", "s4")):
         # ks keeps the first frame of each second: frames 0, 10, 20 at 10 fps (d3 lasts 2.5 s: 3 seconds begin)
         levels = jpeg_levels(ks_root / "ks_visual" / split / clip)
@@ -512,9 +510,13 @@ def test_command_line_runs_as_a_script(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Straight into train.py
 
-def train_one_epoch(dataset, root, out):
-    return train.main(["--dataset", dataset, "--data-root", str(root), "--epochs", "1", "--warmup", "0",
-                       "--batch-size", "2", "--image-size", "32", "--gpu", "-1", "--workers", "0", "--out", str(out)])
+def train_one_epoch(dataset, root, out, *flags):
+    """One epoch of train.py on the pre-processed `root`; returns its log record (every listed clip trained on)."""
+    train.main(["--dataset", dataset, "--data-root", str(root), "--epochs", "1", "--warmup", "0", "--batch-size", "2",
+                "--image-size", "32", "--gpu", "-1", "--workers", "0", "--out", str(out), *flags])
+    (record,) = train.load_log(out / "log.jsonl")
+    assert record["train_samples"] - sum(record["copies"]) == len(data.build_dataset(dataset, "train", root=str(root))) > 0
+    return record
 
 
 @pytest.mark.parametrize("recipe", ["fbank", pytest.param("stft-pmr", marks=pytest.mark.slow),
@@ -524,26 +526,19 @@ def test_train_one_epoch_on_the_ks_output(ks_videos, tmp_path, recipe):
     copy_videos(ks_videos, tmp_path / "videos", {"d1", "d2", "s1", "s2", "d5", "s5"})
     run_preprocess("ks", "--videos", tmp_path / "videos", "--out", tmp_path / "root", "--workers", 1,
                    "--recipe", recipe)
-    results = train_one_epoch("ks", tmp_path / "root", tmp_path / "run")
-    assert 0.0 <= results["test_acc"] <= 1.0
+    train_one_epoch("ks", tmp_path / "root", tmp_path / "run")
     assert len(train.load_log(str(tmp_path / "run" / "log.jsonl"))) == 1
 
 
 @needs_av
-def test_train_one_epoch_on_the_ucf101_output(ucf_videos, tmp_path, monkeypatch):
+def test_train_one_epoch_on_the_ucf101_output(ucf_videos, tmp_path):
     if not preprocess.tvl1_available():
         pytest.skip("OpenCV's contrib module (cv2.optflow) is not installed: no flow to train on")
     run_preprocess("ucf101", "--videos", ucf_videos, "--out", tmp_path / "root", "--workers", 1)
-    # ucf101 starts from ImageNet weights by default; this machine may have no network, so a random state stands in
-    imagenet = torchvision.models.resnet18(weights=None).state_dict()
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda url, **kwargs: dict(imagenet))
-    results = train_one_epoch("ucf101", tmp_path / "root", tmp_path / "run")
-    assert 0.0 <= results["test_acc"] <= 1.0
+    train_one_epoch("ucf101", tmp_path / "root", tmp_path / "run", "--no-pretrained")  # no network needed
 
 
 @needs_av
-@pytest.mark.skipif("cremad" not in data.DATASETS, reason="data.py has no cremad reader yet")
 def test_train_one_epoch_on_the_cremad_output(cremad_videos, tmp_path):
     run_preprocess("cremad", "--videos", cremad_videos, "--out", tmp_path / "root", "--workers", 1)
-    results = train_one_epoch("cremad", tmp_path / "root", tmp_path / "run")
-    assert 0.0 <= results["test_acc"] <= 1.0
+    train_one_epoch("cremad", tmp_path / "root", tmp_path / "run")
