@@ -35,7 +35,11 @@ a ratio of two things measured side by side in one run (interleaved repetitions,
      torch.cuda.max_memory_allocated after torch.cuda.reset_peak_memory_stats, minus the memory allocated before.
 
 Informational rows: the samples per second of a baseline training epoch and of a sample-level epoch (valuation of
-every sample, Eq. 10 plan, then training over D^rs, whose copies count as samples).
+every sample, Eq. 10 plan, then training over D^rs, whose copies count as samples); and how valuation scales with
+processes: the wall time of train.pass_over (the sample-level valuation pass, sharded and gathered) over the same
+data set under `torchrun --nproc-per-node 2` / under `--nproc-per-node 1` (each launched once, `repeats` timed passes
+after a warm-up one, medians). On a CPU machine the processes share its cores (Gloo), so this says how much the
+sharding and gathering cost rather than what GPUs would gain.
 
 Timing: on the CPU every measurement uses one intra-op thread, and, with --workers 0 (the default), the process's
 CPU time (time.process_time), which other work on a shared machine does not inflate; with loader workers or on CUDA
@@ -469,6 +473,46 @@ def bench_epochs(s, device, amp, clock):
 # ----------------------------------------------------------------------------------------------
 
 
+def distributed_probe(s, device, amp):
+    """[seconds] of `repeats` sharded valuation passes (train.pass_over) over one data set, in this process of a
+    torchrun job, between barriers (none in a job of one process); after a warm-up pass."""
+    device = train.setup_distributed(-1 if device.type == "cpu" else None)
+    dataset = synthetic_set(s["size"], s["samples"])
+    model = build_model(dataset, "concat", "feature", device)
+    loader_kwargs = dict(batch_size=s["batch_size"], num_workers=0, pin_memory=device.type == "cuda")
+    together = torch.distributed.barrier if torch.distributed.is_initialized() else lambda: None  # one process: none
+    seconds = []
+    for k in range(s["repeats"] + 1):
+        together()
+        start = time.perf_counter()
+        train.contributions(train.pass_over(model, dataset, loader_kwargs, device, amp))
+        synchronize(device)
+        together()
+        if k > 0:
+            seconds.append(time.perf_counter() - start)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return seconds
+
+
+def bench_distributed(args, s):
+    """Informational: sharded valuation, wall time under 2 processes / under 1 (torchrun --standalone)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    seconds = {}
+    for processes in (1, 2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+                   os.path.join(here, "bench.py"), "--distributed-probe", "--device", args.device,
+                   "--size", str(s["size"]), "--batch-size", str(s["batch_size"]), "--repeats", str(s["repeats"])]
+        command += ["--amp"] if args.amp else []
+        result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=here, capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"distributed probe {' '.join(command)} failed:\n{result.stderr}")
+        seconds[processes] = json.loads(result.stdout.strip().splitlines()[-1])
+    return [informational("valuation pass, 2 processes / 1 process, wall time (torchrun; CPU: shared cores)",
+                          median_ratio(seconds, 2, 1))]
+
+
 def format_table(rows):
     width = max(len(r["name"]) for r in rows)
     lines = [f"{'name':<{width}}  {'value':>10}  {'target':<13}  met", "-" * (width + 34)]
@@ -492,6 +536,8 @@ def get_args_parser():
     p.add_argument("--wall", action="store_true", help="wall time even on the CPU without workers")
     # internal: the peak-memory measurements of bench_memory, in this (fresh) process, printed as JSON
     p.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
+    # internal: the timed passes of bench_distributed, in one process of a torchrun job, printed as JSON by rank 0
+    p.add_argument("--distributed-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=None, help="side of the synthetic inputs in pixels")
     return p
 
@@ -512,6 +558,11 @@ def main(argv=None):
     if args.memory_probe:
         print(json.dumps(memory_probe(s, device, args.amp)))
         return None
+    if args.distributed_probe:
+        seconds = distributed_probe(s, device, args.amp)
+        if int(os.environ["RANK"]) == 0:
+            print(json.dumps(seconds))
+        return None
     on_cpu_clock = device.type == "cpu" and args.workers == 0 and not args.wall
     clock = time.process_time if on_cpu_clock else time.perf_counter
     print(f"device {device}{' (amp)' if args.amp else ''}, {'CPU' if on_cpu_clock else 'wall'} time, "
@@ -525,7 +576,8 @@ def main(argv=None):
                   lambda: bench_loader(s, args.workers, clock),
                   lambda: bench_shapley(s, device, clock),
                   lambda: bench_memory(args, s),
-                  lambda: bench_epochs(s, device, args.amp, clock)):
+                  lambda: bench_epochs(s, device, args.amp, clock),
+                  lambda: bench_distributed(args, s)):
         bench_start = time.perf_counter()
         new_rows = bench()
         rows.extend(new_rows)

@@ -29,6 +29,7 @@ TARGET_NAMES = [
     "peak memory, valuation / eval pass, input masking (concat)",
     "baseline epoch, samples/s",
     "sample-level epoch, samples/s (valuation included, copies count)",
+    "valuation pass, 2 processes / 1 process, wall time (torchrun; CPU: shared cores)",
 ]
 
 
