@@ -409,7 +409,7 @@ def test_pretrained_without_weights_raises_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError, match="resnet18-f37072fd.pth") as error:
         models.build_encoder("image", 1, pretrained=True)
-    assert torch.hub.get_dir() in str(error.value) and "TORCH_HOME" in str(error.value)
+    assert torch.hub.get_dir() in str(error.value) and "--weights FILE" in str(error.value)
 
 
 @pytest.mark.parametrize("fusion, mask_mode", FUSION_MASKS)
