@@ -224,11 +224,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     flags = MFEAT + ["--mode", "baseline", "--epochs", "3", "--out", str(tmp_path / "run")]
     original = train.train_one_epoch
 
-    def poisoned(model, loader, optimizer, scaler, device, epoch, amp):
+    def poisoned(model, loader, optimizer, scaler, device, epoch, amp, **options):
         if epoch == 1:  # poison a weight, as a diverging run would
             with torch.no_grad():
                 model.head.fc.weight.fill_(float("nan"))
-        return original(model, loader, optimizer, scaler, device, epoch, amp)
+        return original(model, loader, optimizer, scaler, device, epoch, amp, **options)
 
     monkeypatch.setattr(train, "train_one_epoch", poisoned)
     message = fails(capsys, flags)
@@ -299,10 +299,10 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch):
     original = train.train_one_epoch
 
-    def interrupted(model, loader, optimizer, scaler, device, epoch, amp):
+    def interrupted(model, loader, optimizer, scaler, device, epoch, amp, **options):
         if epoch == 1:
             raise KeyboardInterrupt
-        return original(model, loader, optimizer, scaler, device, epoch, amp)
+        return original(model, loader, optimizer, scaler, device, epoch, amp, **options)
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
     with pytest.raises(SystemExit) as stop:
