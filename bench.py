@@ -41,6 +41,19 @@ data set under `torchrun --nproc-per-node 2` / under `--nproc-per-node 1` (each 
 after a warm-up one, medians). On a CPU machine the processes share its cores (Gloo), so this says how much the
 sharding and gathering cost rather than what GPUs would gain.
 
+  7. online valuation (train.py --valuation online) is nearly free: a training epoch over D^rs
+     (train.train_one_epoch over data.TrainingBatches, SGD) with online valuation (each step's features valued
+     by the fusion head per coalition, train.value_online) / the same epoch without it, <= 1.03. Beside it,
+     for information: the offline valuation pass of the sample level (train.resampling_plan: one pass over the
+     training set in eval mode, Eq. 1-3, the Eq. 10 plan) / that training epoch; and a whole sample-level epoch,
+     offline (that pass, then the training epoch) and online (the plan from the table the previous epoch filled,
+     then the training epoch with online valuation), each / a baseline epoch over the same samples (no copies).
+     Every side trains its own model from the same weights, every epoch over the same D^rs in the same batches
+     (the plans the sides build each epoch are timed, not used), so that the sides differ only in how they
+     value. That D^rs holds one uni-modal copy (of either modality, alternately) for a random COPY_FRACTION of
+     the samples: a sample-level epoch of train.py --dataset synthetic after its warm-up adds 36 % more rows,
+     whereas the Eq. 10 plan of the benchmark's untrained model would triple D.
+
 Timing: on the CPU every measurement uses one intra-op thread, and, with --workers 0 (the default), the process's
 CPU time (time.process_time), which other work on a shared machine does not inflate; with loader workers or on CUDA
 it is wall time (after torch.cuda.synchronize). ResNet-18 encoders, synthetic data (data.SyntheticDataset: a
@@ -49,6 +62,7 @@ it is wall time (after torch.cuda.synchronize). ResNet-18 encoders, synthetic da
     python bench.py                          # CPU, about 3-5 minutes on two cores
     python bench.py --json results/bench.json
     python bench.py --quick                  # tiny sizes, seconds: a smoke run, not a measurement
+    python bench.py --only online            # the rows of one benchmark (names: BENCHES)
     python bench.py --device cuda --amp --full-resolution
 """
 
@@ -76,11 +90,11 @@ import train
 # sizes of each setting (--quick, default, --full-resolution); --repeats, --batch-size and --size override theirs
 SETTINGS = {
     "quick": dict(size=16, samples=32, batch_size=16, repeats=1, clips=4, loader_batch=2, epoch_samples=16,
-                  shapley_samples=20_000, loop_samples=2_000),
+                  online_samples=16, shapley_samples=20_000, loop_samples=2_000),
     "default": dict(size=64, samples=320, batch_size=64, repeats=5, clips=32, loader_batch=8, epoch_samples=32,
-                    shapley_samples=1_000_000, loop_samples=100_000),
+                    online_samples=128, shapley_samples=1_000_000, loop_samples=100_000),
     "full-resolution": dict(size=224, samples=1024, batch_size=64, repeats=5, clips=64, loader_batch=16,
-                            epoch_samples=1024, shapley_samples=1_000_000, loop_samples=100_000),
+                            epoch_samples=1024, online_samples=1024, shapley_samples=1_000_000, loop_samples=100_000),
 }
 NUM_CLASSES = 4
 SUBSET_RATIO = 0.2  # Z of the modality-level method (Alg. 2)
@@ -89,6 +103,9 @@ MIXING = tuple(models.MIXING_TAPS)  # the fusions that run the whole network per
 # the memory probe's environment: glibc malloc serves every block above 64 KiB with pages of its own and unmaps
 # them when freed (no reuse of freed, still resident memory), so the resident set size follows the memory in use
 PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+COPY_FRACTION = 0.36  # target 7: uni-modal copies in D^rs, as a fraction of the samples
+# the benchmarks, in the order they run; --only picks some
+BENCHES = ("valuation", "modality-level", "copies", "loader", "shapley", "memory", "epochs", "online", "distributed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,6 +488,57 @@ def bench_epochs(s, device, amp, clock):
 
 
 # ----------------------------------------------------------------------------------------------
+# target 7: online valuation
+
+
+def bench_online(s, device, amp, clock):
+    """Target 7: a training epoch over D^rs with online valuation / without; the offline valuation pass / that
+    epoch; whole sample-level epochs, offline and online, / a baseline epoch (see the module docstring)."""
+    dataset = synthetic_set(s["size"], s["online_samples"])
+    loader_kwargs = dict(batch_size=s["batch_size"], num_workers=0, pin_memory=device.type == "cuda")
+    sides = ("baseline", "offline", "online")
+    trained = {side: build_model(dataset, "concat", "feature", device) for side in sides}  # same weights
+    optimizers = {side: sgd(trained[side]) for side in sides}
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    generator = torch.Generator().manual_seed(0)
+    copied = torch.randperm(len(dataset), generator=generator)[:round(COPY_FRACTION * len(dataset))]
+    resampled = data.ResampledDataset(dataset, copied, torch.arange(len(copied)) % 2)  # D^rs of every epoch
+    original = data.ResampledDataset(dataset, torch.zeros(0), torch.zeros(0))  # D, for the baseline
+    parts = {"valuation pass": [], "training": [], "training, online valuation": []}  # seconds, warm-up first
+    table = None  # what the online side's previous epoch valued
+
+    def training_epoch(side, epoch_set, online=None):
+        batches = data.TrainingBatches(epoch_set, s["batch_size"], torch.Generator().manual_seed(0))
+        loader = DataLoader(epoch_set, batch_sampler=batches, num_workers=0, pin_memory=device.type == "cuda")
+        train.train_one_epoch(trained[side], loader, optimizers[side], scaler, device, 0, amp, online=online)
+
+    def offline_epoch():
+        parts["valuation pass"].append(timed(lambda: train.resampling_plan(
+            "sample", trained["offline"], dataset, loader_kwargs, device, generator, amp=amp), device, clock))
+        parts["training"].append(timed(lambda: training_epoch("offline", resampled), device, clock))
+
+    def online_epoch():
+        nonlocal table
+        if table is not None:  # the plan of this epoch, from the values the previous one took
+            train.resampling_plan("sample", None, dataset, None, device, generator, online=table)
+        table = train.online_table(len(dataset), len(dataset.modalities))
+        parts["training, online valuation"].append(
+            timed(lambda: training_epoch("online", resampled, table), device, clock))
+
+    seconds = side_by_side({"baseline": lambda: training_epoch("baseline", original), "offline": offline_epoch,
+                            "online": online_epoch}, s["repeats"], device, clock)
+    seconds.update({part: times[1:] for part, times in parts.items()})  # the warm-up round left out
+    return [at_most("training epoch on D^rs, online valuation on / off",
+                    median_ratio(seconds, "training, online valuation", "training"), 1.03),
+            informational("offline valuation pass (sample level) / training epoch on D^rs",
+                          median_ratio(seconds, "valuation pass", "training")),
+            informational("sample-level epoch, offline valuation / baseline epoch",
+                          median_ratio(seconds, "offline", "baseline")),
+            informational("sample-level epoch, online valuation / baseline epoch",
+                          median_ratio(seconds, "online", "baseline"))]
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def distributed_probe(s, device, amp):
@@ -539,7 +607,19 @@ def get_args_parser():
     # internal: the timed passes of bench_distributed, in one process of a torchrun job, printed as JSON by rank 0
     p.add_argument("--distributed-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=None, help="side of the synthetic inputs in pixels")
+    p.add_argument("--only", type=bench_names, default=list(BENCHES), metavar="NAMES",
+                   help=f"run only these benchmarks, comma-separated, from {','.join(BENCHES)} (default: all)")
     return p
+
+
+def bench_names(text):
+    """--only: names from BENCHES, comma-separated."""
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in BENCHES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown benchmark {', '.join(unknown) or repr(text)}; "
+                                         f"choose from {','.join(BENCHES)}")
+    return names
 
 
 def main(argv=None):
@@ -570,16 +650,20 @@ def main(argv=None):
           f"{s['repeats']} repeats, loader workers {args.workers}", flush=True)
     start = time.perf_counter()
     rows = []
-    for bench in (lambda: bench_valuation(s, device, args.amp, clock),
-                  lambda: bench_modality_level(s, device, args.amp, clock),
-                  lambda: bench_copies(s, device, args.amp, clock),
-                  lambda: bench_loader(s, args.workers, clock),
-                  lambda: bench_shapley(s, device, clock),
-                  lambda: bench_memory(args, s),
-                  lambda: bench_epochs(s, device, args.amp, clock),
-                  lambda: bench_distributed(args, s)):
+    benches = {"valuation": lambda: bench_valuation(s, device, args.amp, clock),
+               "modality-level": lambda: bench_modality_level(s, device, args.amp, clock),
+               "copies": lambda: bench_copies(s, device, args.amp, clock),
+               "loader": lambda: bench_loader(s, args.workers, clock),
+               "shapley": lambda: bench_shapley(s, device, clock),
+               "memory": lambda: bench_memory(args, s),
+               "epochs": lambda: bench_epochs(s, device, args.amp, clock),
+               "online": lambda: bench_online(s, device, args.amp, clock),
+               "distributed": lambda: bench_distributed(args, s)}
+    for name in BENCHES:
+        if name not in args.only:
+            continue
         bench_start = time.perf_counter()
-        new_rows = bench()
+        new_rows = benches[name]()
         rows.extend(new_rows)
         for r in new_rows:
             print(f"  {r['name']}: {r['value']:.3f} ({r['target']})", flush=True)

@@ -31,10 +31,35 @@ SYNTHETIC = ["--dataset", "synthetic", "--synthetic-samples", "48", "--synthetic
 TIMING = ("seconds", "valuation_seconds")  # the log's wall-clock fields
 
 
+def run(out, *flags):
+    """train.main(flags) writing into `out`; its results."""
+    return train.main(list(flags) + ["--out", str(out)])
+
+
 def run_train(out, *flags):
     """train.main(flags) writing into `out`: (its results, its log without the wall-clock fields)."""
-    results = train.main(list(flags) + ["--out", str(out)])
-    return results, logged(out)
+    return run(out, *flags), logged(out)
+
+
+def fails(capsys, argv):
+    """Run train.main expecting the one-line error exit (status 2); return the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+    return err[0]
+
+
+def weights(path):
+    """The model weights of a checkpoint."""
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def logged(out):

@@ -16,16 +16,20 @@ Two settings, built deterministically from the real mfeat views (data.MfeatDatas
 
 The grid, for each setting and each seed (SEEDS): concat fusion with every mode of train.py (baseline, sample,
 modality, naive, reversed: Tables 1, 2, 4), and every other fusion in models.FUSIONS, read at run time, with
-baseline and sample (Table 3). Each run calls train.train in-process on the CPU (one torch thread, so that the
-same seeds on the same machine give the same numbers), with --track-phi so that the contributions of baseline and
-of warm-up epochs are logged too, then train.evaluate_checkpoint on its validation-chosen checkpoint for the
-per-sample valuation of the test split. Runs go to --runs-dir (scratch, default runs/reproduce); results go to
---out (default results/):
-  results.json  one record per run (setting, mode, fusion, seed, test_acc, test_map, per-modality accuracy, test
-                contributions and their spread, per-epoch training-set contributions, trained samples, wall time),
+baseline and sample (Table 3); then concat with sample and modality under online valuation (train.py
+--valuation online: each epoch planned from the values its previous epoch's training steps took), next to the
+same modes valued offline as the paper does (--valuations offline leaves them out). Each run calls train.train
+in-process on the CPU (one torch thread, so that the same seeds on the same machine give the same numbers), with
+--track-phi so that the contributions of baseline and of warm-up epochs are logged too, then
+train.evaluate_checkpoint on its validation-chosen checkpoint for the per-sample valuation of the test split.
+Runs go to --runs-dir (scratch, default runs/reproduce); results go to --out (default results/):
+  results.json  one record per run (setting, mode, fusion, valuation, seed, test_acc, test_map, per-modality
+                accuracy, test contributions and their spread, per-epoch training-set contributions, trained
+                samples, wall time),
                 plus the Figure 4 examples; a re-run cell replaces its records, the others are kept
   results.md    the tables: accuracy / mAP / accuracy of each modality alone / contributions, contributions per
-                epoch (Figures 3, 6), the Figure 4 examples, the paper's claims checked on these runs, the cost
+                epoch (Figures 3, 6), the Figure 4 examples, the paper's claims checked on these runs, online
+                against offline valuation, the cost
   *.png         the figures, when matplotlib is installed (it is optional)
 Every number comes from these runs; settings were chosen on the validation split, the test split is only reported.
 Everything but the wall-time columns is reproduced exactly by a second run with the same seeds.
@@ -57,6 +61,8 @@ TRAINING = dict(epochs=30, warmup=2, lr=0.03, batch_size=128)  # chosen by sweep
 SEEDS = (0, 1, 2, 3, 4)
 FUSION_MODES = ("baseline", "sample")  # what every fusion other than concat runs (Table 3)
 TIME_FIELDS = ("wall_seconds", "method_seconds", "valuation_seconds")  # vary with the machine's load
+VALUATIONS = ("offline", "online")  # train.py --valuation; offline, the paper's procedure, is every cell's
+ONLINE_MODES = ("sample", "modality")  # the modes also run with online valuation (concat)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +73,11 @@ def grid(settings, modes, fusions):
     """The (setting, fusion, mode) cells: concat with every mode, the other fusions with FUSION_MODES."""
     return [(setting, fusion, mode) for setting in settings for fusion in fusions for mode in modes
             if fusion == "concat" or mode in FUSION_MODES]
+
+
+def online_grid(settings, modes):
+    """The (setting, fusion, mode) cells also run with online valuation: concat with ONLINE_MODES."""
+    return [(setting, "concat", mode) for setting in settings for mode in ONLINE_MODES if mode in modes]
 
 
 def train_quietly(stdout_path, **settings):
@@ -86,27 +97,32 @@ def valuation_of(run_dir, split="test"):
             list(dataset.modalities))
 
 
-def run_cell(setting, fusion, mode, seed, training, runs_dir):
+def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline"):
     """Train one cell, value its test split, and return its record."""
-    out = os.path.join(runs_dir, setting, f"{fusion}-{mode}-s{seed}")
+    out = os.path.join(runs_dir, setting, f"{fusion}-{mode}{'-online' if valuation == 'online' else ''}-s{seed}")
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     results = train_quietly(os.path.join(out, "stdout.txt"), views=SETTINGS[setting]["views"].split(","),
                             mfeat_degrade=SETTINGS[setting]["degrade"], mode=mode, fusion=fusion, seed=seed,
-                            track_phi=True, out=out, **training)
+                            valuation=valuation, track_phi=True, out=out, **training)
     wall_seconds = time.perf_counter() - start
     _, _, _, test_phi, _ = valuation_of(out)
 
     log = train.load_log(os.path.join(out, "log.jsonl"))
     method = [r for r in log if r["phase"] not in ("baseline", "warmup")]  # the others valued only to log phi
-    train_mean_phi, train_std_phi = [], []  # per epoch: phi of the training set, valued before that epoch
+    train_mean_phi, train_std_phi = [], []  # per epoch: phi of the training set that planned that epoch
     for record in log:
+        if record["mean_phi"] is None:  # online valuation's first epoch: nothing trained before it to value
+            train_mean_phi.append(None)
+            train_std_phi.append(None)
+            continue
         phi = np.load(os.path.join(out, "contributions", f"epoch_{record['epoch']:03d}.npz"))["phi"].astype(float)
         train_mean_phi.append(np.round(phi.mean(0), 4).tolist())  # [n]; 4 decimals keep results.json small
         train_std_phi.append(np.round(phi.std(0), 4).tolist())
     return dict(
         setting=setting, views=SETTINGS[setting]["views"], degrade=SETTINGS[setting]["degrade"], mode=mode,
-        fusion=fusion, seed=seed, modalities=results["modalities"], best_epoch=results["best_epoch"],
+        fusion=fusion, valuation=valuation, seed=seed, modalities=results["modalities"],
+        best_epoch=results["best_epoch"],
         val_acc=results["val_acc"], test_acc=results["test_acc"], test_map=results["test_map"],
         test_acc_per_modality=results["test_acc_per_modality"],
         test_mean_phi=test_phi.mean(0).tolist(), test_std_phi=test_phi.std(0).tolist(),
@@ -124,11 +140,12 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir):
 # aggregation
 
 
-def group(records):
-    """(setting, fusion, mode) -> that cell's records, sorted by seed."""
+def group(records, valuation="offline"):
+    """(setting, fusion, mode) -> that cell's records valued by `valuation`, sorted by seed."""
     cells = {}
     for record in sorted(records, key=lambda r: r["seed"]):
-        cells.setdefault((record["setting"], record["fusion"], record["mode"]), []).append(record)
+        if record.get("valuation", "offline") == valuation:  # records from before online valuation: offline
+            cells.setdefault((record["setting"], record["fusion"], record["mode"]), []).append(record)
     return cells
 
 
@@ -341,6 +358,48 @@ def cost_table(cells, setting):
                   "time x baseline"], rows)
 
 
+def online_section(records, setting):
+    """Online against offline valuation (concat, ONLINE_MODES, paired by seed), the baseline for reference: a table
+    and the differences. The weak view is the one the baseline (else any run) predicts worse alone."""
+    cells = group(records)  # offline; the online cells join them as mode "<mode> online"
+    cells.update({(s, f, f"{m} online"): runs for (s, f, m), runs in group(records, "online").items()})
+    reference = cells.get((setting, "concat", "baseline")) or [r for r in records if r["setting"] == setting]
+    modalities = reference[0]["modalities"]
+    weak = int(np.argmin(np.mean([r["test_acc_per_modality"] for r in reference], axis=0)))
+    acc = lambda r: r["test_acc"]
+    weak_alone = lambda r: r["test_acc_per_modality"][weak]
+    gap = lambda r: abs(r["test_mean_phi"][0] - r["test_mean_phi"][1])
+    base = {r["seed"]: r for r in cells.get((setting, "concat", "baseline"), [])}
+    rows = []
+    for mode in ("baseline",) + tuple(f"{m}{v}" for m in ONLINE_MODES for v in ("", " online")):
+        runs = cells.get((setting, "concat", mode), [])
+        if not runs:
+            continue
+        ratios = {key: [r[key] / base[r["seed"]][key] for r in runs if r["seed"] in base]
+                  for key in ("train_samples", "method_seconds")}
+        valuation = "-" if mode == "baseline" else "online" if mode.endswith(" online") else "offline"
+        rows.append([mode.split()[0], valuation, len(runs),
+                     percent([acc(r) for r in runs]), percent([weak_alone(r) for r in runs]),
+                     f"{np.mean([gap(r) for r in runs]):.3f}"]
+                    + [f"{np.mean(ratio):.2f}x" if ratio else "-" for ratio in ratios.values()]
+                    + [f"{np.mean([r['method_seconds'] for r in runs]):.1f}"])
+    measures = (("test acc", acc, " points", 100.0), (f"{modalities[weak]} alone", weak_alone, " points", 100.0),
+                ("phi gap", gap, "", 1.0), ("time", lambda r: r["method_seconds"], " s", 1.0))
+    lines = []
+    for mode in ONLINE_MODES:
+        for other, name in ((mode, f"{mode} offline"), ("baseline", "baseline")):
+            parts = []
+            for label, key, unit, scale in measures:
+                diffs = paired(cells, setting, "concat", f"{mode} online", other, key)
+                if len(diffs):
+                    parts.append(f"{label} {describe_difference(diffs, unit, scale)}")
+            if parts:
+                lines.append(f"- {mode} online - {name}: " + "; ".join(parts))
+    header = ["method", "valuation", "seeds", "test acc", f"{modalities[weak]} alone (weak)", "phi gap", "trained",
+              "time x baseline", "time (s)"]
+    return table(header, rows) + [""] + lines
+
+
 def write_markdown(path, records, examples, training, figures):
     cells = group(records)
     seeds = sorted({r["seed"] for r in records})
@@ -372,6 +431,17 @@ def write_markdown(path, records, examples, training, figures):
             lines += examples_table(example) + [""]
         lines += ["The paper's claims on these runs (paired by seed, concat unless named):", ""]
         lines += claims(cells, setting) + [""]
+    online = [setting for setting in SETTINGS if any(key[0] == setting for key in group(records, "online"))]
+    if online:
+        lines += ["## Online valuation", "", "Concatenation fusion; `sample` and `modality` valued offline (the "
+                  "paper: before each epoch, in eval mode, with evaluation transforms; `modality` on a subset Z) and "
+                  "online (train.py --valuation online: from the training steps of the previous epoch, every sample "
+                  "seen), the baseline for reference. *weak*: the view the baseline predicts worse alone; *phi gap*: "
+                  "|phi_1 - phi_2| of the mean contributions on test; *trained*: samples trained on, relative to the "
+                  "baseline; *time*: as in the cost section. Differences "
+                  "paired by seed:", ""]
+        for setting in online:
+            lines += [f"### {setting}", ""] + online_section(records, setting) + [""]
     lines += ["## Cost", "", "Trained samples and valued samples summed over the epochs (valuation done only to log "
               "contributions, --track-phi, is left out); time: the epochs' wall time on this machine without that "
               "logging valuation, mean over seeds. Wall times vary with the machine's load; nothing else depends "
@@ -457,26 +527,31 @@ def load_previous(path, training):
     return previous["records"], previous["examples"]
 
 
-def reproduce(settings, modes, fusions, seeds, out, runs_dir, training):
+def run_key(record):
+    """What identifies a run: its cell, valuation and seed (records from before online valuation: offline)."""
+    return record["setting"], record["fusion"], record["mode"], record.get("valuation", "offline"), record["seed"]
+
+
+def reproduce(settings, modes, fusions, seeds, out, runs_dir, training, valuations=VALUATIONS):
     torch.set_num_threads(1)  # the runs are tiny, and the thread count changes the floating-point sums
     os.makedirs(out, exist_ok=True)
     json_path = os.path.join(out, "results.json")
     records, examples = load_previous(json_path, training)
-    cells = [(cell, seed) for cell in grid(settings, modes, fusions) for seed in seeds]
-    done = {(r["setting"], r["fusion"], r["mode"], r["seed"]) for r in records}
+    cells = [(cell, valuation, seed)
+             for valuation, valuation_cells in (("offline", grid(settings, modes, fusions)),
+                                                ("online", online_grid(settings, modes)))
+             if valuation in valuations for cell in valuation_cells for seed in seeds]
     print(f"{len(cells)} runs into {runs_dir}, results into {out}")
     start = time.perf_counter()
-    for k, ((setting, fusion, mode), seed) in enumerate(cells, start=1):
-        record = run_cell(setting, fusion, mode, seed, training, runs_dir)
-        if (setting, fusion, mode, seed) in done:
-            records = [r for r in records if (r["setting"], r["fusion"], r["mode"], r["seed"])
-                       != (setting, fusion, mode, seed)]
-        records.append(record)
-        print(f"[{k}/{len(cells)}] {setting} {fusion} {mode} seed {seed}: test acc {100 * record['test_acc']:.2f} "
-              f"mAP {100 * record['test_map']:.2f} ({record['wall_seconds']:.1f}s, {time.perf_counter() - start:.0f}s "
-              f"in all)", flush=True)
+    for k, ((setting, fusion, mode), valuation, seed) in enumerate(cells, start=1):
+        record = run_cell(setting, fusion, mode, seed, training, runs_dir, valuation)
+        records = [r for r in records if run_key(r) != run_key(record)] + [record]
+        print(f"[{k}/{len(cells)}] {setting} {fusion} {mode}{' online' if valuation == 'online' else ''} seed {seed}: "
+              f"test acc {100 * record['test_acc']:.2f} mAP {100 * record['test_map']:.2f} "
+              f"({record['wall_seconds']:.1f}s, {time.perf_counter() - start:.0f}s in all)", flush=True)
     records.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), models.FUSIONS.index(r["fusion"]),
-                                train.MODES.index(r["mode"]), r["seed"]))
+                                VALUATIONS.index(r.get("valuation", "offline")), train.MODES.index(r["mode"]),
+                                r["seed"]))
     cells = group(records)
     for setting in settings:
         example = pick_examples(setting, cells)
@@ -507,6 +582,8 @@ def main(argv=None):
                         help=f"from {', '.join(train.MODES)}; fusions other than concat run only "
                              f"{' and '.join(FUSION_MODES)}")
     parser.add_argument("--fusions", default=",".join(models.FUSIONS), help=f"from {', '.join(models.FUSIONS)}")
+    parser.add_argument("--valuations", default=",".join(VALUATIONS),
+                        help=f"from {', '.join(VALUATIONS)}; online runs concat with {' and '.join(ONLINE_MODES)}")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--out", default="results", help="where results.json, results.md and the figures go")
     parser.add_argument("--runs-dir", default=os.path.join("runs", "reproduce"), help="scratch folder of the runs")
@@ -517,11 +594,12 @@ def main(argv=None):
         settings = comma_list(args.settings, tuple(SETTINGS), "settings")
         modes = comma_list(args.modes, train.MODES, "modes")
         fusions = comma_list(args.fusions, models.FUSIONS, "fusions")
+        valuations = comma_list(args.valuations, VALUATIONS, "valuations")
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except (argparse.ArgumentTypeError, ValueError) as error:
         parser.error(str(error))
     training = dict(TRAINING, epochs=args.epochs, warmup=args.warmup)
-    return reproduce(settings, modes, fusions, seeds, args.out, args.runs_dir, training)
+    return reproduce(settings, modes, fusions, seeds, args.out, args.runs_dir, training, valuations)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ TARGET_NAMES = [
     "peak memory, valuation / eval pass, input masking (concat)",
     "baseline epoch, samples/s",
     "sample-level epoch, samples/s (valuation included, copies count)",
+    "training epoch on D^rs, online valuation on / off",
+    "offline valuation pass (sample level) / training epoch on D^rs",
+    "sample-level epoch, offline valuation / baseline epoch",
+    "sample-level epoch, online valuation / baseline epoch",
     "valuation pass, 2 processes / 1 process, wall time (torchrun; CPU: shared cores)",
 ]
 
@@ -74,6 +78,15 @@ def test_values_are_sane(quick_rows):
     # the full loop includes the arithmetic-only loop
     assert (value["shapley_values n = 2: per-sample loop time / shapley_values time"]
             > 0.5 * value["shapley_values n = 2: loop arithmetic only (Python numbers given) / shapley_values"])
+
+
+def test_only_runs_the_benchmarks_named(capsys):
+    rows = bench.main(["--quick", "--only", "shapley"])
+    assert [r["name"] for r in rows] == [name for name in TARGET_NAMES if name.startswith("shapley_values")]
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--quick", "--only", "shapley,onlin"])
+    assert stop.value.code == 2
+    assert "--only: unknown benchmark onlin; choose from valuation," in capsys.readouterr().err
 
 
 def test_authors_loop_computes_the_shapley_values():

@@ -12,31 +12,8 @@ import torchvision
 
 import models
 import train
-from conftest import MFEAT, KS_LISTS, MMDEBIASED_TABLE, logged, make_ks_tree, make_mmdebiased_tree, make_ucf_tree
-
-
-def run(out, *flags):
-    return train.main(list(flags) + ["--out", str(out)])
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def fails(capsys, argv):
-    """Run train.main expecting the one-line error exit; return the message."""
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
-    return err[0]
+from conftest import (MFEAT, KS_LISTS, MMDEBIASED_TABLE, assert_same_weights, fails, logged, make_ks_tree,
+                      make_mmdebiased_tree, make_ucf_tree, run, weights)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,11 +205,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     flags = MFEAT + ["--mode", "baseline", "--epochs", "3", "--out", str(tmp_path / "run")]
     original = train.train_one_epoch
 
-    def poisoned(model, loader, optimizer, scaler, device, epoch, amp):
+    def poisoned(model, loader, optimizer, scaler, device, epoch, amp, **options):
         if epoch == 1:  # poison a weight, as a diverging run would
             with torch.no_grad():
                 model.head.fc.weight.fill_(float("nan"))
-        return original(model, loader, optimizer, scaler, device, epoch, amp)
+        return original(model, loader, optimizer, scaler, device, epoch, amp, **options)
 
     monkeypatch.setattr(train, "train_one_epoch", poisoned)
     message = fails(capsys, flags)
@@ -303,10 +280,10 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch):
     original = train.train_one_epoch
 
-    def interrupted(model, loader, optimizer, scaler, device, epoch, amp):
+    def interrupted(model, loader, optimizer, scaler, device, epoch, amp, **options):
         if epoch == 1:
             raise KeyboardInterrupt
-        return original(model, loader, optimizer, scaler, device, epoch, amp)
+        return original(model, loader, optimizer, scaler, device, epoch, amp, **options)
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
     with pytest.raises(SystemExit) as stop:

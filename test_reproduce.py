@@ -15,7 +15,7 @@ import sweep
 import train
 
 QUICK = ["--settings", "sample-level", "--modes", "baseline,sample", "--fusions", "concat", "--seeds", "0",
-         "--epochs", "2", "--warmup", "1"]
+         "--epochs", "2", "--warmup", "1", "--valuations", "offline"]
 
 
 def run(out, runs_dir, *flags):
@@ -98,6 +98,28 @@ def test_rerunning_one_cell_replaces_only_its_record(quick, tmp_path):
     # a run with other training settings starts afresh instead of mixing incomparable records
     fresh = run(tmp_path / "results", tmp_path / "runs", *[f if f != "2" else "3" for f in flags])
     assert [(r["mode"], len(r["train_mean_phi"])) for r in fresh["records"]] == [("sample", 3)]
+
+
+def test_online_valuation_runs_join_the_offline_ones(quick, tmp_path):
+    root, results = quick
+    shutil.copytree(root / "results", tmp_path / "results")
+    flags = [f if f != "offline" else "online" for f in QUICK]  # of the modes, sample runs online
+    merged = run(tmp_path / "results", tmp_path / "runs", *flags)
+    assert [(r["mode"], r["valuation"]) for r in merged["records"]] == [
+        ("baseline", "offline"), ("sample", "offline"), ("sample", "online")]
+    assert without_time(merged["records"][:2]) == without_time(results["records"])  # kept as they were
+    offline, online = merged["records"][1:]
+    assert online["train_mean_phi"][0] is None  # nothing was trained before epoch 0 to value
+    assert len(online["train_mean_phi"][1]) == 2
+    assert all(r["valuation"] == "online" for r in train.load_log(os.path.join(online["run_dir"], "log.jsonl")))
+    with open(tmp_path / "results" / "results.md") as f:
+        text = f.read()
+    assert "## Online valuation" in text and "| sample | online | 1 |" in text and "| sample | offline | 1 |" in text
+    weak = ("fou", "zer")[int(np.argmin(merged["records"][0]["test_acc_per_modality"]))]
+    assert f"{weak} alone (weak)" in text  # the view the baseline predicts worse alone
+    difference = 100 * (online["test_acc"] - offline["test_acc"])
+    assert f"- sample online - sample offline: test acc {difference:+.2f} ± 0.00 points" in text
+    assert text.split("## Online valuation")[0] == open(root / "results" / "results.md").read().split("## Cost")[0]
 
 
 def test_figure4_samples_lean_most_on_each_modality(quick):

@@ -23,6 +23,11 @@ resampling_plan() values the samples (line 6, Eq. 1-3, through run_pass and shap
 plan_copies() turns their contributions into uni-modal copies (lines 7-9, Eq. 10; Eq. 11 for
 Algorithm 2; Table 4's ablations); data.ResampledDataset is D^rs, on which train_one_epoch()
 updates the model (line 11).
+
+--valuation online (late fusion with feature masking) moves line 6 into line 11: while epoch t trains,
+value_online() takes each sample's coalition predictions from the features of the step that holds it
+(the fusion head per coalition, without gradients), and resampling_plan() builds epoch t + 1's copies
+from that table (online_table) instead of a separate pass.
 """
 import argparse
 import csv
@@ -160,6 +165,10 @@ def get_args_parser(dataset="mfeat", add_help=True):
                    help="modality mode: fraction of training samples in Z (default: %(default)s)")
     g.add_argument("--alpha", type=number(float, 0.0), default=1.0, help="modality mode: scale inside f_m (Eq. 11) (default: %(default)s)")
     g.add_argument("--f-m", default="linear", choices=shapley_mm.F_M_CHOICES, help="modality mode: f_m of Eq. 11 (default: %(default)s)")
+    g.add_argument("--valuation", default="offline", choices=("offline", "online"),
+                   help="offline: value the training set before each epoch in eval mode (the paper); online: take "
+                        "each sample's coalition predictions from the training step that holds it (late fusion with "
+                        "feature masking only) and plan the next epoch from them (default: %(default)s)")
     g.add_argument("--track-phi", action="store_true",
                    help="also value the training set in warm-up epochs and in baseline mode, to log contributions")
     g = p.add_argument_group("optimisation")
@@ -231,6 +240,8 @@ def check_args(args):
     if args.mode != "baseline" and num_modalities < 2:
         raise TrainingError(f"--mode {args.mode} re-samples one modality against the others and needs at least two "
                             f"modalities; this run has {num_modalities} (use --mode baseline)")
+    if args.valuation == "online":
+        check_online(args)
     if args.dataset in AV_DATASETS and args.data_root is None:
         raise TrainingError(f"--dataset {args.dataset} needs --data-root (the folder holding its clips)")
     for flag, dataset in (("split_file", "mmdebiased"), ("list_dir", "ks")):
@@ -242,6 +253,28 @@ def check_args(args):
         print(f"warning: --warmup {args.warmup} is not smaller than --epochs {args.epochs}: "
               f"no re-sampling will ever happen in mode '{args.mode}'", file=sys.stderr)
     return args
+
+
+def check_online(args):
+    """--valuation online reuses the pooled features of the training step, which only late fusion with feature
+    masking has: refuse it in one line elsewhere, and without a warm-up epoch to plan the first epoch from."""
+    if models.classifier_kind(args.fusion) is not models.LateFusionClassifier:
+        raise TrainingError(f"--valuation online reuses the features of the training step, and --fusion "
+                            f"{args.fusion} mixes the modalities inside the network (no feature of its own per "
+                            f"modality); use --valuation offline")
+    if args.mask != "feature":
+        raise TrainingError("--valuation online needs --mask feature: with --mask input a training step encodes "
+                            "zeroed inputs with the batch's statistics, not the features a coalition would see; "
+                            "use --valuation offline")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainingError("--valuation online is not available under torchrun: the training step runs through "
+                            "DistributedDataParallel, which does not hand back the features it computed; use "
+                            "--valuation offline")
+    if args.mode != "baseline" and args.warmup < 1:
+        raise TrainingError("--valuation online plans each epoch from the previous epoch's training, and --warmup 0 "
+                            "leaves epoch 0 without one; use --warmup 1 or more, or --valuation offline")
+    if args.mode == "baseline" and not args.track_phi:
+        print("warning: --valuation online does nothing in --mode baseline without --track-phi", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,13 +417,14 @@ def load_log(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_contributions(out, epoch, dataset, valued_index, phi):
+def save_contributions(out, epoch, dataset, valued_index, phi, valuation="offline"):
+    """contributions/epoch_NNN.npz: the contributions that planned epoch NNN, and which valuation took them."""
     ids = np.array([dataset.sample_ids[i] for i in valued_index.tolist()])
 
     def write(f):
         buffer = io.BytesIO()
         np.savez_compressed(buffer, ids=ids, index=valued_index.numpy(), phi=phi.numpy(),
-                            modalities=np.array(dataset.modalities))
+                            modalities=np.array(dataset.modalities), valuation=np.array(valuation))
         f.write(buffer.getvalue())
 
     write_atomic(os.path.join(out, "contributions", f"epoch_{epoch:03d}.npz"), write)
@@ -473,7 +507,7 @@ def check_config(checkpoint, config, path):
 def checkpoint_args(checkpoint, args, given, changeable):
     """The settings `checkpoint` was trained with. Flags given now that are in `changeable` replace them;
     any other flag given now must agree with them."""
-    saved = dict(checkpoint["args"])
+    saved = {"valuation": "offline", **checkpoint["args"]}  # checkpoints from before --valuation: offline
     for key in given:
         if key in changeable:
             saved[key] = getattr(args, key)
@@ -601,13 +635,19 @@ def plan_copies(mode, phi, valued, num_samples, generator, alpha=1.0, f_m="linea
 
 
 def resampling_plan(phase, model, train_eval, loader_kwargs, device, generator, subset_ratio=0.2, alpha=1.0,
-                    f_m="linear", amp=False):
+                    f_m="linear", amp=False, online=None):
     """One epoch's valuation and uni-modal copies (Alg. 1 lines 4-9, Alg. 2 lines 4-10): (valued [V], phi [V, n],
-    copies [N, n]). The samples are valued in eval mode with evaluation transforms (Eq. 1-3). Phase "warmup" or
-    "baseline" (--track-phi) values every sample and plans no copies."""
+    copies [N, n]). Offline (online None, the paper's procedure), the samples are valued now, in eval mode with
+    evaluation transforms (Eq. 1-3), all of them or the subset Z. Online, `online` is the table (online_table) the
+    previous epoch's training filled, and every sample it saw is valued (Z is every sample seen). Phase "warmup"
+    or "baseline" (--track-phi) values every sample and plans no copies."""
     resampling = phase not in ("warmup", "baseline")
-    valued = choose_valued(phase if resampling else "sample", len(train_eval), subset_ratio, generator)
-    phi = contributions(pass_over(model, Subset(train_eval, valued.tolist()), loader_kwargs, device, amp))
+    if online is None:
+        valued = choose_valued(phase if resampling else "sample", len(train_eval), subset_ratio, generator)
+        phi = contributions(pass_over(model, Subset(train_eval, valued.tolist()), loader_kwargs, device, amp))
+    else:
+        valued = online["seen"].nonzero().squeeze(1)
+        phi = contributions(dict(correct=online["correct"][valued]))
     if not resampling:
         return valued, phi, torch.zeros(len(train_eval), phi.shape[1], dtype=torch.long)
     return valued, phi, plan_copies(phase, phi, valued, len(train_eval), generator, alpha, f_m)
@@ -627,15 +667,46 @@ def progress(step, total, start, stream=sys.stderr):
         print(f"  step {step}/{total}  {time.time() - start:.0f}s", file=stream, flush=True)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False):
+def online_table(num_samples, n):
+    """What online valuation (--valuation online) records over one epoch: correct [N, 2**n] bool, which coalitions
+    predicted each training sample correctly at the step that held it, and seen [N] bool."""
+    return dict(correct=torch.zeros(num_samples, 2 ** n, dtype=torch.bool),
+                seen=torch.zeros(num_samples, dtype=torch.bool))
+
+
+@torch.no_grad()
+def value_online(model, features, target, index, mask, table):
+    """Online valuation of one training batch (Sec. 3.2, Eq. 1 taken during training): for the original rows (every
+    modality kept; a uni-modal copy's sample is valued by its original row), the 2**n - 1 coalition predictions
+    from the pooled features the step computed, outside its graph, the fusion head run per coalition with the absent
+    features zeroed (feature masking), written into `table` at the rows' sample indices. features: one [B, d_i]
+    per modality; target [B], mask [B, n] on the device; index [B] on the CPU."""
+    original = mask.all(1)  # [B]
+    if not original.any():
+        return
+    features = [feature[original] for feature in features]  # [B_o, d_i], no graph under no_grad
+    correct, _ = shapley_mm.coalition_correctness(lambda keep: model.fuse(features, keep), target[original],
+                                                  model.num_modalities)
+    rows = index[original.cpu()]
+    table["correct"][rows] = correct.cpu()
+    table["seen"][rows] = True
+
+
+def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False, online=None):
     """One pass over D^rs (Alg. 1 line 11). Each batch mixes full samples and uni-modal copies in shuffled
-    order, as the paper trains; `mask` [B, n] says which modalities each row keeps."""
+    order, as the paper trains; `mask` [B, n] says which modalities each row keeps. With `online` (a table from
+    online_table; late fusion with feature masking), each step's features are also valued (value_online)."""
     model.train()
     total_loss, total_samples, start = 0.0, 0, time.time()
-    for step, (inputs, target, _, mask) in enumerate(loader, start=1):
+    for step, (inputs, target, index, mask) in enumerate(loader, start=1):
         target, mask = target.to(device), mask.to(device)
         with autocast(device, amp):
-            logits = model(to_device(inputs, device), mask)
+            if online is None:
+                logits = model(to_device(inputs, device), mask)
+            else:  # forward, as encode then fuse, so that valuation reuses the step's features
+                features = model.encode(to_device(inputs, device), mask)
+                logits = model.fuse(features)
+                value_online(model, features, target, index, mask, online)
             loss = F.cross_entropy(logits.float(), target)
         if not torch.isfinite(loss):  # under torchrun, the process that sees it stops, and torchrun ends the others
             kept = (f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0
@@ -664,7 +735,8 @@ def format_epoch(record, modalities):
     if any(record["copies"]):
         line += f" (copies: {per_modality(record['copies'], fmt='{:d}')})"
     if record["mean_phi"] is not None:
-        line += f" | phi {per_modality(record['mean_phi'], fmt='{:.2f}')}"
+        taken = " (online)" if record.get("valuation") == "online" else ""
+        line += f" | phi{taken} {per_modality(record['mean_phi'], fmt='{:.2f}')}"
     line += (f" | val acc {100 * record['val_acc']:.1f} map {100 * record['val_map']:.1f} "
              f"| alone {per_modality(record['val_acc_per_modality'], 100)} | {record['seconds']:.1f}s")
     return line
@@ -716,11 +788,13 @@ def train(args, given=()):
         scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"], generator)
         start_epoch, best, log = resume["epoch"] + 1, resume["best"], resume["log"]  # the history travels with it
+        online_values = resume.get("online")  # --valuation online: the table the saved epoch filled
         print(f"resuming {out} after epoch {resume['epoch']}")
     else:
         if is_main_process():
             prepare_run_dir(out, args.overwrite)
         start_epoch, best, log = 0, dict(val_acc=-1.0, epoch=-1), []
+        online_values = None
     if is_main_process():
         save_json(os.path.join(out, "args.json"), vars(args))
         save_log(os.path.join(out, "log.jsonl"), log)
@@ -728,9 +802,10 @@ def train(args, given=()):
     classes = f"{train_set.num_classes} classes"
     if train_set.classes_inferred_from:
         classes += f" (inferred from {train_set.classes_inferred_from})"
+    online = ", online valuation" if args.valuation == "online" else ""
     print(f"{args.dataset}: {len(train_set)} train / {len(splits['val'])} val / {len(splits['test'])} test, "
           f"modalities {', '.join(train_set.modalities)}, {classes}; mode {args.mode}, "
-          f"fusion {args.fusion}, {args.mask} masking, device {device}; writing {out}")
+          f"fusion {args.fusion}, {args.mask} masking{online}, device {device}; writing {out}")
 
     epoch, saved_epoch = start_epoch, start_epoch - 1
     try:
@@ -743,12 +818,18 @@ def train(args, given=()):
             copies = torch.zeros(len(train_set), n, dtype=torch.long)
             valued = phi = None
             valuation_seconds = 0.0
-            if phase not in ("warmup", "baseline") or args.track_phi:
+            # offline: value the training set now; online: plan from what the previous epoch's training valued
+            if (phase not in ("warmup", "baseline") or args.track_phi) and (
+                    args.valuation == "offline" or online_values is not None):
                 valued, phi, copies = resampling_plan(phase, model, train_eval, loader_kwargs, device, generator,
-                                                      args.subset_ratio, args.alpha, args.f_m, args.amp)
+                                                      args.subset_ratio, args.alpha, args.f_m, args.amp,
+                                                      online=online_values)
                 if is_main_process():
-                    save_contributions(out, epoch, train_eval, valued, phi)
+                    save_contributions(out, epoch, train_eval, valued, phi, args.valuation)
                 valuation_seconds = time.time() - start
+            # online: value this epoch's samples in its training steps when the next epoch will need them
+            online_values = (online_table(len(train_set), n) if args.valuation == "online" and (
+                args.track_phi or (args.mode != "baseline" and epoch + 1 >= args.warmup)) else None)
 
             copy_index, copy_modality = shapley_mm.expand_copies(copies)
             epoch_set = data.ResampledDataset(train_set, copy_index, copy_modality)  # D^rs = D + copies
@@ -757,7 +838,8 @@ def train(args, given=()):
             loader = DataLoader(epoch_set, batch_sampler=batches, generator=generator, num_workers=args.workers,
                                 pin_memory=device.type == "cuda")
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_samples = train_one_epoch(trained, loader, optimizer, scaler, device, epoch, args.amp)
+            train_loss, train_samples = train_one_epoch(trained, loader, optimizer, scaler, device, epoch, args.amp,
+                                                        online=online_values)
             scheduler.step()
             val = metrics(pass_over(model, splits["val"], loader_kwargs, device, args.amp))
 
@@ -766,6 +848,8 @@ def train(args, given=()):
                           valued_samples=len(valued) if valued is not None else 0,
                           val_acc=val["acc"], val_map=val["map"], val_acc_per_modality=val["acc_per_modality"],
                           lr=lr, valuation_seconds=valuation_seconds, seconds=time.time() - start)
+            if args.valuation == "online":  # offline records, the paper's procedure, keep their earlier form
+                record["valuation"] = "online"
             log.append(record)
             print(format_epoch(record, train_set.modalities), flush=True)
 
@@ -774,7 +858,8 @@ def train(args, given=()):
                 best = dict(val_acc=val["acc"], epoch=epoch)
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), epoch=epoch, best=best, rng=rng_state(generator), log=log,
-                         plan=dict(valued_index=valued, phi=phi, copies=copies), args=vars(args), model_config=config)
+                         plan=dict(valued_index=valued, phi=phi, copies=copies), online=online_values, args=vars(args),
+                         model_config=config)
             if is_main_process():
                 save_log(os.path.join(out, "log.jsonl"), log)
                 if is_best:
