@@ -8,6 +8,9 @@ One script for every mode of the paper:
                modality with probability p (Eq. 11)
     naive      Table 4: as many uni-modal copies per modality as `sample`, on random samples
     reversed   Table 4: the copies go to each sample's highest-contributing modality
+    ogm-ge, greedy, pmr, agm, gblending
+               the methods the paper compares against (Table 2): no copies, a changed training step
+               (comparators.py)
 
     python train.py                                   # bundled UCI digits, CPU, about ten seconds
     python train.py --dataset ks --data-root /data/ks --mode sample --gpu 0
@@ -37,11 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+import comparators
 import data
 import models
 import shapley_mm
 
-MODES = ("baseline", "sample", "modality", "naive", "reversed")
+RESAMPLING_MODES = ("sample", "modality", "naive", "reversed")  # the modes that value and re-sample (Alg. 1-2)
+MODES = ("baseline",) + RESAMPLING_MODES + comparators.METHODS
 AV_DATASETS = ("ks", "mmdebiased", "ucf101", "cremad")
 
 # The defaults of each data set, which --help shows for the --dataset given. The audio-visual ones follow the
@@ -145,7 +150,8 @@ def get_args_parser(dataset="mfeat", add_help=True):
                    help="skip listed clips whose files are missing (counted and listed at start-up) instead of failing")
     g = p.add_argument_group("method")
     g.add_argument("--mode", default="sample", choices=MODES,
-                   help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4) (default: %(default)s)")
+                   help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4); "
+                        "ogm-ge, greedy, pmr, agm, gblending: the compared methods (Table 2) (default: %(default)s)")
     g.add_argument("--fusion", default="concat", choices=models.FUSIONS, help="fusion design (concat is the paper's) (default: %(default)s)")
     g.add_argument("--mask", choices=("feature", "input"),
                    help="how a modality is removed: zero its encoder feature (the authors' code) or its input (the "
@@ -157,7 +163,9 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g.add_argument("--alpha", type=number(float, 0.0), default=1.0, help="modality mode: scale inside f_m (Eq. 11) (default: %(default)s)")
     g.add_argument("--f-m", default="linear", choices=shapley_mm.F_M_CHOICES, help="modality mode: f_m of Eq. 11 (default: %(default)s)")
     g.add_argument("--track-phi", action="store_true",
-                   help="also value the training set in warm-up epochs and in baseline mode, to log contributions")
+                   help="also value the training set in warm-up epochs and in the modes that do not re-sample, to "
+                        "log contributions")
+    comparators.add_arguments(p, number)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=number(int, 1), help="total epochs, warm-up included (default: %(default)s)")
     g.add_argument("--batch-size", type=number(int, 1), help="samples per batch (default: %(default)s)")
@@ -220,7 +228,9 @@ def check_args(args):
         raise TrainingError(f"--mask {args.mask} is not defined for --fusion {args.fusion}, which mixes the modalities "
                             f"inside the network; use --mask {' or '.join(allowed)} (zero the absent input)")
     num_modalities = {"mfeat": len(args.views), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
-    if args.mode != "baseline" and num_modalities < 2:
+    if comparators.refusal(args, num_modalities):
+        raise TrainingError(comparators.refusal(args, num_modalities))
+    if args.mode in RESAMPLING_MODES and num_modalities < 2:
         raise TrainingError(f"--mode {args.mode} re-samples one modality against the others and needs at least two "
                             f"modalities; this run has {num_modalities} (use --mode baseline)")
     if args.dataset in AV_DATASETS and args.data_root is None:
@@ -541,7 +551,7 @@ def resampling_plan(phase, model, train_eval, loader_kwargs, device, generator, 
     """One epoch's valuation and uni-modal copies (Alg. 1 lines 4-9, Alg. 2 lines 4-10): (valued [V], phi [V, n],
     copies [N, n]). The samples are valued in eval mode with evaluation transforms (Eq. 1-3). Phase "warmup" or
     "baseline" (--track-phi) values every sample and plans no copies."""
-    resampling = phase not in ("warmup", "baseline")
+    resampling = phase in RESAMPLING_MODES
     valued = choose_valued(phase if resampling else "sample", len(train_eval), subset_ratio, generator)
     loader = DataLoader(Subset(train_eval, valued.tolist()), shuffle=False, **loader_kwargs)
     phi = contributions(run_pass(model, loader, device, amp))
@@ -564,22 +574,28 @@ def progress(step, total, start, stream=sys.stderr):
         print(f"  step {step}/{total}  {time.time() - start:.0f}s", file=stream, flush=True)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False):
+def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False, method=None):
     """One pass over D^rs (Alg. 1 line 11). Each batch mixes full samples and uni-modal copies in shuffled
-    order, as the paper trains; `mask` [B, n] says which modalities each row keeps."""
+    order, as the paper trains; `mask` [B, n] says which modalities each row keeps. A comparator `method`
+    (comparators.py; D^rs = D) replaces the forward and loss, and changes the gradients before the step."""
     model.train()
     total_loss, total_samples, start = 0.0, 0, time.time()
     for step, (inputs, target, _, mask) in enumerate(loader, start=1):
         target, mask = target.to(device), mask.to(device)
         with autocast(device, amp):
-            logits = model(to_device(inputs, device), mask)
-            loss = F.cross_entropy(logits.float(), target)
+            if method is None:
+                loss = F.cross_entropy(model(to_device(inputs, device), mask).float(), target)
+            else:
+                loss = method.loss(model, to_device(inputs, device), target)
         if not torch.isfinite(loss):
             kept = (f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0
                     else "no checkpoint was written")
             raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopped; {kept}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if method is not None:
+            scaler.unscale_(optimizer)
+            method.modulate(model)
         scaler.step(optimizer)
         scaler.update()
         total_loss += loss.item() * len(target)
@@ -630,6 +646,9 @@ def train(args, given=()):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     loader_kwargs = loader_settings(args, device)
     val_loader = DataLoader(splits["val"], shuffle=False, **loader_kwargs)
+    method = None
+    if args.mode in comparators.METHODS:
+        method = comparators.build(args, model, splits, loader_kwargs, device, generator)
 
     out = args.out
     if resume is not None:
@@ -639,6 +658,8 @@ def train(args, given=()):
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"], generator)
+        if method is not None:
+            method.load_state_dict(resume["method"])
         start_epoch, best, log = resume["epoch"] + 1, resume["best"], resume["log"]  # the history travels with it
         print(f"resuming {out} after epoch {resume['epoch']}")
     else:
@@ -662,10 +683,12 @@ def train(args, given=()):
                 phase = "baseline"
             else:  # Alg. 1 / 2, line 2: plain joint training for the first F epochs
                 phase = "warmup" if epoch < args.warmup else args.mode
+            if method is not None and args.modulation_ends is not None and epoch > args.modulation_ends:
+                phase = "joint"  # a comparator's last epoch is past: plain joint training
             copies = torch.zeros(len(train_set), n, dtype=torch.long)
             valued = phi = None
             valuation_seconds = 0.0
-            if phase not in ("warmup", "baseline") or args.track_phi:
+            if phase in RESAMPLING_MODES or args.track_phi:
                 valued, phi, copies = resampling_plan(phase, model, train_eval, loader_kwargs, device, generator,
                                                       args.subset_ratio, args.alpha, args.f_m, args.amp)
                 save_contributions(out, epoch, train_eval, valued, phi)
@@ -677,7 +700,12 @@ def train(args, given=()):
             loader = DataLoader(epoch_set, batch_sampler=batches, generator=generator, num_workers=args.workers,
                                 pin_memory=device.type == "cuda")
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_samples = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args.amp)
+            if method is not None:
+                method.start_epoch(epoch, active=phase == args.mode)
+            train_loss, train_samples = train_one_epoch(model, loader, optimizer, scaler, device, epoch, args.amp,
+                                                        method)
+            if method is not None:
+                method.end_epoch(epoch)
             scheduler.step()
             val = metrics(run_pass(model, val_loader, device, args.amp))
 
@@ -686,6 +714,8 @@ def train(args, given=()):
                           valued_samples=len(valued) if valued is not None else 0,
                           val_acc=val["acc"], val_map=val["map"], val_acc_per_modality=val["acc_per_modality"],
                           lr=lr, valuation_seconds=valuation_seconds, seconds=time.time() - start)
+            if method is not None:
+                record["method"] = method.summary()
             log.append(record)
             print(format_epoch(record, train_set.modalities), flush=True)
 
@@ -694,7 +724,8 @@ def train(args, given=()):
                 best = dict(val_acc=val["acc"], epoch=epoch)
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), epoch=epoch, best=best, rng=rng_state(generator), log=log,
-                         plan=dict(valued_index=valued, phi=phi, copies=copies), args=vars(args), model_config=config)
+                         plan=dict(valued_index=valued, phi=phi, copies=copies), args=vars(args), model_config=config,
+                         method=method.state_dict() if method is not None else None)
             save_log(os.path.join(out, "log.jsonl"), log)
             if is_best:
                 save_checkpoint(os.path.join(out, "best.pt"), state)
@@ -736,8 +767,10 @@ def evaluate_checkpoint(path, split="test", args=None, given=()):
     check_config(checkpoint, model_config(saved, dataset), path)
     model = build_model(saved, dataset).to(device)
     model.load_state_dict(checkpoint["model"])
-    result = run_pass(model, DataLoader(dataset, shuffle=False, **loader_settings(saved, device)), device, saved.amp)
+    loader = DataLoader(dataset, shuffle=False, **loader_settings(saved, device))
+    result = run_pass(model, loader, device, saved.amp)
     result["phi"] = contributions(result)
+    result["ogm_score"] = comparators.confidence_pass(model, loader, device)  # [N, n], Figure 4
     result["epoch"] = checkpoint["epoch"]
     return result, dataset
 
@@ -754,10 +787,13 @@ def eval_only(args, given=()):
     def write(f):
         text = io.StringIO()
         writer = csv.writer(text)
-        writer.writerow(["id", "label", "prediction"] + [f"phi_{m}" for m in dataset.modalities])
-        for index, label, prediction, phi in zip(result["index"].tolist(), result["labels"].tolist(),
-                                                 result["prediction"].tolist(), result["phi"].tolist()):
-            writer.writerow([dataset.sample_ids[index], label, prediction] + [f"{p:.4f}" for p in phi])
+        writer.writerow(["id", "label", "prediction"] + [f"phi_{m}" for m in dataset.modalities]
+                        + [f"ogm_score_{m}" for m in dataset.modalities])
+        for index, label, prediction, phi, score in zip(result["index"].tolist(), result["labels"].tolist(),
+                                                        result["prediction"].tolist(), result["phi"].tolist(),
+                                                        result["ogm_score"].tolist()):
+            writer.writerow([dataset.sample_ids[index], label, prediction] + [f"{p:.4f}" for p in phi]
+                            + [f"{s:.4f}" for s in score])
         f.write(text.getvalue().encode())
 
     write_atomic(csv_path, write)
