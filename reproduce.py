@@ -101,7 +101,7 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir):
     _, _, _, test_phi, _ = valuation_of(out)
 
     log = train.load_log(os.path.join(out, "log.jsonl"))
-    method = [r for r in log if r["phase"] not in ("baseline", "warmup")]  # the others valued only to log phi
+    method = [r for r in log if r["phase"] in train.RESAMPLING_MODES]  # the others valued only to log phi
     train_mean_phi, train_std_phi = [], []  # per epoch: phi of the training set, valued before that epoch
     for record in log:
         phi = np.load(os.path.join(out, "contributions", f"epoch_{record['epoch']:03d}.npz"))["phi"].astype(float)

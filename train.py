@@ -242,7 +242,7 @@ def check_args(args):
         raise TrainingError("--weights FILE is the ImageNet file of --pretrained; add --pretrained or drop --weights")
     if args.mode != "baseline" and args.warmup >= args.epochs:
         print(f"warning: --warmup {args.warmup} is not smaller than --epochs {args.epochs}: "
-              f"no re-sampling will ever happen in mode '{args.mode}'", file=sys.stderr)
+              f"mode '{args.mode}' never leaves its warm-up (no re-sampling, no compared method)", file=sys.stderr)
     return args
 
 
