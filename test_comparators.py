@@ -295,3 +295,38 @@ def test_eval_only_writes_ogm_scores(tmp_path):
     by_id = {row["id"]: row for row in rows}
     written = torch.tensor([float(by_id[dataset.sample_ids[k]]["ogm_score_pix"]) for k in range(8)])
     assert torch.allclose(written, official, atol=1e-4)
+
+
+def test_modulation_ends_returns_to_joint_training(tmp_path):
+    _, log = run_train(tmp_path / "run", *MFEAT, "--mode", "ogm-ge", "--epochs", "3", "--warmup", "1",
+                       "--modulation-ends", "1")
+    assert [r["phase"] for r in log] == ["warmup", "ogm-ge", "joint"]
+    assert log[1]["method"]["mean_coefficient"] != [0.0, 0.0]  # the method acted, then stopped
+    assert log[2]["method"]["mean_coefficient"] == [0.0, 0.0]
+
+
+def test_reproduce_tables_pair_each_method_with_its_own_baseline():
+    import reproduce
+
+    def record(fusion, mode, seed, acc):
+        return dict(setting="sample-level", fusion=fusion, mode=mode, seed=seed, test_acc=acc, test_map=0.9,
+                    test_acc_per_modality=[0.6, 0.7] if mode == "baseline" else [0.65, 0.7], modalities=["fou", "zer"],
+                    train_samples=100, method_seconds=2.0 if mode == "baseline" else 3.0)
+
+    records = [record("concat", "baseline", s, 0.80) for s in (0, 1)] + [
+        record("concat", "sample", 0, 0.81), record("concat", "sample", 1, 0.82),
+        record("concat", "pmr", 0, 0.79), record("concat", "pmr", 1, 0.80),
+        record("mmtm", "baseline", 0, 0.70), record("mmtm", "baseline", 1, 0.70),
+        record("mmtm", "greedy", 0, 0.75), record("mmtm", "greedy", 1, 0.70)]
+    cells = reproduce.group(records)
+    found = reproduce.gains(cells, "sample-level")
+    assert list(found) == ["sample", "pmr", "greedy"]
+    assert found["sample"] == pytest.approx([1.0, 2.0]) and found["pmr"] == pytest.approx([-1.0, 0.0])
+    assert found["greedy"] == pytest.approx([5.0, 0.0])  # against the mmtm baseline, not concat's
+    lines = reproduce.comparison_claims(cells, "sample-level")
+    assert lines[0].startswith("- sample: expected above the baseline; holds in 2 of 2 seeds")
+    assert lines[1].startswith("- pmr: expected not above the baseline; holds in 2 of 2 seeds")
+    assert lines[2].startswith("- greedy: expected not above the baseline; holds in 1 of 2 seeds")
+    rows = reproduce.comparison_table(cells, "sample-level")
+    assert "fou (weak) alone" in rows[0]  # the view weaker under the concat baseline
+    assert rows[-1].startswith("| greedy | mmtm | 2 | 72.50 ± 3.54 |") and rows[-1].endswith("| 1.00x | 1.50x |")
