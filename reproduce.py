@@ -15,12 +15,13 @@ Two settings, built deterministically from the real mfeat views (data.MfeatDatas
                  MM-Debiased, Table 2 and Figure 4).
 
 The grid, for each setting and each seed (SEEDS): concat fusion with every mode of train.py (baseline, sample,
-modality, naive, reversed: Tables 1, 2, 4), and every other fusion in models.FUSIONS, read at run time, with
-baseline and sample (Table 3); then concat with sample and modality under online valuation (train.py
---valuation online: each epoch planned from the values its previous epoch's training steps took), next to the
-same modes valued offline as the paper does (--valuations offline leaves them out). Each run calls train.train
-in-process on the CPU (one torch thread, so that the same seeds on the same machine give the same numbers), with
---track-phi so that the contributions of baseline and of warm-up epochs are logged too, then
+modality, naive, reversed: Tables 1, 2, 4; the compared methods ogm-ge, pmr, agm, gblending: Table 2), greedy on
+the fusion it needs (mmtm), and every other fusion in models.FUSIONS, read at run time, with baseline and sample
+(Table 3); then concat with sample and modality under online valuation (train.py --valuation online: each epoch
+planned from the values its previous epoch's training steps took), next to the same modes valued offline as the
+paper does (--valuations offline leaves them out). Every run has the same budget (TRAINING). Each run calls
+train.train in-process on the CPU (one torch thread, so that the same seeds on the same machine give the same
+numbers), with --track-phi so that the contributions of baseline and of warm-up epochs are logged too, then
 train.evaluate_checkpoint on its validation-chosen checkpoint for the per-sample valuation of the test split.
 Runs go to --runs-dir (scratch, default runs/reproduce); results go to --out (default results/):
   results.json  one record per run (setting, mode, fusion, valuation, seed, test_acc, test_map, per-modality
@@ -46,6 +47,7 @@ import time
 import numpy as np
 import torch
 
+import comparators
 import data
 import models
 import train
@@ -70,9 +72,10 @@ ONLINE_MODES = ("sample", "modality")  # the modes also run with online valuatio
 
 
 def grid(settings, modes, fusions):
-    """The (setting, fusion, mode) cells: concat with every mode, the other fusions with FUSION_MODES."""
+    """The (setting, fusion, mode) cells: concat with every mode (a method that needs another fusion,
+    comparators.REQUIRED_FUSION, with that one), the other fusions with FUSION_MODES."""
     return [(setting, fusion, mode) for setting in settings for fusion in fusions for mode in modes
-            if fusion == "concat" or mode in FUSION_MODES]
+            if fusion == comparators.REQUIRED_FUSION.get(mode, "concat") or mode in FUSION_MODES]
 
 
 def online_grid(settings, modes):
@@ -109,7 +112,7 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline
     _, _, _, test_phi, _ = valuation_of(out)
 
     log = train.load_log(os.path.join(out, "log.jsonl"))
-    method = [r for r in log if r["phase"] not in ("baseline", "warmup")]  # the others valued only to log phi
+    method = [r for r in log if r["phase"] in train.RESAMPLING_MODES]  # the others valued only to log phi
     train_mean_phi, train_std_phi = [], []  # per epoch: phi of the training set that planned that epoch
     for record in log:
         if record["mean_phi"] is None:  # online valuation's first epoch: nothing trained before it to value
@@ -180,6 +183,17 @@ def ordered_cells(cells, setting):
     return [(setting, f, m) for f in fusions for m in train.MODES if (setting, f, m) in cells]
 
 
+def on_main_table(key):
+    """Whether a cell is one of the paper's methods on its main fusion: concat, or the fusion a compared method
+    needs (greedy on mmtm)."""
+    return key[1] == comparators.REQUIRED_FUSION.get(key[2], "concat")
+
+
+def baseline_of(key):
+    """The baseline cell a cell is compared with: the same setting and fusion."""
+    return (key[0], key[1], "baseline")
+
+
 def epoch_columns(num_epochs, warmup):
     """A handful of epochs to show: about five evenly spaced, the end of warm-up and the last."""
     step = max(1, num_epochs // 5)
@@ -235,7 +249,26 @@ def pick_examples(setting, cells):
             example.update(degraded_view=modalities[int(test_set.degraded_view[t])],
                            degrade_strength=float(test_set.degrade_strength[t]))
         examples.append(example)
+    # Figure 4's comparison: OGM-GE's per-sample confidence beside phi, under the baseline and the OGM-GE model
+    shown = dict(baseline=before)
+    ogm = {r["seed"]: r["run_dir"] for r in cells.get((setting, "concat", "ogm-ge"), [])}
+    if seeds[0] in ogm and os.path.exists(os.path.join(ogm[seeds[0]], "best.pt")):
+        shown["ogm-ge"] = ogm[seeds[0]]
+    for model, run_dir in shown.items():
+        found = confidence_of(run_dir, [example["id"] for example in examples])
+        for example in examples:
+            example.setdefault("confidence", {})[model] = found[example["id"]]
     return dict(setting=setting, seed=seeds[0], label=int(label), modalities=modalities, samples=examples)
+
+
+def confidence_of(run_dir, ids, split="test"):
+    """phi, OGM-GE's confidence per modality (the true-class softmax of each modality's response, the summand of
+    its score) and the prediction of the samples `ids` under a run's validation-chosen checkpoint."""
+    result, dataset = train.evaluate_checkpoint(os.path.join(run_dir, "best.pt"), split)
+    row = {dataset.sample_ids[index]: k for k, index in enumerate(result["index"].tolist())}
+    return {sample_id: dict(phi=result["phi"][row[sample_id]].tolist(),
+                            ogm_score=result["ogm_score"][row[sample_id]].tolist(),
+                            prediction=int(result["prediction"][row[sample_id]])) for sample_id in ids}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +303,7 @@ def results_table(cells, setting):
 def contribution_table(cells, setting, training):
     """Figures 3 and 6: mean contribution of each modality over the training set per epoch (its spread across
     samples in brackets), concat runs, mean over seeds."""
-    keys = [key for key in ordered_cells(cells, setting) if key[1] == "concat"]
+    keys = [key for key in ordered_cells(cells, setting) if on_main_table(key)]
     modalities = cells[keys[0]][0]["modalities"]
     num_epochs = min(len(r["train_mean_phi"]) for key in keys for r in cells[key])
     columns = epoch_columns(num_epochs, training["warmup"])
@@ -295,6 +328,80 @@ def examples_table(example):
             rows.append([sample["name"], sample["id"], degraded, model]
                         + [f"{p:+.1f}" for p in phi] + [sample[model]["prediction"]])
     return table(["sample", "id", "degraded view", "model"] + [f"phi {m}" for m in modalities] + ["prediction"], rows)
+
+
+def confidence_table(example):
+    """Figure 4 analogue: phi beside OGM-GE's per-sample confidence of the two samples."""
+    modalities = example["modalities"]
+    rows = []
+    for sample in example["samples"]:
+        for model, found in sample.get("confidence", {}).items():
+            score = found["ogm_score"]
+            rows.append([sample["name"], model] + [f"{p:+.1f}" for p in found["phi"]] + [f"{s:.3f}" for s in score]
+                        + [f"{score[0] / max(score[1], 1e-12):.2f}", found["prediction"]])
+    return table(["sample", "model"] + [f"phi {m}" for m in modalities] + [f"OGM-GE score {m}" for m in modalities]
+                 + [f"score ratio {modalities[0]}/{modalities[1]}", "prediction"], rows)
+
+
+def compared_cells(cells, setting):
+    """The Table 2 rows: the paper's method and the methods it is compared with, each on its main fusion."""
+    return [key for key in ordered_cells(cells, setting) if on_main_table(key) and key[2] not in ("naive", "reversed")]
+
+
+def weak_view(cells, setting):
+    """The index of the view with the lower accuracy alone under the concat baseline (mean over seeds)."""
+    runs = cells.get((setting, "concat", "baseline"), [])
+    return int(np.argmin(np.mean([r["test_acc_per_modality"] for r in runs], axis=0))) if runs else 1
+
+
+def comparison_table(cells, setting):
+    """Table 2 analogue: accuracy, mAP, the weak view alone, trained samples and time relative to the same
+    fusion's baseline."""
+    keys = compared_cells(cells, setting)
+    weak = weak_view(cells, setting)
+    modalities = cells[keys[0]][0]["modalities"]
+    rows = []
+    for key in keys:
+        runs = cells[key]
+        base = {r["seed"]: r for r in cells.get(baseline_of(key), [])}
+        samples = [r["train_samples"] / base[r["seed"]]["train_samples"] for r in runs if r["seed"] in base]
+        seconds = [r["method_seconds"] / base[r["seed"]]["method_seconds"] for r in runs if r["seed"] in base]
+        rows.append([key[2], key[1], len(runs), percent([r["test_acc"] for r in runs]),
+                     percent([r["test_map"] for r in runs]),
+                     percent([r["test_acc_per_modality"][weak] for r in runs]),
+                     f"{np.mean(samples):.2f}x" if samples else "-", f"{np.mean(seconds):.2f}x" if seconds else "-"])
+    return table(["method", "fusion", "seeds", "test acc", "test mAP", f"{modalities[weak]} (weak) alone",
+                  "trained samples", "time"], rows)
+
+
+def gains(cells, setting):
+    """Figure 1 analogue: {method: per-seed test accuracy minus the same fusion's baseline, in points}."""
+    found = {}
+    for key in compared_cells(cells, setting):
+        if key[2] != "baseline":
+            diffs = paired(cells, setting, key[1], key[2], "baseline", lambda r: r["test_acc"])
+            if len(diffs):
+                found[key[2]] = 100 * diffs
+    return found
+
+
+def gains_table(cells, setting):
+    rows = [[method, f"{np.mean(d):+.2f} ± {np.std(d, ddof=1) if len(d) > 1 else 0.0:.2f}",
+             " ".join(f"{x:+.2f}" for x in d), f"{int((d > 1e-9).sum())} / {len(d)}"]
+            for method, d in gains(cells, setting).items()]
+    return table(["method", "gain over baseline (points)", "per seed", "seeds above baseline"], rows)
+
+
+def comparison_claims(cells, setting):
+    """The paper's claim on sample-level imbalance (Sec. 4.3, Table 2 on MM-Debiased): the dataset-level methods
+    do not beat the baseline, while the sample-level method does; seed by seed."""
+    lines = []
+    for method, d in gains(cells, setting).items():
+        expected = "above" if method == "sample" else "not above"
+        held = [x > 1e-9 for x in d] if method == "sample" else [x <= 1e-9 for x in d]
+        lines.append(f"- {method}: expected {expected} the baseline; holds in {sum(held)} of {len(d)} seeds "
+                     f"(gains {', '.join(f'{x:+.2f}' for x in d)}; mean {np.mean(d):+.2f})")
+    return lines
 
 
 def claims(cells, setting):
@@ -429,8 +536,22 @@ def write_markdown(path, records, examples, training, figures):
                       f"sample-level model (concat, seed {example['seed']}); chosen on the baseline's valuation "
                       f"alone, as the samples of one class that lean most on each modality:", ""]
             lines += examples_table(example) + [""]
+            if any("confidence" in sample for sample in example["samples"]):
+                lines += ["Figure 4 analogue: the same two samples, phi beside OGM-GE's per-sample confidence (the "
+                          "true-class softmax of each view's response; OGM-GE sums it over a batch and compares the "
+                          "sums as a ratio):", ""]
+                lines += confidence_table(example) + [""]
         lines += ["The paper's claims on these runs (paired by seed, concat unless named):", ""]
         lines += claims(cells, setting) + [""]
+        if len(compared_cells(cells, setting)) > 2:
+            lines += ["Table 2 analogue: the compared methods (each on its main fusion; greedy on mmtm, against the "
+                      "mmtm baseline); *trained samples* and *time* relative to the same fusion's baseline:", ""]
+            lines += comparison_table(cells, setting) + [""]
+            lines += ["Figure 1 analogue: test accuracy gain over the same fusion's baseline, paired by seed:", ""]
+            lines += gains_table(cells, setting) + [""]
+            lines += ["The paper's claim on sample-level imbalance (the dataset-level methods do not beat the baseline, "
+                      "`sample` does), seed by seed:", ""]
+            lines += comparison_claims(cells, setting) + [""]
     online = [setting for setting in SETTINGS if any(key[0] == setting for key in group(records, "online"))]
     if online:
         lines += ["## Online valuation", "", "Concatenation fusion; `sample` and `modality` valued offline (the "
@@ -473,7 +594,7 @@ def write_figures(out, records, examples, training):
     cells = group(records)
     names = []
     for setting in SETTINGS:
-        keys = [key for key in ordered_cells(cells, setting) if key[1] == "concat"] if any(
+        keys = [key for key in ordered_cells(cells, setting) if on_main_table(key)] if any(
             key[0] == setting for key in cells) else []
         if keys:
             modalities = cells[keys[0]][0]["modalities"]
@@ -509,6 +630,21 @@ def write_figures(out, records, examples, training):
             names.append(f"valuation_examples_{setting}.png")
             fig.savefig(os.path.join(out, names[-1]), dpi=120)
             plt.close(fig)
+    found = {setting: gains(cells, setting) for setting in SETTINGS}
+    if sum(len(g) for g in found.values()) > 2:  # Figure 1 analogue: gain per method and setting, seed spread
+        fig, axes = plt.subplots(1, len(SETTINGS), figsize=(11, 3.8), sharey=True)
+        for ax, (setting, per_method) in zip(np.atleast_1d(axes), found.items()):
+            for k, (method, d) in enumerate(per_method.items()):
+                ax.bar(k, np.mean(d), yerr=np.std(d, ddof=1) if len(d) > 1 else 0, color=f"C{k}", alpha=0.6)
+                ax.plot([k] * len(d), d, "k.", markersize=4)
+            ax.axhline(0, color="grey", linewidth=0.5)
+            ax.set_xticks(range(len(per_method)), list(per_method), rotation=45, fontsize=8)
+            ax.set_title(f"{setting}: test acc gain over baseline", fontsize=9)
+        np.atleast_1d(axes)[0].set_ylabel("points")
+        fig.tight_layout()
+        names.append("gains.png")
+        fig.savefig(os.path.join(out, names[-1]), dpi=120)
+        plt.close(fig)
     return names
 
 

@@ -20,7 +20,7 @@ DEFAULT_RUNS = {
     ("gated", "sample", 2), ("centralnet", "sample", 3), ("mmtm", "modality", 2),
 }
 GRID = [pytest.param(fusion, mode, n, marks=() if (fusion, mode, n) in DEFAULT_RUNS else pytest.mark.slow)
-        for fusion in models.FUSIONS for mode in train.MODES for n in (2, 3)]
+        for fusion in models.FUSIONS for mode in ("baseline",) + train.RESAMPLING_MODES for n in (2, 3)]
 
 
 @pytest.mark.parametrize("fusion, mode, n", GRID)

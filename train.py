@@ -8,6 +8,9 @@ One script for every mode of the paper:
                modality with probability p (Eq. 11)
     naive      Table 4: as many uni-modal copies per modality as `sample`, on random samples
     reversed   Table 4: the copies go to each sample's highest-contributing modality
+    ogm-ge, greedy, pmr, agm, gblending
+               the methods the paper compares against (Table 2): no copies, a changed training step
+               (comparators.py)
 
     python train.py                                   # bundled UCI digits, CPU, about ten seconds
     python train.py --dataset ks --data-root /data/ks --mode sample --gpu 0
@@ -46,11 +49,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+import comparators
 import data
 import models
 import shapley_mm
 
-MODES = ("baseline", "sample", "modality", "naive", "reversed")
+RESAMPLING_MODES = ("sample", "modality", "naive", "reversed")  # the modes that value and re-sample (Alg. 1-2)
+MODES = ("baseline",) + RESAMPLING_MODES + comparators.METHODS
 AV_DATASETS = ("ks", "mmdebiased", "ucf101", "cremad")
 
 # The defaults of each data set, which --help shows for the --dataset given. The audio-visual ones follow the
@@ -154,7 +159,8 @@ def get_args_parser(dataset="mfeat", add_help=True):
                    help="skip listed clips whose files are missing (counted and listed at start-up) instead of failing")
     g = p.add_argument_group("method")
     g.add_argument("--mode", default="sample", choices=MODES,
-                   help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4) (default: %(default)s)")
+                   help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4); "
+                        "ogm-ge, greedy, pmr, agm, gblending: the compared methods (Table 2) (default: %(default)s)")
     g.add_argument("--fusion", default="concat", choices=models.FUSIONS, help="fusion design (concat is the paper's) (default: %(default)s)")
     g.add_argument("--mask", choices=("feature", "input"),
                    help="how a modality is removed: zero its encoder feature (the authors' code) or its input (the "
@@ -170,7 +176,9 @@ def get_args_parser(dataset="mfeat", add_help=True):
                         "each sample's coalition predictions from the training step that holds it (late fusion with "
                         "feature masking only) and plan the next epoch from them (default: %(default)s)")
     g.add_argument("--track-phi", action="store_true",
-                   help="also value the training set in warm-up epochs and in baseline mode, to log contributions")
+                   help="also value the training set in warm-up epochs and in the modes that do not re-sample, to "
+                        "log contributions")
+    comparators.add_arguments(p, number)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=number(int, 1), help="total epochs, warm-up included (default: %(default)s)")
     g.add_argument("--batch-size", type=number(int, 1), help="samples per batch (default: %(default)s)")
@@ -237,7 +245,13 @@ def check_args(args):
         raise TrainingError(f"--mask {args.mask} is not defined for --fusion {args.fusion}, which mixes the modalities "
                             f"inside the network; use --mask {' or '.join(allowed)} (zero the absent input)")
     num_modalities = {"mfeat": len(args.views), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
-    if args.mode != "baseline" and num_modalities < 2:
+    if comparators.refusal(args, num_modalities):
+        raise TrainingError(comparators.refusal(args, num_modalities))
+    if args.mode in comparators.METHODS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainingError(f"--mode {args.mode} is not available under torchrun: its training step calls the model "
+                            f"several times and changes the gradients of its parts, which DistributedDataParallel "
+                            f"does not allow; run it in one process")
+    if args.mode in RESAMPLING_MODES and num_modalities < 2:
         raise TrainingError(f"--mode {args.mode} re-samples one modality against the others and needs at least two "
                             f"modalities; this run has {num_modalities} (use --mode baseline)")
     if args.valuation == "online":
@@ -251,7 +265,7 @@ def check_args(args):
         raise TrainingError("--weights FILE is the ImageNet file of --pretrained; add --pretrained or drop --weights")
     if args.mode != "baseline" and args.warmup >= args.epochs:
         print(f"warning: --warmup {args.warmup} is not smaller than --epochs {args.epochs}: "
-              f"no re-sampling will ever happen in mode '{args.mode}'", file=sys.stderr)
+              f"mode '{args.mode}' never leaves its warm-up (no re-sampling, no compared method)", file=sys.stderr)
     return args
 
 
@@ -640,8 +654,8 @@ def resampling_plan(phase, model, train_eval, loader_kwargs, device, generator, 
     copies [N, n]). Offline (online None, the paper's procedure), the samples are valued now, in eval mode with
     evaluation transforms (Eq. 1-3), all of them or the subset Z. Online, `online` is the table (online_table) the
     previous epoch's training filled, and every sample it saw is valued (Z is every sample seen). Phase "warmup"
-    or "baseline" (--track-phi) values every sample and plans no copies."""
-    resampling = phase not in ("warmup", "baseline")
+    or "baseline" (--track-phi), and the compared methods' modes, value every sample and plan no copies."""
+    resampling = phase in RESAMPLING_MODES
     if online is None:
         valued = choose_valued(phase if resampling else "sample", len(train_eval), subset_ratio, generator)
         phi = contributions(pass_over(model, Subset(train_eval, valued.tolist()), loader_kwargs, device, amp))
@@ -692,28 +706,35 @@ def value_online(model, features, target, index, mask, table):
     table["seen"][rows] = True
 
 
-def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False, online=None):
+def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False, online=None, method=None):
     """One pass over D^rs (Alg. 1 line 11). Each batch mixes full samples and uni-modal copies in shuffled
     order, as the paper trains; `mask` [B, n] says which modalities each row keeps. With `online` (a table from
-    online_table; late fusion with feature masking), each step's features are also valued (value_online)."""
+    online_table; late fusion with feature masking), each step's features are also valued (value_online). A
+    compared `method` (comparators.py; D^rs = D) replaces the forward and loss, and changes the gradients before
+    the step."""
     model.train()
     total_loss, total_samples, start = 0.0, 0, time.time()
     for step, (inputs, target, index, mask) in enumerate(loader, start=1):
         target, mask = target.to(device), mask.to(device)
         with autocast(device, amp):
-            if online is None:
-                logits = model(to_device(inputs, device), mask)
-            else:  # forward, as encode then fuse, so that valuation reuses the step's features
-                features = model.encode(to_device(inputs, device), mask)
-                logits = model.fuse(features)
+            inputs = to_device(inputs, device)
+            if method is not None:  # a compared method's own forward and loss (D^rs = D)
+                loss = method.loss(model, inputs, target)
+            elif online is not None:  # forward as encode then fuse, so that valuation reuses the step's features
+                features = model.encode(inputs, mask)
+                loss = F.cross_entropy(model.fuse(features).float(), target)
                 value_online(model, features, target, index, mask, online)
-            loss = F.cross_entropy(logits.float(), target)
+            else:
+                loss = F.cross_entropy(model(inputs, mask).float(), target)
         if not torch.isfinite(loss):  # under torchrun, the process that sees it stops, and torchrun ends the others
             kept = (f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0
                     else "no checkpoint was written")
             raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopped; {kept}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if method is not None:
+            scaler.unscale_(optimizer)
+            method.modulate(model)
         scaler.step(optimizer)
         scaler.update()
         total_loss += loss.item() * len(target)
@@ -778,6 +799,9 @@ def train(args, given=()):
         # with feature masking an encoder skips a batch that holds none of its modality: its weights get no grad
         trained = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None,
                                           find_unused_parameters=args.mask == "feature")
+    method = None
+    if args.mode in comparators.METHODS:
+        method = comparators.build(args, model, splits, loader_kwargs, device, generator)
 
     out = args.out
     if resume is not None:
@@ -787,6 +811,8 @@ def train(args, given=()):
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         set_rng_state(resume["rng"], generator)
+        if method is not None:
+            method.load_state_dict(resume["method"])
         start_epoch, best, log = resume["epoch"] + 1, resume["best"], resume["log"]  # the history travels with it
         online_values = resume.get("online")  # --valuation online: the table the saved epoch filled
         print(f"resuming {out} after epoch {resume['epoch']}")
@@ -815,11 +841,13 @@ def train(args, given=()):
                 phase = "baseline"
             else:  # Alg. 1 / 2, line 2: plain joint training for the first F epochs
                 phase = "warmup" if epoch < args.warmup else args.mode
+            if method is not None and args.modulation_ends is not None and epoch > args.modulation_ends:
+                phase = "joint"  # a comparator's last epoch is past: plain joint training
             copies = torch.zeros(len(train_set), n, dtype=torch.long)
             valued = phi = None
             valuation_seconds = 0.0
             # offline: value the training set now; online: plan from what the previous epoch's training valued
-            if (phase not in ("warmup", "baseline") or args.track_phi) and (
+            if (phase in RESAMPLING_MODES or args.track_phi) and (
                     args.valuation == "offline" or online_values is not None):
                 valued, phi, copies = resampling_plan(phase, model, train_eval, loader_kwargs, device, generator,
                                                       args.subset_ratio, args.alpha, args.f_m, args.amp,
@@ -838,8 +866,12 @@ def train(args, given=()):
             loader = DataLoader(epoch_set, batch_sampler=batches, generator=generator, num_workers=args.workers,
                                 pin_memory=device.type == "cuda")
             lr = optimizer.param_groups[0]["lr"]
+            if method is not None:
+                method.start_epoch(epoch, active=phase == args.mode)
             train_loss, train_samples = train_one_epoch(trained, loader, optimizer, scaler, device, epoch, args.amp,
-                                                        online=online_values)
+                                                        online=online_values, method=method)
+            if method is not None:
+                method.end_epoch(epoch)
             scheduler.step()
             val = metrics(pass_over(model, splits["val"], loader_kwargs, device, args.amp))
 
@@ -850,6 +882,8 @@ def train(args, given=()):
                           lr=lr, valuation_seconds=valuation_seconds, seconds=time.time() - start)
             if args.valuation == "online":  # offline records, the paper's procedure, keep their earlier form
                 record["valuation"] = "online"
+            if method is not None:
+                record["method"] = method.summary()
             log.append(record)
             print(format_epoch(record, train_set.modalities), flush=True)
 
@@ -859,7 +893,7 @@ def train(args, given=()):
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          scaler=scaler.state_dict(), epoch=epoch, best=best, rng=rng_state(generator), log=log,
                          plan=dict(valued_index=valued, phi=phi, copies=copies), online=online_values, args=vars(args),
-                         model_config=config)
+                         model_config=config, method=method.state_dict() if method is not None else None)
             if is_main_process():
                 save_log(os.path.join(out, "log.jsonl"), log)
                 if is_best:
@@ -903,8 +937,11 @@ def evaluate_checkpoint(path, split="test", args=None, given=()):
     check_config(checkpoint, model_config(saved, dataset), path)
     model = build_model(saved, dataset).to(device)
     model.load_state_dict(checkpoint["model"])
-    result = pass_over(model, dataset, loader_settings(saved, device), device, saved.amp)
+    loader_kwargs = loader_settings(saved, device)
+    result = pass_over(model, dataset, loader_kwargs, device, saved.amp)
     result["phi"] = contributions(result)
+    # [N, n], Figure 4: OGM-GE's confidence of each modality (a second read of the split, for --eval-only only)
+    result["ogm_score"] = comparators.confidence_pass(model, DataLoader(dataset, shuffle=False, **loader_kwargs), device)
     result["epoch"] = checkpoint["epoch"]
     return result, dataset
 
@@ -921,10 +958,13 @@ def eval_only(args, given=()):
     def write(f):
         text = io.StringIO()
         writer = csv.writer(text)
-        writer.writerow(["id", "label", "prediction"] + [f"phi_{m}" for m in dataset.modalities])
-        for index, label, prediction, phi in zip(result["index"].tolist(), result["labels"].tolist(),
-                                                 result["prediction"].tolist(), result["phi"].tolist()):
-            writer.writerow([dataset.sample_ids[index], label, prediction] + [f"{p:.4f}" for p in phi])
+        writer.writerow(["id", "label", "prediction"] + [f"phi_{m}" for m in dataset.modalities]
+                        + [f"ogm_score_{m}" for m in dataset.modalities])
+        for index, label, prediction, phi, score in zip(result["index"].tolist(), result["labels"].tolist(),
+                                                        result["prediction"].tolist(), result["phi"].tolist(),
+                                                        result["ogm_score"].tolist()):
+            writer.writerow([dataset.sample_ids[index], label, prediction] + [f"{p:.4f}" for p in phi]
+                            + [f"{s:.4f}" for s in score])
         f.write(text.getvalue().encode())
 
     if is_main_process():

@@ -1,0 +1,619 @@
+"""The imbalanced-multimodal methods the paper compares against (Table 2, Figures 1, 3 and 4), in train.py's harness.
+
+    ogm-ge     OGM-GE (Peng et al., CVPR 2022): the dominant modality's encoder gradients scaled down, plus noise
+    greedy     Greedy (Wu et al., ICML 2022): MMTM's cross-modal path cut for the faster-learning modality
+    pmr        PMR (Fan et al., CVPR 2023): a prototype cross-entropy for the weaker modality
+    agm        AGM (Li et al., ICCV 2023): each encoder's gradients scaled by its response's loss gap
+    gblending  Gradient-Blending (Wang et al., CVPR 2020): multimodal and uni-modal losses weighted by their
+               overfitting-to-generalisation ratio
+
+None of them re-samples (D^rs = D, no copies): each changes the training step, with the loaders, models, schedule,
+logs and checkpoints of the other modes. A method is one object (build) that train.py calls at four points:
+
+    start_epoch(epoch, active)   epoch-level state (PMR's prototypes, G-Blending's weights)
+    loss(model, inputs, target)  the training forward and the method's loss
+    modulate(model)              after backward, before the optimiser step (gradient changes)
+    end_epoch(epoch)             measurements after the epoch (G-Blending's validation losses)
+
+state_dict() / load_state_dict() hold every running statistic, so a resumed run continues exactly; summary() is
+what the epoch's log record shows. A method acts in the epochs after the warm-up (--warmup, as every mode) up to
+--modulation-ends; greedy and gblending also measure during the warm-up, as their official code does from epoch 0.
+
+Uni-modal responses go through the classifier's mask, so a method works with every fusion it is meaningful for.
+The response of modality m to a batch is its Shapley value in the game whose value of a coalition C is the logits
+from C alone, v(C) = f(x masked to C), v(empty) = 0 (unimodal_responses). For two modalities this is
+(f(a, v) - f(0, v) + f(a, 0)) / 2, AGM's mono-modal response; for concatenation it equals W_a a + b / 2, the weight
+slice plus half the bias that OGM-GE's code reads (test_comparators checks both). Late fusion with feature masking
+runs only the fusion head per coalition, on the features of the training forward itself; any other classifier runs
+one forward per coalition.
+
+Under distributed training, per-batch statistics would be per rank: OGM-GE's scores and AGM's losses per batch are
+what the official code computes per GPU; PMR's prototypes, Greedy's learning speeds and G-Blending's losses describe
+the whole data set and would need an all-reduce.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import models
+import shapley_mm
+
+METHODS = ("ogm-ge", "greedy", "pmr", "agm", "gblending")
+REQUIRED_FUSION = {"greedy": "mmtm"}  # a method that needs one fusion; the others take every fusion
+AGM_CLIP = 5.0  # AGM's code: clip the gradient norm at 5 when a fusion-head gradient leaves [-5, 5]
+AGM_CAP = 7.0  # AGM's code: the exponent of a coefficient is at most alpha * 7
+
+
+def add_arguments(parser, number):
+    """The methods' flags, with the official code's defaults; `number` is train.py's ranged argparse type."""
+    g = parser.add_argument_group("comparators (--mode ogm-ge, greedy, pmr, agm, gblending)")
+    g.add_argument("--modulation-ends", type=number(int, 0),
+                   help="last epoch in which a comparator acts (it starts after --warmup); default: the last epoch")
+    g.add_argument("--ogm-alpha", type=number(float, 0.0), default=0.1,
+                   help="OGM-GE: alpha in k = 1 - tanh(alpha * rho) (default: %(default)s)")
+    g.add_argument("--greedy-epsilon", type=number(float, 0.0), default=0.01,
+                   help="Greedy: threshold on the gap of the conditional learning speeds (default: %(default)s)")
+    g.add_argument("--greedy-window", type=number(int, 1), default=5,
+                   help="Greedy: steps of a curation window (default: %(default)s)")
+    g.add_argument("--pmr-alpha", type=number(float, 0.0), default=1.0,
+                   help="PMR: weight of the prototype cross-entropy (default: %(default)s)")
+    g.add_argument("--pmr-momentum", type=number(float, 0.0, 1.0), default=0.2,
+                   help="PMR: share of the previous prototypes in each update (default: %(default)s)")
+    g.add_argument("--pmr-fraction", type=number(float, 0.0, 1.0, low_open=True), default=0.1,
+                   help="PMR: fraction of the training set the prototypes are computed from (default: %(default)s)")
+    g.add_argument("--agm-alpha", type=number(float, 0.0), default=0.1,
+                   help="AGM: alpha in exp(alpha * (eta - r)) (default: %(default)s)")
+    g.add_argument("--super-epoch", type=number(int, 2), default=10,
+                   help="G-Blending: epochs between two estimates of the loss weights (default: %(default)s)")
+
+
+def refusal(args, num_modalities):
+    """Why a comparator cannot run with these flags, in one line; None when it can."""
+    if args.mode not in METHODS:
+        return None
+    if num_modalities < 2:
+        return (f"--mode {args.mode} balances modalities against each other and needs at least two; this run has "
+                f"{num_modalities} (use --mode baseline)")
+    needed = REQUIRED_FUSION.get(args.mode)
+    if needed is not None and args.fusion != needed:
+        return (f"--mode {args.mode} reads the learning speeds of MMTM's cross-modal path and needs --fusion "
+                f"{needed}, not {args.fusion}")
+    if args.mode == "pmr" and not issubclass(models.classifier_kind(args.fusion), models.LateFusionClassifier):
+        return (f"--mode pmr builds prototypes from each modality's own pooled feature; --fusion {args.fusion} "
+                f"mixes the modalities inside the network and has none (use a late fusion: "
+                f"{', '.join(models.FUSION_HEADS)})")
+    return None
+
+
+def build(args, model, splits, loader_kwargs, device, generator):
+    """The method of args.mode for `model`, with the data it reads between epochs."""
+    n = model.num_modalities
+    if args.mode == "ogm-ge":
+        return OGMGE(n, args.ogm_alpha)
+    if args.mode == "greedy":
+        return Greedy(model, args.greedy_epsilon, args.greedy_window)
+    if args.mode == "pmr":
+        return PMR(model, splits["train_eval"], loader_kwargs, device, generator, args.pmr_alpha, args.pmr_momentum,
+                   args.pmr_fraction)
+    if args.mode == "agm":
+        return AGM(n, args.agm_alpha)
+    if args.mode == "gblending":
+        return GBlending(model, DataLoader(splits["val"], shuffle=False, **loader_kwargs), device, args.super_epoch,
+                         args.warmup)
+    raise ValueError(f"unknown comparator {args.mode!r}; expected one of {METHODS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# uni-modal responses through the classifier's mask
+
+
+def shares_features(model):
+    """Whether a coalition's logits are the fusion head on the training forward's own features: late fusion with
+    feature masking, where removing a modality zeroes its pooled feature."""
+    return isinstance(model, models.LateFusionClassifier) and model.mask_mode == "feature"
+
+
+def joint_forward(model, inputs):
+    """The training forward with every modality: (logits [B, K], the pooled features, one [B, d_i] per modality,
+    where the coalitions can share them (shares_features), else None)."""
+    if shares_features(model):
+        features = model.encode(inputs)
+        return model.fuse(features), features
+    return model(inputs), None
+
+
+def coalition_logits(model, inputs, features, members):
+    """Logits [C, B, K] of the coalitions members [C, n] (bool) for one batch: the fusion head on `features` with
+    the absent ones zeroed where features are given, else forward(inputs, mask), one pass per coalition."""
+    batch = inputs[0].shape[0]
+    if features is not None:
+        return torch.stack([model.fuse(features, member.expand(batch, -1)) for member in members])
+    return torch.stack([model(inputs, member.expand(batch, -1)) for member in members])
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode inside the block, the previous mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def unimodal_responses(model, inputs, features=None):
+    """The Shapley response of every modality, [n, B, K]: phi_m of the game v(C) = logits from coalition C alone,
+    v(empty) = 0 (shapley_mm.shapley_values on each logit). Without shared features, every coalition runs in eval
+    mode, as AGM's code runs its masked forwards, so that BatchNorm's running statistics stay the training
+    forwards' own."""
+    n = model.num_modalities
+    members = shapley_mm.coalitions(n).to(inputs[0].device)  # [2**n, n]
+    with evaluating(model) if features is None else contextlib.nullcontext():
+        return shapley_responses(coalition_logits(model, inputs, features, members[1:]))
+
+
+def shapley_responses(logits):
+    """[n, B, K]: the Shapley value of each modality in the game of the logits of the non-empty coalitions,
+    logits [2**n - 1, B, K] laid out as shapley_mm.coalitions(n)[1:], with v(empty) = 0."""
+    values = torch.cat([torch.zeros_like(logits[:1]), logits]).float()  # [2**n, B, K]
+    coalitions, batch, classes = values.shape
+    phi = shapley_mm.shapley_values(values.permute(1, 2, 0).reshape(batch * classes, coalitions))  # [B*K, n]
+    return phi.view(batch, classes, -1).permute(2, 0, 1)
+
+
+def true_class_probability(logits, target):
+    """softmax(logits)[y] of each sample, [..., B] from logits [..., B, K] and target [B]: OGM-GE's per-sample
+    confidence (the summand of its score s_m), which the Figure 4 analogue sets beside phi."""
+    probability = logits.float().softmax(-1)
+    return probability.gather(-1, target.view(-1, 1).expand(*logits.shape[:-1], 1)).squeeze(-1)
+
+
+@torch.no_grad()
+def confidence_pass(model, loader, device):
+    """OGM-GE's confidence of every sample of an evaluation loader, per modality: [N, n], in the loader's order
+    (the true-class softmax of each modality's Shapley response; the model in eval mode)."""
+    model.eval()
+    n = model.num_modalities
+    members = shapley_mm.coalitions(n).to(device)
+    scores = []
+    for inputs, target, _ in loader:
+        inputs, target = [x.to(device) for x in inputs], target.to(device)
+        predict = model.coalition_predictor(inputs)
+        logits = torch.stack([predict(member.expand(len(target), -1)) for member in members[1:]])
+        scores.append(true_class_probability(shapley_responses(logits), target).T.cpu())  # [B, n]
+    return torch.cat(scores)
+
+
+def encoder_weights(model, m):
+    """The weight matrices and kernels (dim >= 2) of modality m's encoder, whose gradients OGM-GE and AGM change;
+    biases and BatchNorm's affine parameters are left alone."""
+    return [p for p in model.encoders[m].parameters() if p.dim() >= 2 and p.grad is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# OGM-GE (Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation", CVPR 2022)
+
+
+def ogm_coefficients(scores, alpha):
+    """Eq. 10 of OGM-GE: k_m = 1 - tanh(alpha * rho_m) for a modality whose discrepancy ratio rho_m > 1, else 1.
+
+    scores [n]: s_m, the sum over the batch of modality m's true-class softmax (Eq. 9). rho_m is s_m over the mean
+    of the others' scores, s_v / s_a for two modalities as in the official code; so only a dominant modality is
+    slowed down. (At exact equality, s_a = s_v, the official code slows the first modality; here none.)"""
+    n = len(scores)
+    others = (scores.sum() - scores) / (n - 1)  # [n], the mean score of the other modalities
+    ratio = scores / others
+    return torch.where(ratio > 1, 1 - torch.tanh(alpha * ratio), torch.ones_like(ratio))
+
+
+def ogm_ge_step(model, coefficients):
+    """OGM-GE's gradient change (Sec. 3.2-3.3): each encoder weight's gradient g becomes k_m * g + N(0, std(g)),
+    the Gaussian noise of generalisation enhancement (GE) with the standard deviation of the unscaled gradient,
+    as the official code draws it (std + 1e-8), for every modality."""
+    for m, coefficient in enumerate(coefficients.tolist()):
+        for p in encoder_weights(model, m):
+            noise = torch.randn_like(p.grad) * (p.grad.std() + 1e-8)
+            p.grad.mul_(coefficient).add_(noise)
+
+
+class ResponseModulation:
+    """What OGM-GE and AGM share: per batch, the modalities' Shapley responses (unimodal_responses) give one
+    coefficient per modality (coefficients_from, the method's rule), and modulate changes each encoder's gradients
+    by it after backward. The coefficients' mean over an epoch is logged."""
+
+    def __init__(self, num_modalities):
+        self.active = False
+        self.coefficients = torch.ones(num_modalities, dtype=torch.float64)
+        self.coefficient_sums, self.steps = torch.zeros(num_modalities, dtype=torch.float64), 0
+
+    def start_epoch(self, epoch, active):
+        self.active = active
+        self.coefficient_sums, self.steps = torch.zeros_like(self.coefficient_sums), 0
+
+    def loss(self, model, inputs, target):
+        logits, features = joint_forward(model, inputs)
+        if self.active:
+            responses = unimodal_responses(model, inputs, features)  # [n, B, K]
+            self.coefficients = self.coefficients_from(true_class_probability(responses, target).cpu())
+            self.coefficient_sums += self.coefficients
+            self.steps += 1
+        return F.cross_entropy(logits.float(), target)
+
+    def end_epoch(self, epoch):
+        pass
+
+    def summary(self):
+        return dict(mean_coefficient=(self.coefficient_sums / max(self.steps, 1)).tolist())
+
+
+class OGMGE(ResponseModulation):
+    """OGM-GE: per batch, the scores s_m of the modalities' responses (Eq. 9), the coefficients k_m
+    (ogm_coefficients), and the change of the encoders' gradients (ogm_ge_step). No state between batches."""
+
+    def __init__(self, num_modalities, alpha):
+        super().__init__(num_modalities)
+        self.alpha = alpha
+
+    def coefficients_from(self, probability):  # [n, B], the true-class softmax of each response
+        return ogm_coefficients(probability.sum(1), self.alpha)  # s_m, Eq. 9
+
+    def modulate(self, model):
+        if self.active:
+            ogm_ge_step(model, self.coefficients)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy (Wu et al., "Characterizing and Overcoming the Greedy Nature of Learning in Multi-modal Deep Neural
+# Networks", ICML 2022; nyukat/greedy_multimodal_learning, src/callbacks.py and the balanced MMTM)
+
+
+def learning_speed(parameters):
+    """One step's squared gradient norm over squared weight norm, sum |g|^2 / sum |w|^2, of a group of
+    parameters: the summand of the conditional learning speed (Sec. 4.2)."""
+    grads = sum((p.grad.detach().float() ** 2).sum() for p in parameters if p.grad is not None)
+    weights = sum((p.detach().float() ** 2).sum() for p in parameters)
+    return float(grads / weights)
+
+
+def greedy_trigger(bypass_speeds, main_speeds, epsilon):
+    """Sec. 4.2: the modality whose cross-modal (bypass) path learns fastest relative to its own (main) path, when
+    the conditional utilisation rates d_m = log10(bypass_m / main_m) of the running sums differ by more than
+    epsilon (|d_0 - d_1| for two modalities, max - min for more); None otherwise."""
+    rates = torch.log10(torch.as_tensor(bypass_speeds, dtype=torch.float64)
+                        / torch.as_tensor(main_speeds, dtype=torch.float64))
+    if rates.max() - rates.min() > epsilon:
+        return int(rates.argmax())
+    return None
+
+
+class Greedy:
+    """Greedy's re-balancing step for MMTM: after every backward pass outside a curation window, the running sums
+    of the learning speeds of each modality's main path (its encoder) and bypass path (MMTM's joint layer, shared,
+    and its own excitation layer) are updated; when greedy_trigger names a modality, the next `window` steps replace
+    that modality's MMTM gate, at every level, by its running average, so that its stream no longer depends on the
+    other modalities. The gates are read and replaced by forward hooks on the excitation layers (training forwards
+    only), so the classifier itself is unchanged."""
+
+    def __init__(self, model, epsilon, window):
+        mixers = getattr(model, "mixers", None)
+        if mixers is None or not all(isinstance(mixer, models.MMTM) for mixer in mixers):
+            raise ValueError("greedy needs a classifier with MMTM modules (--fusion mmtm)")
+        self.epsilon, self.window = epsilon, window
+        self.n = model.num_modalities
+        self.main = [list(encoder.parameters()) for encoder in model.encoders]
+        shared = [p for mixer in mixers for p in mixer.joint.parameters()]
+        self.bypass = [shared + [p for mixer in mixers for p in mixer.excitations[m].parameters()]
+                       for m in range(self.n)]
+        self.main_speed, self.bypass_speed = [0.0] * self.n, [0.0] * self.n
+        self.gate_sums = [[torch.zeros(e.out_features) for e in mixer.excitations] for mixer in mixers]
+        self.gate_steps = 0
+        self.curated, self.curation_step = None, 0  # the modality whose gate is replaced, and for how long yet
+        self.active, self.curated_steps = False, 0
+        for level, mixer in enumerate(mixers):
+            for m, excitation in enumerate(mixer.excitations):
+                excitation.register_forward_hook(self.gate_hook(level, m))
+
+    def gate_hook(self, level, m):
+        def hook(module, args, output):  # output: E_m [B, C], the gate is 2 * sigmoid(E_m) (models.MMTM)
+            if not module.training:
+                return None
+            if m == 0 and level == 0:
+                self.gate_steps += 1
+            self.gate_sums[level][m] += (2 * torch.sigmoid(output.detach().float())).mean(0).cpu()
+            if self.curated != m:
+                return None
+            average = self.gate_sums[level][m] / self.gate_steps  # [C], in (0, 2)
+            return torch.logit(average / 2).to(output).expand_as(output)  # 2 * sigmoid(.) = the running average
+        return hook
+
+    def start_epoch(self, epoch, active):
+        self.active, self.curated_steps = active, 0
+
+    def loss(self, model, inputs, target):
+        self.curated_steps += self.curated is not None
+        return F.cross_entropy(model(inputs).float(), target)
+
+    def modulate(self, model):
+        if self.curated is not None:  # inside a curation window: count it down, no new speeds
+            self.curation_step += 1
+            if self.curation_step == self.window:
+                self.curated = None
+            return
+        for m in range(self.n):
+            self.main_speed[m] += learning_speed(self.main[m])
+            self.bypass_speed[m] += learning_speed(self.bypass[m])
+        if self.active:
+            self.curated = greedy_trigger(self.bypass_speed, self.main_speed, self.epsilon)
+            self.curation_step = 0
+
+    def end_epoch(self, epoch):
+        pass
+
+    def summary(self):
+        return dict(curated_steps=self.curated_steps)
+
+    def state_dict(self):
+        return dict(main_speed=list(self.main_speed), bypass_speed=list(self.bypass_speed),
+                    gate_sums=[[s.clone() for s in level] for level in self.gate_sums], gate_steps=self.gate_steps,
+                    curated=self.curated, curation_step=self.curation_step)
+
+    def load_state_dict(self, state):
+        self.main_speed, self.bypass_speed = list(state["main_speed"]), list(state["bypass_speed"])
+        self.gate_sums = [[s.clone() for s in level] for level in state["gate_sums"]]
+        self.gate_steps, self.curated, self.curation_step = state["gate_steps"], state["curated"], state["curation_step"]
+
+
+# ----------------------------------------------------------------------------------------------
+# PMR (Fan et al., "PMR: Prototypical Modal Rebalance for Multimodal Learning", CVPR 2023;
+# Modal-Imbalance-PMR, main_Prototype_grad.py)
+
+
+def class_prototypes(features, labels, num_classes, previous=None, momentum=0.2):
+    """Eq. 3 of PMR: the mean feature of each class, [K, d] from features [N, d] and labels [N], then the
+    momentum update of the official code, (1 - momentum) * new + momentum * previous. A class without a sample
+    keeps its previous prototype (zeros the first time)."""
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype).index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)  # [K]
+    seen = counts > 0
+    prototypes = previous.clone() if previous is not None else torch.zeros_like(sums)
+    prototypes[seen] = sums[seen] / counts[seen, None]
+    if previous is None:
+        return prototypes
+    return torch.where(seen[:, None], (1 - momentum) * prototypes + momentum * previous, previous)
+
+
+def prototype_logits(features, prototypes):
+    """Eq. 4 of PMR: minus the Euclidean distance of every feature [B, d] to every prototype [K, d], [B, K]."""
+    return -torch.cdist(features.float(), prototypes.to(features.device).float())
+
+
+def pmr_weights(prototype_scores, alpha):
+    """PMR's rebalancing (Eq. 5-7 as the official code applies them): the prototype cross-entropy of a modality
+    gets weight alpha when its prototype score (the batch sum of its true-class prototype softmax) is below the
+    highest, 0 otherwise; for two modalities, the weaker one by the ratio of the scores, none at equality."""
+    return torch.where(prototype_scores < prototype_scores.max(), alpha, 0.0)
+
+
+class PMR:
+    """PMR: prototypes per modality and class from a random --pmr-fraction of the training samples (evaluation
+    transforms, eval mode) at the start of every epoch in which the method acts, with momentum; the loss adds
+    alpha * CE(-distance(feature, prototypes)) for the weaker modalities (pmr_weights)."""
+
+    def __init__(self, model, train_eval, loader_kwargs, device, generator, alpha, momentum, fraction):
+        self.train_eval, self.loader_kwargs, self.device, self.generator = train_eval, loader_kwargs, device, generator
+        self.model, self.alpha, self.momentum, self.fraction = model, alpha, momentum, fraction
+        self.prototypes = None  # one [K, d_m] per modality
+        self.active = False
+        self.weight_sums, self.steps = torch.zeros(model.num_modalities), 0
+
+    @torch.no_grad()
+    def update_prototypes(self):
+        count = max(1, int(round(self.fraction * len(self.train_eval))))
+        chosen = torch.randperm(len(self.train_eval), generator=self.generator)[:count].tolist()
+        self.model.eval()
+        features, labels = [[] for _ in range(self.model.num_modalities)], []
+        for inputs, target, _ in DataLoader(Subset(self.train_eval, chosen), shuffle=False, **self.loader_kwargs):
+            for m, feature in enumerate(self.model.encode([x.to(self.device) for x in inputs])):
+                features[m].append(feature.float().cpu())
+            labels.append(target)
+        labels = torch.cat(labels)
+        previous = self.prototypes or [None] * len(features)
+        self.prototypes = [class_prototypes(torch.cat(f), labels, self.model.num_classes, p, self.momentum)
+                           for f, p in zip(features, previous)]
+
+    def start_epoch(self, epoch, active):
+        self.active = active
+        self.weight_sums, self.steps = torch.zeros_like(self.weight_sums), 0
+        if active:
+            self.update_prototypes()
+
+    def loss(self, model, inputs, target):
+        features = model.encode(inputs)
+        loss = F.cross_entropy(model.fuse(features).float(), target)
+        if not self.active:
+            return loss
+        distances = [prototype_logits(f, p) for f, p in zip(features, self.prototypes)]  # n x [B, K]
+        with torch.no_grad():
+            scores = torch.stack([true_class_probability(d, target).sum() for d in distances]).cpu()
+        weights = pmr_weights(scores, self.alpha)
+        self.weight_sums += weights
+        self.steps += 1
+        return loss + sum(w * F.cross_entropy(d, target) for w, d in zip(weights.tolist(), distances) if w)
+
+    def modulate(self, model):
+        pass
+
+    def end_epoch(self, epoch):
+        pass
+
+    def summary(self):
+        return dict(mean_prototype_weight=(self.weight_sums / max(self.steps, 1)).tolist())
+
+    def state_dict(self):
+        return dict(prototypes=self.prototypes)
+
+    def load_state_dict(self, state):
+        self.prototypes = state["prototypes"]
+
+
+# ----------------------------------------------------------------------------------------------
+# AGM (Li et al., "Boosting Multi-modal Model Performance with Adaptive Gradient Modulation", ICCV 2023)
+
+
+def agm_coefficients(losses, running_losses, alpha):
+    """AGM's coefficients (Sec. 3.3, as its code computes them): with s_m the batch's cross-entropy of modality m's
+    Shapley response and s-hat_m its running mean over the previous steps,
+
+        r_m = exp(n / (n - 1) * (s_m - mean s)),   eta_m = exp(n / (n - 1) * (s-hat_m - mean s-hat)),
+        k_m = exp(alpha * min(eta_m - r_m, 7)).
+
+    losses, running_losses: [n]; returns k [n]."""
+    n = len(losses)
+    ratio = torch.exp(n / (n - 1) * (losses - losses.mean()))
+    target_ratio = torch.exp(n / (n - 1) * (running_losses - running_losses.mean()))
+    return torch.exp(alpha * torch.clamp(target_ratio - ratio, max=AGM_CAP))
+
+
+class AGM(ResponseModulation):
+    """AGM: per batch, the losses of the modalities' Shapley responses, the coefficients (agm_coefficients) that
+    multiply the gradients of each encoder's weights, the running mean of the losses (over every step since the
+    method started), and a gradient-norm clip at 5 when a fusion-head gradient leaves [-5, 5]."""
+
+    def __init__(self, num_modalities, alpha):
+        super().__init__(num_modalities)
+        self.alpha = alpha
+        self.running_losses, self.running_steps = torch.zeros(num_modalities, dtype=torch.float64), 0
+
+    def coefficients_from(self, probability):  # [n, B], the true-class softmax of each response
+        losses = (-probability.clamp(min=1e-8).log()).mean(1).double()  # [n]; AGM's code: a probability >= 1e-8
+        coefficients = agm_coefficients(losses, self.running_losses, self.alpha)
+        self.running_steps += 1
+        self.running_losses += (losses - self.running_losses) / self.running_steps
+        return coefficients
+
+    def modulate(self, model):
+        if not self.active:
+            return
+        for m, coefficient in enumerate(self.coefficients.tolist()):
+            for p in encoder_weights(model, m):
+                p.grad.mul_(coefficient)
+        head = [p.grad for p in model.head.parameters() if p.grad is not None]
+        if any(g.abs().max() > AGM_CLIP for g in head):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=AGM_CLIP)
+
+    def state_dict(self):
+        return dict(running_losses=self.running_losses.clone(), running_steps=self.running_steps)
+
+    def load_state_dict(self, state):
+        self.running_losses, self.running_steps = state["running_losses"].clone(), state["running_steps"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient-Blending (Wang et al., "What Makes Training Multi-Modal Classification Networks Hard?", CVPR 2020)
+
+
+def blending_weights(train_first, val_first, train_last, val_last):
+    """G-Blending's weights (Sec. 3.2, Proposition 1 and its estimate): for each head k, from its training and
+    validation losses at the start (first) and end (last) of a super-epoch, the generalisation
+    G_k = L^V_first - L^V_last and the overfitting O_k = (L^V_last - L^T_last) - (L^V_first - L^T_first), and
+    w_k = |G_k| / O_k^2, normalised to sum 1. Arguments: [H] each; returns [H], or None when O_k = 0 for some head
+    or every G_k = 0 (no estimate)."""
+    generalisation = val_first - val_last
+    overfitting = (val_last - train_last) - (val_first - train_first)
+    if (overfitting == 0).any() or (generalisation == 0).all():
+        return None
+    weights = generalisation.abs() / overfitting ** 2
+    return weights / weights.sum()
+
+
+@torch.no_grad()
+def head_losses(model, loader, device):
+    """The mean cross-entropy of every head over an evaluation loader, [n + 1]: all modalities, then each
+    modality alone (forward with only that modality kept)."""
+    model.eval()
+    n = model.num_modalities
+    members = torch.cat([torch.ones(1, n, dtype=torch.bool), torch.eye(n, dtype=torch.bool)]).to(device)
+    totals, count = torch.zeros(n + 1, dtype=torch.float64), 0
+    for inputs, target, _ in loader:
+        inputs, target = [x.to(device) for x in inputs], target.to(device)
+        predict = model.coalition_predictor(inputs)
+        for k, member in enumerate(members):
+            totals[k] += F.cross_entropy(predict(member.expand(len(target), -1)).float(), target,
+                                         reduction="sum").item()
+        count += len(target)
+    return totals / count
+
+
+class GBlending:
+    """Online G-Blending: the loss is sum_k w_k CE_k over the heads k = all modalities, then each modality alone
+    (through the mask, sharing the fusion head). Every epoch records each head's training loss (the mean over the
+    epoch's batches) and validation loss (head_losses after the epoch), from the first epoch on. At the start of
+    every super-epoch (epochs warmup, warmup + S, ...) the weights are re-estimated (blending_weights) from the first
+    and last epochs of the S epochs before it (the warm-up for the first); uniform weights while there is no
+    estimate."""
+
+    def __init__(self, model, val_loader, device, super_epoch, warmup):
+        self.val_loader, self.device, self.super_epoch, self.warmup = val_loader, device, super_epoch, warmup
+        self.model = model
+        n = model.num_modalities
+        self.members = torch.cat([torch.ones(1, n, dtype=torch.bool), torch.eye(n, dtype=torch.bool)])  # [n + 1, n]
+        self.weights = torch.full((n + 1,), 1.0 / (n + 1), dtype=torch.float64)
+        self.train_losses, self.val_losses = {}, {}  # epoch -> [n + 1]
+        self.active = False
+        self.loss_sums, self.steps = torch.zeros(n + 1, dtype=torch.float64), 0
+
+    def start_epoch(self, epoch, active):
+        self.active = active
+        self.loss_sums, self.steps = torch.zeros_like(self.loss_sums), 0
+        if active and (epoch - self.warmup) % self.super_epoch == 0:
+            window = [e for e in range(max(0, epoch - self.super_epoch), epoch) if e in self.val_losses]
+            if len(window) >= 2:
+                first, last = window[0], window[-1]
+                weights = blending_weights(self.train_losses[first], self.val_losses[first],
+                                           self.train_losses[last], self.val_losses[last])
+                if weights is not None:
+                    self.weights = weights
+
+    def loss(self, model, inputs, target):
+        logits, features = joint_forward(model, inputs)
+        members = self.members[1:].to(target.device)
+        if self.active:
+            alone = coalition_logits(model, inputs, features, members)  # [n, B, K]
+        else:  # only measured: no gradient, and eval mode where the heads need forwards of their own
+            with torch.no_grad(), evaluating(model) if features is None else contextlib.nullcontext():
+                alone = coalition_logits(model, inputs, features, members)
+        losses = torch.stack([F.cross_entropy(logits.float(), target)]
+                             + [F.cross_entropy(a.float(), target) for a in alone])  # [n + 1]
+        self.loss_sums += losses.detach().double().cpu()
+        self.steps += 1
+        if not self.active:
+            return losses[0]
+        return (self.weights.to(losses) * losses).sum()
+
+    def modulate(self, model):
+        pass
+
+    def end_epoch(self, epoch):
+        self.train_losses[epoch] = self.loss_sums / max(self.steps, 1)
+        self.val_losses[epoch] = head_losses(self.model, self.val_loader, self.device)
+
+    def summary(self):
+        return dict(weights=self.weights.tolist())
+
+    def state_dict(self):
+        return dict(weights=self.weights.clone(), train_losses=dict(self.train_losses),
+                    val_losses=dict(self.val_losses))
+
+    def load_state_dict(self, state):
+        self.weights = state["weights"].clone()
+        self.train_losses, self.val_losses = dict(state["train_losses"]), dict(state["val_losses"])
