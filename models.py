@@ -670,15 +670,15 @@ class StageMixingClassifier(InteractionClassifier):
 # layers (torchvision's EncoderBlock). Layers before `fusion_layer` see one modality's tokens alone; from it on,
 # each modality's layer attends to its tokens plus B shared bottleneck tokens, and the bottleneck tokens that the
 # modalities' layers return are averaged into the next layer's (as the official JAX code, google-research/scenic,
-# projects/mbt, does it). The final LayerNorm'd class token of every modality goes through
-# one linear classifier and the logits are averaged over the modalities (scenic's "token" classifier).
+# projects/mbt, does it). The final class token of every modality, LayerNorm'd, goes through one linear classifier,
+# and the logits are averaged over the modalities (scenic's "token" classifier).
 #
-# Removing a modality means its input is absent, not zeroed: it adds no tokens, its updated bottleneck tokens are
-# left out of the average (which runs over the present modalities only), and its class token is left out of the
-# logits' average. So an absent modality, its input and its weights cannot change the output (a row with no
-# modality at all gets the classifier's bias).
+# Removing a modality means its input is absent, not zeroed: its bottleneck tokens are left out of the average
+# (which runs over the present modalities only), and its class token out of the logits' average, so it acts as if
+# it had no tokens. An absent modality, its input and its weights cannot change the output (a row with no modality
+# at all gets the classifier's bias).
 #
-# Differences from scenic's MBT, each stated where it lives: positional embeddings are learned per axis (rows,
+# Differences from scenic's MBT: positional embeddings are learned per axis (rows,
 # columns, frames), so that one model takes any input size the data sets give; a vector view is cut into groups of
 # VECTOR_PATCH features; the averaged logits are trained (scenic trains each modality's class token with its own
 # cross-entropy and averages only at test time); the classifier starts from torch's default initialisation, not
