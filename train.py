@@ -149,7 +149,7 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g.add_argument("--fusion", default="concat", choices=models.FUSIONS, help="fusion design (concat is the paper's) (default: %(default)s)")
     for size, about in (("layers", "transformer layers"), ("width", "token width"), ("heads", "attention heads"),
                         ("fusion-layer", "first layer that fuses (layers: none)"),
-                        ("bottlenecks", "bottleneck tokens"), ("patch", "patch side in pixels")):
+                        ("bottlenecks", "bottleneck tokens"), ("patch", "patch side in pixels of images and frames")):
         key = size.replace("-", "_")
         g.add_argument(f"--mbt-{size}", type=number(int, 0), default=models.MBT_DEFAULTS[key],
                        help=f"--fusion mbt: {about} (default: %(default)s; the paper's: {models.MBT_PAPER[key]})")
