@@ -1,13 +1,16 @@
 """Encoders, fusion designs and the maskable multimodal classifier H(.) of the paper (Sec. 3.1).
 
 Each modality has its own encoder (ResNet-18 for images, spectrograms, RGB and optical-flow clips; a small MLP for
-vector views). The fusion designs of Tables 1 and 3 come in two kinds of classifier over one base,
-MultimodalClassifier, which holds the encoders and checks inputs and masks:
+vector views; for MBT, a ViT stack per modality). The fusion designs of Tables 1 and 3 come in two kinds of
+classifier over one base, MultimodalClassifier, which checks inputs and masks:
 
   LateFusionClassifier (concat, sum, decision, film, gated): each encoder pools its modality to one feature vector
       on its own (encode), and a fusion head maps the pooled features to logits (fuse);
-  InteractionClassifier (centralnet, mmtm): the encoders' stages are walked in lock-step and modules between the
-      stages mix the modalities (CentralNet, Vielzeuf et al. 2018; MMTM, Joze et al. 2020).
+  InteractionClassifier: the modalities mix inside the network (interact). StageMixingClassifier (centralnet,
+      mmtm): the encoders' stages are walked in lock-step and modules between the stages mix the modalities
+      (CentralNet, Vielzeuf et al. 2018; MMTM, Joze et al. 2020); BottleneckClassifier (mbt): per-modality
+      transformer layers that exchange information only through shared bottleneck tokens (MBT, Nagrani et al.
+      2021).
 
 forward(inputs, mask) takes a BoolTensor mask [B, n] of the modalities each row keeps, which is how the paper
 builds the prediction from a coalition C of modalities (Eq. 1) and the uni-modal copies of re-sampling (Alg. 1
@@ -16,14 +19,14 @@ and 2). A kind's MASKS are the ways it can remove a modality, its default first:
   "feature" (the authors' code; late fusion's default): an absent modality's pooled feature is zeroed before the
       head;
   "input" (the paper's text; the only way for interaction, where no modality has a feature of its own to zero):
-      an absent modality's input is zeroed before its encoder.
+      an absent modality's input is zeroed before its encoder; MBT leaves its tokens out altogether.
 
 coalition_predictor(inputs) values all 2^n - 1 coalitions of a batch: late fusion encodes the batch once and runs
 only the fusion head per coalition (about one forward pass in all); interaction runs the whole network once per
 coalition, each time as one batched call over the whole batch.
 
-build_model(input_specs, num_classes, fusion, mask_mode) builds the kind of classifier a fusion needs (CLASSIFIERS),
-and allowed_masks(fusion) says which maskings that kind allows.
+build_model(input_specs, num_classes, fusion, mask_mode, mbt=sizes) builds the kind of classifier a fusion needs
+(CLASSIFIERS), and allowed_masks(fusion) says which maskings that kind allows.
 
 Re-sampled batches can hold a single row that keeps a modality. The BatchNorm layers (BatchNorm1d, BatchNorm2d)
 then normalise that sample with its own statistics over H, W wherever it has more than one value per channel, and
@@ -37,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.models.vision_transformer import EncoderBlock
 
 KINDS = ("image", "video", "vector")
 
@@ -207,6 +211,14 @@ def build_encoder(kind, channels, pretrained=False):
             raise ValueError("pretrained=True: there are no pretrained weights for the MLP of a 'vector' modality")
         return MLPEncoder(channels)
     return ResNetEncoder(channels, video=(kind == "video"), pretrained=pretrained)
+
+
+def build_encoders(input_specs, pretrained=False):
+    """One encoder per (kind, channels) of input_specs (build_encoder), in an nn.ModuleList. pretrained applies to
+    the ResNets; vector encoders start from scratch."""
+    if pretrained and all(kind == "vector" for kind, _ in input_specs):
+        raise ValueError("pretrained=True needs an 'image' or 'video' modality; all of input_specs are vectors")
+    return nn.ModuleList(build_encoder(kind, channels, pretrained if kind != "vector" else False) for kind, channels in input_specs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,8 +446,9 @@ def zero_absent(inputs, present):
 
 
 class MultimodalClassifier(nn.Module):
-    """What both kinds of classifier share: one encoder per modality, the masking, and the checks of inputs and
-    masks. A kind adds its fusion, forward(inputs, mask) -> logits [B, K], and coalition_predictor(inputs).
+    """What every kind of classifier shares: the masking, and the checks of inputs and masks. A kind adds its
+    encoders (self.encoders, one per modality), its fusion, forward(inputs, mask) -> logits [B, K], and
+    coalition_predictor(inputs).
 
     input_specs: one (kind, channels) per modality, kind in KINDS. inputs: one tensor per modality, image
     [B, C, H, W], video [B, C, T, H, W], vector [B, D]. mask: BoolTensor [B, n], True = modality present.
@@ -454,16 +467,11 @@ class MultimodalClassifier(nn.Module):
         input_specs = [tuple(spec) for spec in input_specs]
         if not input_specs or any(len(spec) != 2 for spec in input_specs):
             raise ValueError(f"input_specs must be a non-empty list of (kind, channels) pairs, got {input_specs!r}")
-        if pretrained and all(kind == "vector" for kind, _ in input_specs):
-            raise ValueError("pretrained=True needs an 'image' or 'video' modality; all of input_specs are vectors")
         self.input_specs = input_specs
         self.num_modalities = len(input_specs)
         self.num_classes = num_classes
         self.fusion = fusion
         self.mask_mode = mask_mode
-        # pretrained applies to the ResNets; vector encoders start from scratch
-        self.encoders = nn.ModuleList(build_encoder(kind, channels, pretrained if kind != "vector" else False)
-                                      for kind, channels in input_specs)
 
     def check_inputs(self, inputs):
         """Raise a ValueError unless `inputs` holds one tensor per modality, shaped as its spec says."""
@@ -502,6 +510,7 @@ class LateFusionClassifier(MultimodalClassifier):
         if fusion not in FUSION_HEADS:
             raise ValueError(f"fusion {fusion!r} is not a late fusion; expected one of {tuple(FUSION_HEADS)}")
         super().__init__(input_specs, num_classes, fusion, mask_mode, pretrained)
+        self.encoders = build_encoders(self.input_specs, pretrained)
         self.head = FUSION_HEADS[fusion]([encoder.out_dim for encoder in self.encoders], num_classes)
 
     def absent_feature(self, i, x):
@@ -588,19 +597,40 @@ class LateFusionClassifier(MultimodalClassifier):
 
 
 class InteractionClassifier(MultimodalClassifier):
+    """The fusions that mix the modalities inside the network: CentralNet and MMTM (StageMixingClassifier) and MBT
+    (BottleneckClassifier). A modality is removed at its input, and every coalition needs the whole network. A
+    subclass builds its network and defines interact(inputs, present) -> logits [B, K]."""
+
+    # the modalities mix inside the network, where a modality has no feature of its own to zero: removing it means
+    # removing its input (the paper's definition)
+    MASKS = ("input",)
+
+    def interact(self, inputs, present):
+        raise NotImplementedError(f"{type(self).__name__} defines no interact(inputs, present)")
+
+    def forward(self, inputs, mask=None):
+        # an absent modality's input is zeroed and the whole batch runs through the network
+        self.check_inputs(inputs)
+        present = self.check_mask(mask, inputs[0].shape[0], inputs[0].device)
+        return self.interact(zero_absent(inputs, present), present)
+
+    def coalition_predictor(self, inputs, absent_cache=None):
+        """predict(mask) -> logits [B, K] for the coalitions in mask [B, n] (what shapley_mm.valuate calls): each
+        call is forward(inputs, mask), one batched run of the whole network. absent_cache is accepted for the
+        callers' sake and not used: no part of the network is shared between coalitions."""
+        return lambda mask: self(inputs, mask)
+
+
+class StageMixingClassifier(InteractionClassifier):
     """CentralNet and MMTM (MIXING_TAPS): the encoders' stages are walked in lock-step with `mixers` between them
     (interact). MMTM rescales the streams and a Concatenation head reads their pooled features, as in the paper's
-    Concatenation baseline; CentralNet's central branch (one CentralNetLevel per level) gives the prediction.
-    Every coalition needs the whole network."""
-
-    # the modalities mix inside the encoders, where a modality has no feature of its own to zero: removing it means
-    # zeroing its input (the paper's definition)
-    MASKS = ("input",)
+    Concatenation baseline; CentralNet's central branch (one CentralNetLevel per level) gives the prediction."""
 
     def __init__(self, input_specs, num_classes, fusion, mask_mode=None, pretrained=False):
         if fusion not in MIXING_TAPS:
-            raise ValueError(f"fusion {fusion!r} is not an interaction fusion; expected one of {tuple(MIXING_TAPS)}")
+            raise ValueError(f"fusion {fusion!r} is not a stage-mixing fusion; expected one of {tuple(MIXING_TAPS)}")
         super().__init__(input_specs, num_classes, fusion, mask_mode, pretrained)
+        self.encoders = build_encoders(self.input_specs, pretrained)
         # the levels: every encoder's last `levels` taps, so that the deepest features of all encoders meet
         taps = [MIXING_TAPS[fusion][type(encoder)] for encoder in self.encoders]
         levels = min(len(encoder_taps) for encoder_taps in taps)
@@ -620,8 +650,9 @@ class InteractionClassifier(MultimodalClassifier):
                                         for level, level_channels in enumerate(channels))
             self.head = nn.Linear(width, num_classes)  # the central branch's classifier
 
-    def interact(self, inputs):
-        """Logits [B, K] for inputs in which the absent modalities are already zeroed.
+    def interact(self, inputs, present):
+        """Logits [B, K] for inputs in which the absent modalities are already zeroed (present [B, n] is not read:
+        zeroing the input is all the removal CentralNet and MMTM need).
 
         The encoders' stages are walked in lock-step, level by level (stage_groups); after each level, MMTM
         rescales every stream, and CentralNet's central branch takes its next step from its state and the streams.
@@ -645,21 +676,174 @@ class InteractionClassifier(MultimodalClassifier):
                     for encoder, groups, h, num_frames in zip(self.encoders, self.stage_groups, streams, frames)]
         return self.head(features)  # [B, K]
 
-    def forward(self, inputs, mask=None):
-        # an absent modality's input is zeroed and the whole batch runs through every encoder
-        self.check_inputs(inputs)
-        present = self.check_mask(mask, inputs[0].shape[0], inputs[0].device)
-        return self.interact(zero_absent(inputs, present))
 
-    def coalition_predictor(self, inputs, absent_cache=None):
-        """predict(mask) -> logits [B, K] for the coalitions in mask [B, n] (what shapley_mm.valuate calls): each
-        call is forward(inputs, mask), one batched run of the whole network. absent_cache is accepted for the
-        callers' sake and not used: no part of the network is shared between coalitions."""
-        return lambda mask: self(inputs, mask)
+# ----------------------------------------------------------------------------------------------
+# MBT: the multimodal bottleneck transformer (Nagrani et al., NeurIPS 2021), trained from scratch (Table 3)
+#
+# Each modality is cut into tokens with a class token in front and runs through its own stack of ViT encoder
+# layers (torchvision's EncoderBlock). Layers before `fusion_layer` see one modality's tokens alone; from it on,
+# each modality's layer attends to its tokens plus B shared bottleneck tokens, and the bottleneck tokens that the
+# modalities' layers return are averaged into the next layer's (as the official JAX code, google-research/scenic,
+# projects/mbt, does it). The final class token of every modality, LayerNorm'd, goes through one linear classifier,
+# and the logits are averaged over the modalities (scenic's "token" classifier).
+#
+# Removing a modality means its input is absent, not zeroed: its bottleneck tokens are left out of the average
+# (which runs over the present modalities only), and its class token out of the logits' average, so it acts as if
+# it had no tokens. An absent modality, its input and its weights cannot change the output (a row with no modality
+# at all gets the classifier's bias).
+#
+# Differences from scenic's MBT: positional embeddings are learned per axis (rows,
+# columns, frames), so that one model takes any input size the data sets give; a vector view is cut into groups of
+# VECTOR_PATCH features; the averaged logits are trained (scenic trains each modality's class token with its own
+# cross-entropy and averages only at test time); the classifier starts from torch's default initialisation, not
+# zeros; no dropout or stochastic depth. There is no modality embedding: a modality's tokens share a sequence only
+# with the bottleneck tokens, and one vector added to all of them would be the bias of its own patch embedding.
+
+# sizes a CPU trains in the tests and on mfeat; MBT_PAPER: ViT-Base, fusion at layer 8, 4 bottleneck tokens,
+# 16 x 16 patches (scenic's MBT configuration), for GPUs. The MLP of a layer is 4 * width wide (3072 for ViT-Base).
+MBT_DEFAULTS = dict(layers=4, width=64, heads=4, fusion_layer=2, bottlenecks=4, patch=16)
+MBT_PAPER = dict(layers=12, width=768, heads=12, fusion_layer=8, bottlenecks=4, patch=16)
+VECTOR_PATCH = 8  # features of a vector view per token
+MAX_POSITIONS = 256  # the patches per image axis, and the frames per clip, that positional embeddings cover
+
+
+def check_mbt(layers, width, heads, fusion_layer, bottlenecks, patch, pretrained=False, name=str):
+    """Raise a ValueError, naming the setting as name(key) does (train.py: its flag), unless MBT's sizes make a
+    model."""
+    for key, value, low in (("layers", layers, 1), ("width", width, 1), ("heads", heads, 1),
+                            ("fusion_layer", fusion_layer, 0), ("bottlenecks", bottlenecks, 1), ("patch", patch, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"MBT {name(key)} must be an integer >= {low}, got {value!r}")
+    if width % heads:
+        raise ValueError(f"MBT {name('width')} {width} must be a multiple of {name('heads')} {heads}")
+    if fusion_layer > layers:
+        raise ValueError(f"MBT {name('fusion_layer')} {fusion_layer} must be at most {name('layers')} {layers} "
+                         f"(which fuses nothing before the class tokens)")
+    if pretrained:
+        raise ValueError(f"{name('pretrained')}: MBT is trained from scratch (as in the paper); there are no "
+                         f"pretrained weights for it")
+
+
+def positions(count, width):
+    """A learned positional embedding [count, width], initialised as BERT's (and scenic's): N(0, 0.02)."""
+    return nn.Parameter(torch.empty(count, width).normal_(std=0.02))
+
+
+class PatchTokens(nn.Module):
+    """An image [B, C, H, W] (a spectrogram is one, C = 1) or a clip [B, C, T, H, W] -> tokens [B, T*h*w, width]:
+    every frame is zero-padded at the bottom and right to a multiple of `patch` and cut into patch x patch patches,
+    each linearly embedded (a strided convolution), plus a learned embedding of its row, of its column and, for a
+    clip, of its frame."""
+
+    def __init__(self, channels, width, patch, video):
+        super().__init__()
+        self.patch, self.video = patch, video
+        self.embed = nn.Conv2d(channels, width, kernel_size=patch, stride=patch)
+        nn.init.trunc_normal_(self.embed.weight, std=(1 / (channels * patch * patch)) ** 0.5)  # as torchvision's ViT
+        nn.init.zeros_(self.embed.bias)
+        self.rows, self.columns = positions(MAX_POSITIONS, width), positions(MAX_POSITIONS, width)
+        self.times = positions(MAX_POSITIONS, width) if video else None
+
+    def forward(self, x):
+        frames = x.shape[2] if self.video else 1
+        if self.video:
+            x = x.transpose(1, 2).flatten(0, 1)  # [B*T, C, H, W]
+        x = F.pad(x, (0, -x.shape[3] % self.patch, 0, -x.shape[2] % self.patch))
+        x = self.embed(x)  # [B*T, width, h, w]
+        h, w = x.shape[2:]
+        if max(h, w, frames) > MAX_POSITIONS:
+            raise ValueError(f"MBT: {frames} frames of {h} x {w} patches; positional embeddings cover at most "
+                             f"{MAX_POSITIONS} per axis (use a larger patch)")
+        x = x.flatten(2).transpose(1, 2) + (self.rows[:h, None] + self.columns[None, :w]).flatten(0, 1)
+        x = x.view(-1, frames, h * w, x.shape[-1])  # [B, T, h*w, width]
+        if self.video:
+            x = x + self.times[:frames, None]
+        return x.flatten(1, 2)
+
+
+class VectorTokens(nn.Module):
+    """A vector view [B, D] -> tokens [B, ceil(D / VECTOR_PATCH), width]: consecutive groups of VECTOR_PATCH
+    features (the last one zero-padded), each embedded by its own linear map. The features of a vector view (Fourier
+    coefficients, Zernike moments, profile correlations) have no translation invariance for one shared kernel to
+    use, so each group has its own, and its own bias is its positional embedding."""
+
+    def __init__(self, features, width, patch=VECTOR_PATCH):
+        super().__init__()
+        self.features, self.patch = features, patch
+        tokens = -(-features // patch)
+        bound = patch ** -0.5  # nn.Linear's initialisation for each group
+        self.weight = nn.Parameter(torch.empty(tokens, patch, width).uniform_(-bound, bound))
+        self.bias = positions(tokens, width)
+
+    def forward(self, x):
+        x = F.pad(x, (0, len(self.bias) * self.patch - self.features)).view(len(x), len(self.bias), self.patch)
+        return torch.einsum("btp,tpd->btd", x, self.weight) + self.bias  # [B, tokens, width]
+
+
+class ModalityTransformer(nn.Module):
+    """One modality's part of MBT: its tokeniser, its class token and its own ViT encoder layers, one for each
+    layer of the model (embed(x) -> [B, 1 + N, width], the class token first)."""
+
+    def __init__(self, kind, channels, layers, width, heads, patch):
+        super().__init__()
+        self.tokens = VectorTokens(channels, width) if kind == "vector" else \
+            PatchTokens(channels, width, patch, video=(kind == "video"))
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))  # zeros, as scenic's class token
+        self.layers = nn.ModuleList(EncoderBlock(heads, width, 4 * width, dropout=0.0, attention_dropout=0.0)
+                                    for _ in range(layers))
+        self.out_dim = width
+
+    def embed(self, x):
+        tokens = self.tokens(x)
+        return torch.cat([self.cls.expand(len(tokens), -1, -1), tokens], dim=1)
+
+
+class BottleneckClassifier(InteractionClassifier):
+    """MBT (fusion "mbt"): one ModalityTransformer per modality (encoders), fused through bottleneck tokens from
+    layer `fusion_layer` on (interact). Sizes: MBT_DEFAULTS, MBT_PAPER; fusion_layer = layers fuses nothing before
+    the classifier, 0 fuses from the first layer."""
+
+    def __init__(self, input_specs, num_classes, fusion="mbt", mask_mode=None, pretrained=False, **sizes):
+        if fusion != "mbt":
+            raise ValueError(f"fusion {fusion!r} is not MBT; BottleneckClassifier builds fusion 'mbt'")
+        unknown = set(sizes) - set(MBT_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown MBT settings {sorted(unknown)}; expected some of {list(MBT_DEFAULTS)}")
+        sizes = dict(MBT_DEFAULTS, **sizes)
+        check_mbt(**sizes, pretrained=pretrained)
+        super().__init__(input_specs, num_classes, fusion, mask_mode, pretrained)
+        self.sizes, self.fusion_layer = sizes, sizes["fusion_layer"]
+        width = sizes["width"]
+        self.encoders = nn.ModuleList(ModalityTransformer(kind, channels, sizes["layers"], width, sizes["heads"],
+                                                          sizes["patch"]) for kind, channels in self.input_specs)
+        self.bottleneck = nn.Parameter(torch.empty(1, sizes["bottlenecks"], width).normal_(std=0.02))  # as scenic
+        self.norm = nn.LayerNorm(width, eps=1e-6)  # the encoder's final norm, shared by the modalities
+        self.head = nn.Linear(width, num_classes)  # one classifier for every modality's class token
+
+    def interact(self, inputs, present):
+        """Logits [B, K]; present [B, n] says which modalities each row has (the absent ones' inputs are zeroed,
+        and their tokens, run along with the batch, are given weight 0 in both averages)."""
+        weights = present.to(self.bottleneck.dtype)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)  # [B, n]: mean over present modalities
+        tokens = [encoder.embed(x) for encoder, x in zip(self.encoders, inputs)]  # [B, 1 + N_i, width] each
+        bottleneck = self.bottleneck.expand(len(weights), -1, -1)  # [B, bottlenecks, width]
+        for layer in range(len(self.encoders[0].layers)):
+            if layer < self.fusion_layer:  # each modality on its own
+                tokens = [encoder.layers[layer](h) for encoder, h in zip(self.encoders, tokens)]
+                continue
+            # each modality attends to its tokens and the bottleneck tokens; the bottlenecks are averaged after
+            outputs = [encoder.layers[layer](torch.cat([h, bottleneck], dim=1))
+                       for encoder, h in zip(self.encoders, tokens)]
+            tokens = [out[:, :h.shape[1]] for out, h in zip(outputs, tokens)]
+            bottleneck = sum(weights[:, i, None, None] * out[:, h.shape[1]:]
+                             for i, (out, h) in enumerate(zip(outputs, tokens)))
+        cls = torch.stack([self.norm(h[:, 0]) for h in tokens], dim=1)  # [B, n, width]
+        return self.head((weights[:, :, None] * cls).sum(dim=1))  # the mean of the present modalities' logits
 
 
 # fusion -> the kind of classifier that builds it, in the order of Tables 1 and 3
-CLASSIFIERS = {**dict.fromkeys(FUSION_HEADS, LateFusionClassifier), **dict.fromkeys(MIXING_TAPS, InteractionClassifier)}
+CLASSIFIERS = {**dict.fromkeys(FUSION_HEADS, LateFusionClassifier), **dict.fromkeys(MIXING_TAPS, StageMixingClassifier),
+               "mbt": BottleneckClassifier}
 FUSIONS = tuple(CLASSIFIERS)
 
 
@@ -675,7 +859,13 @@ def allowed_masks(fusion):
     return classifier_kind(fusion).MASKS
 
 
-def build_model(input_specs, num_classes, fusion="concat", mask_mode=None, pretrained=False):
-    """The classifier of a fusion: a LateFusionClassifier or an InteractionClassifier. mask_mode None takes the
-    fusion's default, allowed_masks(fusion)[0]; a mask_mode the fusion does not allow is a ValueError."""
-    return classifier_kind(fusion)(input_specs, num_classes, fusion, mask_mode, pretrained)
+def build_model(input_specs, num_classes, fusion="concat", mask_mode=None, pretrained=False, mbt=None):
+    """The classifier of a fusion: a LateFusionClassifier, a StageMixingClassifier or a BottleneckClassifier.
+    mask_mode None takes the fusion's default, allowed_masks(fusion)[0]; a mask_mode the fusion does not allow is a
+    ValueError. mbt: MBT's sizes (some of MBT_DEFAULTS' keys; the others from MBT_DEFAULTS), for fusion "mbt" only."""
+    kind = classifier_kind(fusion)
+    if kind is BottleneckClassifier:
+        return kind(input_specs, num_classes, fusion, mask_mode, pretrained, **(mbt or {}))
+    if mbt is not None:
+        raise ValueError(f"mbt sizes apply to fusion 'mbt' only, not {fusion!r}")
+    return kind(input_specs, num_classes, fusion, mask_mode, pretrained)

@@ -1,4 +1,4 @@
-"""Reproduce the paper's effects (Tables 1, 2, 4; Figures 3, 4, 6) on the bundled UCI Multiple Features data, on a CPU.
+"""Reproduce the paper's effects (Tables 1-4; Figures 3-6) on the bundled UCI Multiple Features data, on a CPU.
 
 The paper's numbers need GPUs and Kinetics-scale data; this script shows the same *effects* on real data in minutes:
 
@@ -16,22 +16,25 @@ Two settings, built deterministically from the real mfeat views (data.MfeatDatas
 
 The grid, for each setting and each seed (SEEDS): concat fusion with every mode of train.py (baseline, sample,
 modality, naive, reversed: Tables 1, 2, 4; the compared methods ogm-ge, pmr, agm, gblending: Table 2), greedy on
-the fusion it needs (mmtm), and every other fusion in models.FUSIONS, read at run time, with baseline and sample
-(Table 3); then concat with sample and modality under online valuation (train.py --valuation online: each epoch
-planned from the values its previous epoch's training steps took), next to the same modes valued offline as the
-paper does (--valuations offline leaves them out). Every run has the same budget (TRAINING). Each run calls
-train.train in-process on the CPU (one torch thread, so that the same seeds on the same machine give the same
-numbers), with --track-phi so that the contributions of baseline and of warm-up epochs are logged too, then
-train.evaluate_checkpoint on its validation-chosen checkpoint for the per-sample valuation of the test split.
-Runs go to --runs-dir (scratch, default runs/reproduce); results go to --out (default results/):
+the fusion it needs (mmtm), every other fusion in models.FUSIONS, read at run time, with baseline and sample
+(Table 3, MBT included), and MMTM with modality at dataset level (Figure 5); then concat with sample and modality
+under online valuation (train.py --valuation online: each epoch planned from the values its previous epoch's
+training steps took), next to the same modes valued offline as the paper does (--valuations offline leaves them
+out). Every run has the same budget (TRAINING). Each run calls train.train in-process on the CPU (one torch thread,
+so that the same seeds on the same machine give the same numbers), with --track-phi so that the contributions of
+baseline and of warm-up epochs are logged too, then train.evaluate_checkpoint on its validation-chosen checkpoint
+for the per-sample valuation of the test split. Runs go to --runs-dir (scratch, default runs/reproduce); results go
+to --out (default results/):
   results.json  one record per run (setting, mode, fusion, valuation, seed, test_acc, test_map, per-modality
                 accuracy, test contributions and their spread, per-epoch training-set contributions, trained
-                samples, wall time),
-                plus the Figure 4 examples; a re-run cell replaces its records, the others are kept
+                samples, wall time), plus the Figure 4 examples and the Figure 5 numbers; a re-run cell replaces its
+                records, the others are kept
   results.md    the tables: accuracy / mAP / accuracy of each modality alone / contributions, contributions per
-                epoch (Figures 3, 6), the Figure 4 examples, the paper's claims checked on these runs, online
-                against offline valuation, the cost
-  *.png         the figures, when matplotlib is installed (it is optional)
+                epoch (Figures 3, 6), the Figure 4 examples, Figure 5's separability of the low-contributing
+                modality's features (nearest-centroid accuracy on test), the paper's claims checked on these runs,
+                online against offline valuation, the cost
+  *.png         the figures, when matplotlib is installed (it is optional); features_dataset-level.png (Figure 5)
+                is a t-SNE when scikit-learn is installed (optional too), else the first two principal components
 Every number comes from these runs; settings were chosen on the validation split, the test split is only reported.
 Everything but the wall-time columns is reproduced exactly by a second run with the same seeds.
 
@@ -46,6 +49,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 import comparators
 import data
@@ -62,6 +66,10 @@ SETTINGS = {
 TRAINING = dict(epochs=30, warmup=2, lr=0.03, batch_size=128)  # chosen by sweep.py on validation
 SEEDS = (0, 1, 2, 3, 4)
 FUSION_MODES = ("baseline", "sample")  # what every fusion other than concat runs (Table 3)
+# Figure 5: the models whose low-contributing modality's features are drawn, on the setting with one clearly
+# weaker modality (as the visual modality of Kinetics-Sounds): Concatenation, MMTM, MMTM-Sample, MMTM-Modality
+FEATURE_SETTING = "dataset-level"
+FEATURE_MODELS = (("concat", "baseline"), ("mmtm", "baseline"), ("mmtm", "sample"), ("mmtm", "modality"))
 TIME_FIELDS = ("wall_seconds", "method_seconds", "valuation_seconds")  # vary with the machine's load
 VALUATIONS = ("offline", "online")  # train.py --valuation; offline, the paper's procedure, is every cell's
 ONLINE_MODES = ("sample", "modality")  # the modes also run with online valuation (concat)
@@ -73,9 +81,11 @@ ONLINE_MODES = ("sample", "modality")  # the modes also run with online valuatio
 
 def grid(settings, modes, fusions):
     """The (setting, fusion, mode) cells: concat with every mode (a method that needs another fusion,
-    comparators.REQUIRED_FUSION, with that one), the other fusions with FUSION_MODES."""
+    comparators.REQUIRED_FUSION, with that one), the other fusions with FUSION_MODES, and the models of Figure 5
+    (FEATURE_MODELS on FEATURE_SETTING)."""
     return [(setting, fusion, mode) for setting in settings for fusion in fusions for mode in modes
-            if fusion == comparators.REQUIRED_FUSION.get(mode, "concat") or mode in FUSION_MODES]
+            if fusion == comparators.REQUIRED_FUSION.get(mode, "concat") or mode in FUSION_MODES
+            or (setting == FEATURE_SETTING and (fusion, mode) in FEATURE_MODELS)]
 
 
 def online_grid(settings, modes):
@@ -269,6 +279,129 @@ def confidence_of(run_dir, ids, split="test"):
     return {sample_id: dict(phi=result["phi"][row[sample_id]].tolist(),
                             ogm_score=result["ogm_score"][row[sample_id]].tolist(),
                             prediction=int(result["prediction"][row[sample_id]])) for sample_id in ids}
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure 5: the features of the low-contributing modality's encoder, and how separable their classes are
+
+
+def head_features(run_dir, modality):
+    """What the fusion head of a run's validation-chosen checkpoint reads for modality `modality` (an index), with
+    every modality present, in eval mode: {"train": (features [N, d], labels [N]), "test": (...)}, the training
+    split with evaluation transforms. For Concatenation that is the modality's encoder feature; for MMTM its stream
+    after the last MMTM module, pooled: the encoder features of the paper's Figure 5."""
+    checkpoint = train.load_checkpoint(os.path.join(run_dir, "best.pt"))
+    args = argparse.Namespace(**checkpoint["args"])
+    splits = train.build_datasets(args)
+    model = train.build_model(args, splits["test"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    read = []  # the head's input for the modality, one [B, d] per batch
+    hook = model.head.register_forward_pre_hook(lambda head, head_inputs: read.append(head_inputs[0][modality]))
+    features = {}
+    with torch.no_grad():
+        for name, split in (("train", "train_eval"), ("test", "test")):
+            read.clear()
+            labels = []
+            for inputs, target, _ in DataLoader(splits[split], batch_size=256):
+                model(inputs)  # the hook keeps the head's input
+                labels.append(target)
+            features[name] = (torch.cat(read).numpy(), torch.cat(labels).numpy())
+    hook.remove()
+    return features
+
+
+def nearest_centroid_accuracy(train_features, train_labels, test_features, test_labels):
+    """How separable the classes of some features are: the accuracy on the test features of assigning each to the
+    class whose mean training feature (centroid) is nearest, in Euclidean distance."""
+    classes = np.unique(train_labels)
+    centroids = np.stack([train_features[train_labels == c].mean(0) for c in classes])  # [K, d]
+    distances = ((test_features[:, None] - centroids[None]) ** 2).sum(-1)  # [N, K]
+    return float((classes[distances.argmin(1)] == test_labels).mean())
+
+
+def feature_study(cells):
+    """Figure 5's numbers: the modality of FEATURE_SETTING with the lowest mean contribution on test in the
+    Concatenation baseline (mean over seeds), and for each of FEATURE_MODELS the nearest-centroid accuracy of that
+    modality's head features on test, per seed (the seeds every model ran). None where a model or checkpoint is
+    missing."""
+    runs = [{r["seed"]: r for r in cells.get((FEATURE_SETTING, fusion, mode), [])} for fusion, mode in FEATURE_MODELS]
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in runs)))
+    if not seeds or not all(os.path.exists(os.path.join(by_seed[s]["run_dir"], "best.pt"))
+                            for by_seed in runs for s in seeds):
+        return None
+    modality = int(np.argmin(np.mean([runs[0][s]["test_mean_phi"] for s in seeds], axis=0)))
+    rows = []
+    for (fusion, mode), by_seed in zip(FEATURE_MODELS, runs):
+        accuracy = []
+        for s in seeds:
+            features = head_features(by_seed[s]["run_dir"], modality)
+            accuracy.append(nearest_centroid_accuracy(*features["train"], *features["test"]))
+        rows.append(dict(fusion=fusion, mode=mode, nearest_centroid=accuracy,
+                         alone=[by_seed[s]["test_acc_per_modality"][modality] for s in seeds]))
+    return dict(setting=FEATURE_SETTING, modality=runs[0][seeds[0]]["modalities"][modality], index=modality,
+                seeds=seeds, models=rows, run_dirs=[by_seed[seeds[0]]["run_dir"] for by_seed in runs])
+
+
+def feature_lines(study):
+    """Figure 5's table and the paper's claim about it, checked seed by seed, as Markdown lines."""
+    m = study["modality"]
+    rows = [[f"{row['fusion']} {row['mode']}", percent(row["nearest_centroid"]), percent(row["alone"])]
+            for row in study["models"]]
+    lines = [f"Figure 5: how separable the classes are in the features of `{m}`, the modality with the lowest mean "
+             f"contribution in the Concatenation baseline (what the fusion head reads from it, all modalities "
+             f"present); *nearest centroid*: accuracy on test of the nearest class mean of the training features; "
+             f"*{m} alone*: the joint model's accuracy with `{m}` alone:", ""]
+    lines += table(["model", f"nearest centroid ({m} features)", f"{m} alone"], rows) + [""]
+    accuracy = {(row["fusion"], row["mode"]): np.array(row["nearest_centroid"]) for row in study["models"]}
+    for a, b in ((("mmtm", "baseline"), ("concat", "baseline")), (("mmtm", "sample"), ("mmtm", "baseline")),
+                 (("mmtm", "modality"), ("mmtm", "baseline"))):
+        lines.append(f"- {m} features more separable with {' '.join(a)} than with {' '.join(b)} (Figure 5): "
+                     f"nearest-centroid accuracy {describe_difference(accuracy[a] - accuracy[b])}")
+    return lines
+
+
+def principal_components(features):
+    """The first two principal components of features [N, d]: [N, 2]."""
+    centred = features - features.mean(0)
+    _, _, directions = np.linalg.svd(centred, full_matrices=False)
+    return centred @ directions[:2].T
+
+
+def write_feature_figure(out, study):
+    """Figure 5 as features_<setting>.png: the test features of the study's modality in 2-D, one panel per model of
+    FEATURE_MODELS (first seed), coloured by class, with the nearest-centroid accuracy above each. t-SNE with
+    scikit-learn (optional); without it the first two principal components, as the title says. [] without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: Figure 5 skipped (its numbers are in results.md)")
+        return []
+    try:
+        from sklearn.manifold import TSNE
+        method, embed = "t-SNE", lambda x: TSNE(n_components=2, init="pca", random_state=0).fit_transform(x)
+    except ImportError:
+        method, embed = "first two principal components (scikit-learn, for t-SNE, is not installed)", \
+            principal_components
+    fig, axes = plt.subplots(1, len(study["models"]), figsize=(4 * len(study["models"]), 4.3))
+    for ax, row, run_dir in zip(axes, study["models"], study["run_dirs"]):
+        features, labels = head_features(run_dir, study["index"])["test"]
+        points = embed(features)
+        ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=5)
+        ax.set_title(f"{row['fusion']} {row['mode']}: nearest centroid {100 * row['nearest_centroid'][0]:.1f} %",
+                     fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{study['setting']}: {study['modality']} features on test, seed {study['seeds'][0]}, {method}; "
+                 f"colour: class", fontsize=10)
+    fig.tight_layout()
+    name = f"features_{study['setting']}.png"
+    fig.savefig(os.path.join(out, name), dpi=120)
+    plt.close(fig)
+    return [name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,7 +640,7 @@ def online_section(records, setting):
     return table(header, rows) + [""] + lines
 
 
-def write_markdown(path, records, examples, training, figures):
+def write_markdown(path, records, examples, training, figures, features=None):
     cells = group(records)
     seeds = sorted({r["seed"] for r in records})
     lines = ["# Sample-level modality valuation on UCI Multiple Features (CPU reproduction)", "",
@@ -541,6 +674,8 @@ def write_markdown(path, records, examples, training, figures):
                           "true-class softmax of each view's response; OGM-GE sums it over a batch and compares the "
                           "sums as a ratio):", ""]
                 lines += confidence_table(example) + [""]
+        if features is not None and features["setting"] == setting:
+            lines += feature_lines(features) + [""]
         lines += ["The paper's claims on these runs (paired by seed, concat unless named):", ""]
         lines += claims(cells, setting) + [""]
         if len(compared_cells(cells, setting)) > 2:
@@ -693,10 +828,13 @@ def reproduce(settings, modes, fusions, seeds, out, runs_dir, training, valuatio
         example = pick_examples(setting, cells)
         if example is not None:
             examples[setting] = example
+    features = feature_study(cells)
     with open(json_path, "w") as f:
-        json.dump(dict(training=training, settings=SETTINGS, records=records, examples=examples), f)
+        json.dump(dict(training=training, settings=SETTINGS, records=records, examples=examples, features=features), f)
     figures = write_figures(out, records, examples, training)
-    write_markdown(os.path.join(out, "results.md"), records, examples, training, figures)
+    if features is not None:
+        figures += write_feature_figure(out, features)
+    write_markdown(os.path.join(out, "results.md"), records, examples, training, figures, features)
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min: {json_path}, {os.path.join(out, 'results.md')}"
           + (", " + ", ".join(figures) if figures else ""))
     return records

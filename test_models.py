@@ -15,7 +15,7 @@ SHAPES = {("image", 1): (1, 32, 32), ("image", 3): (3, 32, 32), ("video", 3): (3
           ("video", 2): (2, 2, 32, 32), ("vector", 6): (6,), ("vector", 4): (4,)}
 TWO = [("image", 1), ("vector", 6)]
 THREE = [("image", 1), ("vector", 6), ("vector", 4)]
-# every fusion with every masking it allows (CentralNet and MMTM: input masking only)
+# every fusion with every masking it allows (CentralNet, MMTM and MBT: input masking only)
 FUSION_MASKS = [(fusion, mask_mode) for fusion in models.FUSIONS for mask_mode in models.allowed_masks(fusion)]
 
 
@@ -174,7 +174,7 @@ def explicitly_masked_logits(model, inputs, mask):
 
 
 @pytest.mark.parametrize("specs", [TWO, THREE], ids=["2 modalities", "3 modalities"])
-@pytest.mark.parametrize("fusion, mask_mode", FUSION_MASKS)
+@pytest.mark.parametrize("fusion, mask_mode", [case for case in FUSION_MASKS if case[0] != "mbt"])  # MBT: test_mbt.py
 def test_coalition_predictor_equals_explicitly_masked_network(fusion, mask_mode, specs):
     torch.manual_seed(0)
     model = models.build_model(specs, 5, fusion=fusion, mask_mode=mask_mode)
@@ -292,7 +292,7 @@ def test_interaction_fusion_shapes_and_levels(fusion, specs, levels):
 def test_each_fusion_allows_its_maskings_default_first(fusion):
     vectors = [("vector", 6), ("vector", 4)]
     # late fusion: feature masking (the authors' code) by default, input masking too; interaction: input only
-    expected = ("input",) if fusion in models.MIXING_TAPS else ("feature", "input")
+    expected = ("feature", "input") if fusion in models.FUSION_HEADS else ("input",)
     assert models.allowed_masks(fusion) == expected
     assert models.build_model(vectors, 5, fusion=fusion).mask_mode == expected[0]
     for mask_mode in ("feature", "input"):
@@ -439,8 +439,8 @@ def test_bad_arguments_raise():
         models.allowed_masks("attention")
     with pytest.raises(ValueError, match="not a late fusion"):
         models.LateFusionClassifier(TWO, 5, fusion="mmtm")
-    with pytest.raises(ValueError, match="not an interaction fusion"):
-        models.InteractionClassifier(TWO, 5, fusion="concat")
+    with pytest.raises(ValueError, match="not a stage-mixing fusion"):
+        models.StageMixingClassifier(TWO, 5, fusion="concat")
     with pytest.raises(ValueError, match="feature"):
         models.build_model(TWO, 5, mask_mode="dropout")
     with pytest.raises(ValueError, match="image"):

@@ -1,5 +1,6 @@
 """Smoke tests of reproduce.py: one setting, baseline and sample, one seed, two epochs; the JSON records, the
 Markdown table, exact reproduction, re-running one cell, the Figure 4 pick and the optional figures."""
+import importlib.util
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import models
@@ -148,12 +150,16 @@ def test_figure4_samples_lean_most_on_each_modality(quick):
 
 
 def test_grid_takes_every_fusion_at_run_time():
-    cells = reproduce.grid(["dataset-level"], train.MODES, models.FUSIONS)
-    assert [c for c in cells if c[1] == "concat"] == [("dataset-level", "concat", m) for m in train.MODES
-                                                      if m != "greedy"]
-    others = [f for f in models.FUSIONS if f != "concat"]
-    assert [c for c in cells if c[1] != "concat"] == [("dataset-level", f, m) for f in others
-                                                      for m in reproduce.FUSION_MODES + ("greedy",) * (f == "mmtm")]
+    cells = reproduce.grid(["dataset-level", "sample-level"], train.MODES, models.FUSIONS)
+    for setting in ("dataset-level", "sample-level"):
+        assert [c for c in cells if c[:2] == (setting, "concat")] == [(setting, "concat", m) for m in train.MODES
+                                                                      if m != "greedy"]
+        others = [f for f in models.FUSIONS if f != "concat"]
+        # greedy runs on the fusion it needs; Figure 5 adds MMTM-Modality on its setting
+        extra = {("mmtm", "greedy")} | ({("mmtm", "modality")} if setting == reproduce.FEATURE_SETTING else set())
+        assert [c for c in cells if c[0] == setting and c[1] != "concat"] == [
+            (setting, f, m) for f in others for m in train.MODES if m in reproduce.FUSION_MODES or (f, m) in extra]
+    assert "mbt" in models.FUSIONS
 
 
 def test_figures_are_optional(quick, tmp_path, monkeypatch):
@@ -180,3 +186,87 @@ def test_sweep_summarises_validation_runs(tmp_path, monkeypatch):
     assert summary["val_acc"] == pytest.approx(np.mean([r["val_acc"] for r in runs]))
     assert len(summary["alone"]) == len(summary["phi"]) == len(summary["phi_std"]) == 2
     assert all(0.0 <= a <= 1.0 for a in summary["alone"]) and all(s >= 0 for s in summary["phi_std"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure 5
+
+
+def test_nearest_centroid_accuracy_on_features_with_known_structure():
+    # 1-D: centroids 1 (class 0) and 5 (class 1); 2.9 lies nearer 1, 3.1 nearer 5
+    train_x, train_y = np.array([[0.0], [2.0], [4.0], [6.0]]), np.array([0, 0, 1, 1])
+    test_x, test_y = np.array([[2.9], [3.1], [0.0], [6.0]]), np.array([0, 0, 0, 1])
+    assert reproduce.nearest_centroid_accuracy(train_x, train_y, test_x, test_y) == 0.75
+    # labels need not be 0..K-1; well separated clusters in 5-D are all assigned right, overlapping ones at chance
+    rng = np.random.default_rng(0)
+    centres = 10 * rng.standard_normal((3, 5))
+    labels = rng.integers(0, 3, 600)
+    separated = centres[labels] + rng.standard_normal((600, 5))
+    assert reproduce.nearest_centroid_accuracy(separated[:300], labels[:300] + 7, separated[300:], labels[300:] + 7) == 1.0
+    mixed = rng.standard_normal((600, 5))
+    assert 0.2 < reproduce.nearest_centroid_accuracy(mixed[:300], labels[:300], mixed[300:], labels[300:]) < 0.47
+
+
+def test_head_features_are_the_encoder_features_of_concatenation(quick):
+    _, results = quick
+    run_dir = results["records"][0]["run_dir"]
+    features = reproduce.head_features(run_dir, 1)
+    result, dataset = train.evaluate_checkpoint(os.path.join(run_dir, "best.pt"), "test")
+    checkpoint = train.load_checkpoint(os.path.join(run_dir, "best.pt"))
+    model = train.build_model(train.argparse.Namespace(**checkpoint["args"]), dataset)
+    model.load_state_dict(checkpoint["model"])
+    inputs = [torch.stack([dataset[i][0][m] for i in range(len(dataset))]) for m in range(2)]
+    with torch.no_grad():
+        encoded = model.eval().encode(inputs)[1].numpy()
+    test_features, test_labels = features["test"]
+    assert np.allclose(test_features, encoded, atol=1e-5) and test_features.shape == (400, 128)
+    assert (test_labels == result["labels"].numpy()).all() and len(features["train"][1]) == 1200
+
+
+FIGURE5 = ["--settings", "dataset-level", "--modes", "baseline,sample,modality", "--fusions", "concat,mmtm",
+           "--seeds", "0", "--epochs", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def figure5(tmp_path_factory):
+    """The models of Figure 5 and the concat cells at dataset level: one seed, two epochs."""
+    out = tmp_path_factory.mktemp("figure5")
+    results = run(out / "results", out / "runs", *FIGURE5)
+    return results, (out / "results" / "results.md").read_text()
+
+
+def test_figure5_numbers(figure5):
+    results, text = figure5
+    study = results["features"]
+    cells = reproduce.group(results["records"])
+    baseline = cells[("dataset-level", "concat", "baseline")][0]
+    assert study["index"] == int(np.argmin(baseline["test_mean_phi"])) and study["seeds"] == [0]
+    assert study["modality"] == baseline["modalities"][study["index"]]
+    assert [(row["fusion"], row["mode"]) for row in study["models"]] == list(reproduce.FEATURE_MODELS)
+    for row, run_dir in zip(study["models"], study["run_dirs"]):
+        features = reproduce.head_features(run_dir, study["index"])
+        assert row["nearest_centroid"] == [reproduce.nearest_centroid_accuracy(*features["train"], *features["test"])]
+        assert f"| {row['fusion']} {row['mode']} | {100 * row['nearest_centroid'][0]:.2f} ± 0.00 |" in text
+    assert f"Figure 5: how separable the classes are in the features of `{study['modality']}`" in text
+    assert "features more separable with mmtm sample than with mmtm baseline (Figure 5)" in text
+
+
+def test_figure5_picture(figure5, tmp_path, monkeypatch):
+    results, _ = figure5
+    if importlib.util.find_spec("matplotlib") is None:
+        assert reproduce.write_feature_figure(str(tmp_path), results["features"]) == []
+        return
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # without scikit-learn: principal components
+    assert reproduce.write_feature_figure(str(tmp_path), results["features"]) == ["features_dataset-level.png"]
+    with open(tmp_path / "features_dataset-level.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_principal_components():
+    rng = np.random.default_rng(0)
+    points = rng.standard_normal((200, 2)) * [5.0, 1.0] @ np.array([[0.6, 0.8], [-0.8, 0.6]])  # a rotated ellipse
+    features = np.concatenate([points, 0.01 * rng.standard_normal((200, 3))], axis=1) + 3.0
+    projected = reproduce.principal_components(features)
+    assert projected.shape == (200, 2) and np.allclose(projected.mean(0), 0, atol=1e-9)
+    assert np.allclose(np.abs(projected[:, 0]), np.abs((features[:, :2] - features[:, :2].mean(0)) @ [0.6, 0.8]),
+                       atol=0.05)

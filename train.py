@@ -162,6 +162,12 @@ def get_args_parser(dataset="mfeat", add_help=True):
                    help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4); "
                         "ogm-ge, greedy, pmr, agm, gblending: the compared methods (Table 2) (default: %(default)s)")
     g.add_argument("--fusion", default="concat", choices=models.FUSIONS, help="fusion design (concat is the paper's) (default: %(default)s)")
+    for size, about in (("layers", "transformer layers"), ("width", "token width"), ("heads", "attention heads"),
+                        ("fusion-layer", "first layer that fuses (layers: none)"),
+                        ("bottlenecks", "bottleneck tokens"), ("patch", "patch side in pixels of images and frames")):
+        key = size.replace("-", "_")
+        g.add_argument(f"--mbt-{size}", type=number(int, 0), default=models.MBT_DEFAULTS[key],
+                       help=f"--fusion mbt: {about} (default: %(default)s; the paper's: {models.MBT_PAPER[key]})")
     g.add_argument("--mask", choices=("feature", "input"),
                    help="how a modality is removed: zero its encoder feature (the authors' code) or its input (the "
                         "paper's text); default: the fusion's own, feature for late fusion, input for fusions that "
@@ -244,6 +250,13 @@ def check_args(args):
     if args.mask not in allowed:
         raise TrainingError(f"--mask {args.mask} is not defined for --fusion {args.fusion}, which mixes the modalities "
                             f"inside the network; use --mask {' or '.join(allowed)} (zero the absent input)")
+    if args.fusion == "mbt":
+        try:
+            models.check_mbt(**mbt_sizes(args), pretrained=args.pretrained,
+                             name=lambda key: "--pretrained (off: --no-pretrained)" if key == "pretrained"
+                             else "--mbt-" + key.replace("_", "-"))
+        except ValueError as error:
+            raise TrainingError(f"--fusion mbt: {error}")
     num_modalities = {"mfeat": len(args.views), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
     if comparators.refusal(args, num_modalities):
         raise TrainingError(comparators.refusal(args, num_modalities))
@@ -368,11 +381,19 @@ def build_datasets(args):
     return splits
 
 
+def mbt_sizes(args):
+    """MBT's sizes from the --mbt-* flags (models.MBT_DEFAULTS' keys); None unless --fusion mbt."""
+    return {key: getattr(args, f"mbt_{key}") for key in models.MBT_DEFAULTS} if args.fusion == "mbt" else None
+
+
 def model_config(args, dataset):
     """What a checkpoint must agree with to be loaded into this run."""
-    return dict(dataset=args.dataset, views=args.views if args.dataset == "mfeat" else None,
-                modalities=list(dataset.modalities), input_specs=[list(s) for s in dataset.input_specs],
-                num_classes=dataset.num_classes, fusion=args.fusion, mask=args.mask)
+    config = dict(dataset=args.dataset, views=args.views if args.dataset == "mfeat" else None,
+                  modalities=list(dataset.modalities), input_specs=[list(s) for s in dataset.input_specs],
+                  num_classes=dataset.num_classes, fusion=args.fusion, mask=args.mask)
+    if args.fusion == "mbt":
+        config["mbt"] = mbt_sizes(args)
+    return config
 
 
 def build_model(args, dataset):
@@ -380,7 +401,7 @@ def build_model(args, dataset):
     torch hub's copy). A weights file that is missing or is not torchvision's stops the run in one line."""
     try:
         return models.build_model(dataset.input_specs, dataset.num_classes, fusion=args.fusion, mask_mode=args.mask,
-                                  pretrained=(args.weights or args.pretrained))
+                                  pretrained=(args.weights or args.pretrained), mbt=mbt_sizes(args))
     except (RuntimeError, ValueError) as error:
         raise TrainingError(f"{'--weights' if args.weights else '--pretrained'}: {error}")
 
