@@ -63,6 +63,7 @@ def test_sharded_valuation_evaluation_and_plans_equal_the_single_process(tmp_pat
 
 
 def test_a_two_process_run_trains_writes_one_log_and_resumes(tmp_path):
+    # the 2-process run of every mode and a resume under torchrun take minutes: test_distributed_modes, slow
     out = tmp_path / "run"
     flags = [*SYNTHETIC, "--synthetic-samples", "45", "--batch-size", "8", "--mode", "sample", "--epochs", "2"]
     done = torchrun("train.py", *flags, "--out", out)
@@ -70,7 +71,7 @@ def test_a_two_process_run_trains_writes_one_log_and_resumes(tmp_path):
     log = logged(out)
     assert [r["epoch"] for r in log] == [0, 1] and log[1]["train_samples"] >= 45 + sum(log[1]["copies"])
     assert sorted(os.listdir(out / "contributions")) == ["epoch_001.npz"]
-    torchrun("train.py", "--resume", out / "last.pt", "--epochs", "3")
+    train.main(["--resume", str(out / "last.pt"), "--epochs", "3"])  # any number of processes resumes it
     assert [r["epoch"] for r in logged(out)] == [0, 1, 2]
     assert logged(out)[:2] == log
 
@@ -84,3 +85,14 @@ if __name__ == "__main__":  # the worker of the first test, one per process
     model.load_state_dict(torch.load(os.path.join(out, "weights.pt")))
     torch.save(passes_and_plans(model, dataset, device), os.path.join(out, f"rank{train.world()[0]}.pt"))
     torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["baseline", "modality", "naive", "reversed"])
+def test_distributed_modes(tmp_path, mode):
+    out = tmp_path / "run"
+    flags = [*SYNTHETIC, "--synthetic-samples", "45", "--batch-size", "8", "--mode", mode, "--epochs", "2"]
+    torchrun("train.py", *flags, "--out", out)
+    assert [r["epoch"] for r in logged(out)] == [0, 1]
+    torchrun("train.py", "--resume", out / "last.pt", "--epochs", "3")
+    assert [r["epoch"] for r in logged(out)] == [0, 1, 2]

@@ -16,8 +16,8 @@ import train
 SYNTHETIC = ["--dataset", "synthetic", "--synthetic-samples", "32", "--synthetic-size", "8", "--batch-size", "32",
              "--epochs", "2", "--warmup", "1", "--gpu", "-1"]
 DEFAULT_RUNS = {
-    ("concat", "baseline", 2), ("sum", "modality", 3), ("decision", "naive", 2), ("film", "reversed", 3),
-    ("gated", "sample", 2), ("centralnet", "sample", 3), ("mmtm", "modality", 2),
+    ("concat", "baseline", 2), ("sum", "modality", 3), ("decision", "naive", 2), ("film", "reversed", 2),
+    ("gated", "sample", 2), ("centralnet", "sample", 2), ("mmtm", "modality", 3),
 }
 GRID = [pytest.param(fusion, mode, n, marks=() if (fusion, mode, n) in DEFAULT_RUNS else pytest.mark.slow)
         for fusion in models.FUSIONS for mode in ("baseline",) + train.RESAMPLING_MODES for n in (2, 3)]

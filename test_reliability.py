@@ -297,7 +297,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkey
     assert [r["epoch"] for r in logged(tmp_path / "run")] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_sample_mode_trains_on_a_tiny_audio_visual_tree_with_batches_of_two(tmp_path, seed):
     # 4 clips per split, batch 2, warm-up 1: batches of an original and a copy of another modality used to leave
     # a ResNet with one row, normalised by barely estimated running statistics, and the loss went to nan
