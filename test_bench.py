@@ -45,6 +45,7 @@ def quick_rows(tmp_path_factory):
         return json.load(f), returned
 
 
+@pytest.mark.slow  # a --quick run of every benchmark: about 30 s
 def test_quick_run_writes_every_target(quick_rows):
     rows, returned = quick_rows
     assert rows == returned
@@ -54,6 +55,7 @@ def test_quick_run_writes_every_target(quick_rows):
         assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] > 0, r
 
 
+@pytest.mark.slow  # a --quick run of every benchmark: about 30 s
 def test_met_agrees_with_value_and_target(quick_rows):
     rows, _ = quick_rows
     for r in rows:
@@ -67,6 +69,7 @@ def test_met_agrees_with_value_and_target(quick_rows):
             assert r["met"] is (r["value"] <= float(bound) if op == "<=" else r["value"] >= float(bound)), r
 
 
+@pytest.mark.slow  # a --quick run of every benchmark: about 30 s
 def test_values_are_sane(quick_rows):
     rows, _ = quick_rows
     value = {r["name"]: r["value"] for r in rows}

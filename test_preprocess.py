@@ -501,6 +501,7 @@ def test_two_workers_report_progress_and_summary(ks_videos, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "root" / "ks_audio" / "train")) == ["d2.npy", "s2.npy"]  # 1 per class to val
 
 
+@pytest.mark.slow  # starts a Python process: about 5 s
 def test_command_line_runs_as_a_script(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(HERE, "preprocess.py"), "ks", "--videos",
                              str(tmp_path / "missing"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
@@ -530,6 +531,7 @@ def test_train_one_epoch_on_the_ks_output(ks_videos, tmp_path, recipe):
     assert len(train.load_log(str(tmp_path / "run" / "log.jsonl"))) == 1
 
 
+@pytest.mark.slow
 @needs_av
 def test_train_one_epoch_on_the_ucf101_output(ucf_videos, tmp_path):
     if not preprocess.tvl1_available():
@@ -538,6 +540,7 @@ def test_train_one_epoch_on_the_ucf101_output(ucf_videos, tmp_path):
     train_one_epoch("ucf101", tmp_path / "root", tmp_path / "run", "--no-pretrained")  # no network needed
 
 
+@pytest.mark.slow
 @needs_av
 def test_train_one_epoch_on_the_cremad_output(cremad_videos, tmp_path):
     run_preprocess("cremad", "--videos", cremad_videos, "--out", tmp_path / "root", "--workers", 1)

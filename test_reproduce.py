@@ -251,6 +251,7 @@ def test_figure5_numbers(figure5):
     assert "features more separable with mmtm sample than with mmtm baseline (Figure 5)" in text
 
 
+@pytest.mark.slow
 def test_figure5_picture(figure5, tmp_path, monkeypatch):
     results, _ = figure5
     if importlib.util.find_spec("matplotlib") is None:
