@@ -260,7 +260,7 @@ def check_args(args):
     num_modalities = {"mfeat": len(args.views), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
     if comparators.refusal(args, num_modalities):
         raise TrainingError(comparators.refusal(args, num_modalities))
-    if args.mode in comparators.METHODS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.mode in comparators.METHODS and launched_by_torchrun():
         raise TrainingError(f"--mode {args.mode} is not available under torchrun: its training step calls the model "
                             f"several times and changes the gradients of its parts, which DistributedDataParallel "
                             f"does not allow; run it in one process")
@@ -293,7 +293,7 @@ def check_online(args):
         raise TrainingError("--valuation online needs --mask feature: with --mask input a training step encodes "
                             "zeroed inputs with the batch's statistics, not the features a coalition would see; "
                             "use --valuation offline")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_by_torchrun():
         raise TrainingError("--valuation online is not available under torchrun: the training step runs through "
                             "DistributedDataParallel, which does not hand back the features it computed; use "
                             "--valuation offline")
@@ -327,10 +327,15 @@ def autocast(device, amp):
 # several processes (torchrun): one code path, a single process being a world of one
 
 
+def launched_by_torchrun():
+    """True in a process of a torchrun job of several processes (WORLD_SIZE > 1); a job of one is a single process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup_distributed(gpu):
     """The device of this process; under torchrun (WORLD_SIZE > 1) also the default process group, from env://:
     NCCL with one GPU per process (LOCAL_RANK's), Gloo on CPUs (--gpu -1 or no GPU), as torchvision's references."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not launched_by_torchrun():
         return select_device(gpu)
     use_cuda = torch.cuda.is_available() and gpu != -1
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
@@ -1014,7 +1019,7 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:  # under torchrun, rank 0 alone reports progress; errors still name the process they come from
         sys.stdout = open(os.devnull, "w")
-    where = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    where = f"rank {rank}: " if launched_by_torchrun() else ""
     try:
         if args.eval_only:
             return eval_only(args, given)
