@@ -4,14 +4,14 @@ The paper sells sample-level valuation as cheap next to heavier re-balancing met
 modality-level method for when valuing every sample every epoch costs too much (Sec. 3.4.2). Each target below is
 a ratio of two things measured side by side in one run (interleaved repetitions, the median of each side):
 
-  1. valuation ~ one evaluation pass: train.run_pass + Eq. 1-3 over a data set (Eq. 1-3 for every sample) / a plain
+  1. valuation ~ one evaluation pass: engine.valuation_pass + Eq. 1-3 over a data set (Eq. 1-3 for every sample) / a plain
      evaluation pass (model(inputs) over the same loader, eval mode, no_grad), <= 1.10, for feature masking and
      for input masking of a late-fusion model (concat). Fusions that mix modalities inside the network
      (centralnet, mmtm) run the whole network per coalition: their ratio is informational, and the row checks
      that every forward call takes the whole batch ("batched"), never one sample at a time.
-  2. modality-level is cheaper: train.resampling_plan of the modality-level method (Alg. 2, valuing a subset Z of
+  2. modality-level is cheaper: the plan (method.ModalityValuation.plan) of the modality-level method (Alg. 2, valuing a subset Z of
      20 %) / that of the sample-level method (Alg. 1, valuing every sample), <= 0.25.
-  3. a uni-modal copy costs about one encoder: a training step (train.train_one_epoch on one batch: forward, loss,
+  3. a uni-modal copy costs about one encoder: a training step (engine.train_one_epoch on one batch: forward, loss,
      backward, SGD step) over uni-modal copies (each row keeps one modality, half of each, shuffled) / a step over
      full samples of the same batch size, <= 0.6. SGD with momentum, the paper's optimiser (Sec. 4.1).
   4. the loader beats the authors' pipeline: Kinetics-Sounds clips (10 JPEG frames of 340x256, three read, and a
@@ -36,15 +36,15 @@ a ratio of two things measured side by side in one run (interleaved repetitions,
 
 Informational rows: the samples per second of a baseline training epoch and of a sample-level epoch (valuation of
 every sample, Eq. 10 plan, then training over D^rs, whose copies count as samples); and how valuation scales with
-processes: the wall time of train.pass_over (the sample-level valuation pass, sharded and gathered) over the same
+processes: the wall time of engine.valuation_pass (the sample-level valuation pass, sharded and gathered) over the same
 data set under `torchrun --nproc-per-node 2` / under `--nproc-per-node 1` (each launched once, `repeats` timed passes
 after a warm-up one, medians). On a CPU machine the processes share its cores (Gloo), so this says how much the
 sharding and gathering cost rather than what GPUs would gain.
 
   7. online valuation (train.py --valuation online) is nearly free: a training epoch over D^rs
-     (train.train_one_epoch over data.TrainingBatches, SGD) with online valuation (each step's features valued
-     by the fusion head per coalition, train.value_online) / the same epoch without it, <= 1.03. Beside it,
-     for information: the offline valuation pass of the sample level (train.resampling_plan: one pass over the
+     (engine.train_one_epoch over data.TrainingBatches, SGD) with online valuation (each step's features valued
+     by the fusion head per coalition, method.value_online) / the same epoch without it, <= 1.03. Beside it,
+     for information: the offline valuation pass of the sample level (the plan of method.ModalityValuation: one pass over the
      training set in eval mode, Eq. 1-3, the Eq. 10 plan) / that training epoch; and a whole sample-level epoch,
      offline (that pass, then the training epoch) and online (the plan from the table the previous epoch filled,
      then the training epoch with online valuation), each / a baseline epoch over the same samples (no copies).
@@ -83,9 +83,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
 import data
+import engine
+import method
 import models
 import shapley_mm
-import train
 
 # sizes of each setting (--quick, default, --full-resolution); --repeats, --batch-size and --size override theirs
 SETTINGS = {
@@ -173,25 +174,34 @@ def build_model(dataset, fusion, mask_mode, device):
     return models.build_model(dataset.input_specs, dataset.num_classes, fusion, mask_mode).to(device)
 
 
-def loader_of(dataset, batch_size, device):
-    """The loader of the valuation and evaluation passes: in order, in this process."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=0, pin_memory=device.type == "cuda")
+def loader_settings(batch_size, device):
+    """The loader settings of the passes and epochs: in this process, no workers."""
+    return dict(batch_size=batch_size, num_workers=0, pin_memory=device.type == "cuda")
 
 
-@torch.no_grad()
-def evaluation_pass(model, loader, device, amp):
-    """The pass valuation is measured against: model(inputs) over the loader, eval mode, no_grad."""
-    model.eval()
-    predictions = []
-    for inputs, _, _ in loader:
-        with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            predictions.append(model(train.to_device(inputs, device)).argmax(1).cpu())
-    return torch.cat(predictions)
+def offline_plan(mode, model, dataset, loader_kwargs, device, generator, amp):
+    """The plan of one epoch of `mode` after the warm-up, offline (method.ModalityValuation.plan): the valuation
+    pass (Eq. 1-3) and the copies (Eq. 10 or 11)."""
+    valuation = method.OfflineValuation(dataset, loader_kwargs, device, amp)
+    return method.ModalityValuation(mode, len(dataset), len(dataset.modalities), generator, valuation,
+                                    subset_ratio=SUBSET_RATIO).plan(0, model)
 
 
-def valuate(model, loader, device, amp):
-    """phi [N, n] of every sample of the loader: train.py's valuation (one pass, then Eq. 1-3)."""
-    return train.contributions(train.run_pass(model, loader, device, amp))
+def train_epoch(model, method_, loader, optimizer, scaler, device, amp):
+    """engine.train_one_epoch of `model` with `method_`'s loss (method.Method: plain cross-entropy)."""
+    return engine.train_one_epoch(engine.TrainingStep(model, method_), loader, optimizer, scaler, device, 0, amp)
+
+
+def evaluation_pass(model, dataset, loader_kwargs, device, amp):
+    """The pass valuation is measured against: model(inputs) in the same loop (engine.evaluate), eval mode,
+    no_grad."""
+    return engine.evaluate(model, dataset, lambda model, inputs, target: dict(prediction=model(inputs).argmax(1)),
+                           loader_kwargs, device, amp)
+
+
+def valuate(model, dataset, loader_kwargs, device, amp):
+    """phi [N, n] of every sample: train.py's valuation (one pass, then Eq. 1-3)."""
+    return engine.contributions(engine.valuation_pass(model, dataset, loader_kwargs, device, amp))
 
 
 def forward_batch_sizes(model, fn):
@@ -221,25 +231,25 @@ def copies_mask(batch, generator):
 
 
 def bench_valuation(s, device, amp, clock):
-    """Target 1: train.valuate / evaluation pass, per masking; mixing fusions: ratio and batched calls."""
+    """Target 1: valuate / evaluation pass, per masking; mixing fusions: ratio and batched calls."""
     dataset = synthetic_set(s["size"], s["samples"])
-    loader = loader_of(dataset, s["batch_size"], device)
+    loader_kwargs = loader_settings(s["batch_size"], device)
     rows = []
     for mask_mode in ("feature", "input"):
         model = build_model(dataset, "concat", mask_mode, device)
-        seconds = side_by_side({"eval": lambda: evaluation_pass(model, loader, device, amp),
-                                "valuate": lambda: valuate(model, loader, device, amp)},
+        seconds = side_by_side({"eval": lambda: evaluation_pass(model, dataset, loader_kwargs, device, amp),
+                                "valuate": lambda: valuate(model, dataset, loader_kwargs, device, amp)},
                                s["repeats"], device, clock)
         rows.append(at_most(f"valuation / eval pass, {mask_mode} masking (concat)",
                             median_ratio(seconds, "valuate", "eval"), 1.10))
     # the whole network per coalition: one batch is enough to see the ratio
-    one_batch = loader_of(Subset(dataset, range(s["batch_size"])), s["batch_size"], device)
+    one_batch = Subset(dataset, range(s["batch_size"]))
     for fusion in MIXING:
         model = build_model(dataset, fusion, None, device)
-        seconds = side_by_side({"eval": lambda: evaluation_pass(model, one_batch, device, amp),
-                                "valuate": lambda: valuate(model, one_batch, device, amp)},
+        seconds = side_by_side({"eval": lambda: evaluation_pass(model, one_batch, loader_kwargs, device, amp),
+                                "valuate": lambda: valuate(model, one_batch, loader_kwargs, device, amp)},
                                s["repeats"], device, clock)
-        sizes = forward_batch_sizes(model, lambda: valuate(model, one_batch, device, amp))
+        sizes = forward_batch_sizes(model, lambda: valuate(model, one_batch, loader_kwargs, device, amp))
         batched = len(sizes) > 0 and all(size == s["batch_size"] for size in sizes)
         rows.append(row(f"valuation / eval pass, input masking ({fusion})",
                         median_ratio(seconds, "valuate", "eval"), "batched", batched))
@@ -247,14 +257,13 @@ def bench_valuation(s, device, amp, clock):
 
 
 def bench_modality_level(s, device, amp, clock):
-    """Target 2: train.resampling_plan, modality level (value Z only) / sample level (value every sample)."""
+    """Target 2: the plan, modality level (value Z only) / sample level (value every sample)."""
     dataset = synthetic_set(s["size"], s["samples"])
     model = build_model(dataset, "concat", "feature", device)
-    loader_kwargs = dict(batch_size=s["batch_size"], num_workers=0, pin_memory=device.type == "cuda")
+    loader_kwargs = loader_settings(s["batch_size"], device)
     generator = torch.Generator().manual_seed(0)
     seconds = side_by_side(
-        {mode: lambda mode=mode: train.resampling_plan(mode, model, dataset, loader_kwargs, device, generator,
-                                                       SUBSET_RATIO, amp=amp)
+        {mode: lambda mode=mode: offline_plan(mode, model, dataset, loader_kwargs, device, generator, amp)
          for mode in ("sample", "modality")}, s["repeats"], device, clock)
     return [at_most(f"modality-level plan (Z = {SUBSET_RATIO:.0%}) / sample-level plan",
                     median_ratio(seconds, "modality", "sample"), 0.25)]
@@ -266,12 +275,12 @@ def bench_copies(s, device, amp, clock):
     model = build_model(dataset, "concat", "feature", device)
     optimizer = sgd(model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    inputs, target, index = next(iter(loader_of(dataset, s["batch_size"], device)))
+    inputs, target, index = next(iter(DataLoader(dataset, **loader_settings(s["batch_size"], device))))
     full = torch.ones(len(target), 2, dtype=torch.bool)
     copies = copies_mask(len(target), torch.Generator().manual_seed(0))
     seconds = side_by_side(
-        {name: lambda mask=mask: train.train_one_epoch(model, [(inputs, target, index, mask)], optimizer, scaler,
-                                                       device, 0, amp)
+        {name: lambda mask=mask: train_epoch(model, method.Method(), [(inputs, target, index, mask)], optimizer,
+                                             scaler, device, amp)
          for name, mask in (("full", full), ("copies", copies))}, s["repeats"], device, clock)
     return [at_most("training step, uni-modal copies / full samples", median_ratio(seconds, "copies", "full"), 0.6)]
 
@@ -307,12 +316,12 @@ def memory_probe(s, device, amp):
     in a fresh process started with MALLOC_MMAP_THRESHOLD_, where what one pass frees is given back before the
     next one starts."""
     dataset = synthetic_set(s["size"], s["batch_size"])
-    loader = loader_of(dataset, s["batch_size"], device)
+    loader_kwargs = loader_settings(s["batch_size"], device)
     peaks = {}
     for mask_mode in ("feature", "input"):
         model = build_model(dataset, "concat", mask_mode, device)
-        passes = {"eval": lambda: evaluation_pass(model, loader, device, amp),
-                  "valuate": lambda: valuate(model, loader, device, amp)}
+        passes = {"eval": lambda: evaluation_pass(model, dataset, loader_kwargs, device, amp),
+                  "valuate": lambda: valuate(model, dataset, loader_kwargs, device, amp)}
         for run in passes.values():
             run()
         peaks[mask_mode] = {name: [] for name in passes}
@@ -467,17 +476,17 @@ def bench_epochs(s, device, amp, clock):
     model = build_model(dataset, "concat", "feature", device)
     optimizer = sgd(model)
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
-    loader_kwargs = dict(batch_size=s["batch_size"], num_workers=0, pin_memory=device.type == "cuda")
+    loader_kwargs = loader_settings(s["batch_size"], device)
     generator = torch.Generator().manual_seed(0)
     trained = {"baseline": [], "sample": []}  # rows trained on in each epoch, the warm-up epoch first
 
     def epoch(mode):
         copies = torch.zeros(len(dataset), 2, dtype=torch.long)
         if mode == "sample":
-            _, _, copies = train.resampling_plan("sample", model, dataset, loader_kwargs, device, generator, amp=amp)
+            copies = offline_plan("sample", model, dataset, loader_kwargs, device, generator, amp).copies
         epoch_set = data.ResampledDataset(dataset, *shapley_mm.expand_copies(copies))
         loader = DataLoader(epoch_set, shuffle=True, generator=generator, **loader_kwargs)
-        trained[mode].append(train.train_one_epoch(model, loader, optimizer, scaler, device, 0, amp)[1])
+        trained[mode].append(train_epoch(model, method.Method(), loader, optimizer, scaler, device, amp)[1])
 
     seconds = side_by_side({mode: lambda mode=mode: epoch(mode) for mode in ("baseline", "sample")},
                            s["repeats"], device, clock)
@@ -495,7 +504,7 @@ def bench_online(s, device, amp, clock):
     """Target 7: a training epoch over D^rs with online valuation / without; the offline valuation pass / that
     epoch; whole sample-level epochs, offline and online, / a baseline epoch (see the module docstring)."""
     dataset = synthetic_set(s["size"], s["online_samples"])
-    loader_kwargs = dict(batch_size=s["batch_size"], num_workers=0, pin_memory=device.type == "cuda")
+    loader_kwargs = loader_settings(s["batch_size"], device)
     sides = ("baseline", "offline", "online")
     trained = {side: build_model(dataset, "concat", "feature", device) for side in sides}  # same weights
     optimizers = {side: sgd(trained[side]) for side in sides}
@@ -505,27 +514,27 @@ def bench_online(s, device, amp, clock):
     resampled = data.ResampledDataset(dataset, copied, torch.arange(len(copied)) % 2)  # D^rs of every epoch
     original = data.ResampledDataset(dataset, torch.zeros(0), torch.zeros(0))  # D, for the baseline
     parts = {"valuation pass": [], "training": [], "training, online valuation": []}  # seconds, warm-up first
-    table = None  # what the online side's previous epoch valued
+    # the online side's method: each epoch's plan from the table its previous epoch's steps filled
+    online = method.ModalityValuation("sample", len(dataset), len(dataset.modalities), generator, None, warmup=1,
+                                      online=True)
+    plain = method.Method()
 
-    def training_epoch(side, epoch_set, online=None):
+    def training_epoch(side, epoch_set, method_):
         batches = data.TrainingBatches(epoch_set, s["batch_size"], torch.Generator().manual_seed(0))
         loader = DataLoader(epoch_set, batch_sampler=batches, num_workers=0, pin_memory=device.type == "cuda")
-        train.train_one_epoch(trained[side], loader, optimizers[side], scaler, device, 0, amp, online=online)
+        train_epoch(trained[side], method_, loader, optimizers[side], scaler, device, amp)
 
     def offline_epoch():
-        parts["valuation pass"].append(timed(lambda: train.resampling_plan(
-            "sample", trained["offline"], dataset, loader_kwargs, device, generator, amp=amp), device, clock))
-        parts["training"].append(timed(lambda: training_epoch("offline", resampled), device, clock))
+        parts["valuation pass"].append(timed(lambda: offline_plan(
+            "sample", trained["offline"], dataset, loader_kwargs, device, generator, amp), device, clock))
+        parts["training"].append(timed(lambda: training_epoch("offline", resampled, plain), device, clock))
 
     def online_epoch():
-        nonlocal table
-        if table is not None:  # the plan of this epoch, from the values the previous one took
-            train.resampling_plan("sample", None, dataset, None, device, generator, online=table)
-        table = train.online_table(len(dataset), len(dataset.modalities))
+        online.plan(1, trained["online"])  # this epoch's plan, from the previous epoch's table; a new table
         parts["training, online valuation"].append(
-            timed(lambda: training_epoch("online", resampled, table), device, clock))
+            timed(lambda: training_epoch("online", resampled, online), device, clock))
 
-    seconds = side_by_side({"baseline": lambda: training_epoch("baseline", original), "offline": offline_epoch,
+    seconds = side_by_side({"baseline": lambda: training_epoch("baseline", original, plain), "offline": offline_epoch,
                             "online": online_epoch}, s["repeats"], device, clock)
     seconds.update({part: times[1:] for part, times in parts.items()})  # the warm-up round left out
     return [at_most("training epoch on D^rs, online valuation on / off",
@@ -542,18 +551,18 @@ def bench_online(s, device, amp, clock):
 
 
 def distributed_probe(s, device, amp):
-    """[seconds] of `repeats` sharded valuation passes (train.pass_over) over one data set, in this process of a
+    """[seconds] of `repeats` sharded valuation passes (engine.valuation_pass) over one data set, in this process of a
     torchrun job, between barriers (none in a job of one process); after a warm-up pass."""
-    device = train.setup_distributed(-1 if device.type == "cpu" else None)
+    device = engine.setup_distributed(-1 if device.type == "cpu" else None)
     dataset = synthetic_set(s["size"], s["samples"])
     model = build_model(dataset, "concat", "feature", device)
-    loader_kwargs = dict(batch_size=s["batch_size"], num_workers=0, pin_memory=device.type == "cuda")
+    loader_kwargs = loader_settings(s["batch_size"], device)
     together = torch.distributed.barrier if torch.distributed.is_initialized() else lambda: None  # one process: none
     seconds = []
     for k in range(s["repeats"] + 1):
         together()
         start = time.perf_counter()
-        train.contributions(train.pass_over(model, dataset, loader_kwargs, device, amp))
+        valuate(model, dataset, loader_kwargs, device, amp)
         synchronize(device)
         together()
         if k > 0:

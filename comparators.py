@@ -7,17 +7,13 @@
     gblending  Gradient-Blending (Wang et al., CVPR 2020): multimodal and uni-modal losses weighted by their
                overfitting-to-generalisation ratio
 
-None of them re-samples (D^rs = D, no copies): each changes the training step, with the loaders, models, schedule,
-logs and checkpoints of the other modes. A method is one object (build) that train.py calls at four points:
-
-    start_epoch(epoch, active)   epoch-level state (PMR's prototypes, G-Blending's weights)
-    loss(model, inputs, target)  the training forward and the method's loss
-    modulate(model)              after backward, before the optimiser step (gradient changes)
-    end_epoch(epoch)             measurements after the epoch (G-Blending's validation losses)
-
-state_dict() / load_state_dict() hold every running statistic, so a resumed run continues exactly; summary() is
-what the epoch's log record shows. A method acts in the epochs after the warm-up (--warmup, as every mode) up to
---modulation-ends; greedy and gblending also measure during the warm-up, as their official code does from epoch 0.
+None of them re-samples (D^rs = D, no copies): each is a method.Method that changes the training step, with the
+loaders, models, schedule, logs and checkpoints of the other modes. Beside the base's plan, loss, modulate,
+end_epoch, state_dict and summary, a method keeps its epoch-level state in start_epoch(epoch, active) (PMR's
+prototypes, G-Blending's weights), which the base's plan calls. state_dict() / load_state_dict() hold every running
+statistic, so a resumed run continues exactly. A method acts in the epochs after the warm-up (--warmup, as every
+mode) up to --modulation-ends; greedy and gblending also measure during the warm-up, as their official code does from
+epoch 0.
 
 Uni-modal responses go through the classifier's mask, so a method works with every fusion it is meaningful for.
 The response of modality m to a batch is its Shapley value in the game whose value of a coalition C is the logits
@@ -27,23 +23,32 @@ slice plus half the bias that OGM-GE's code reads (test_comparators checks both)
 runs only the fusion head per coalition, on the features of the training forward itself; any other classifier runs
 one forward per coalition.
 
-Under distributed training, per-batch statistics would be per rank: OGM-GE's scores and AGM's losses per batch are
-what the official code computes per GPU; PMR's prototypes, Greedy's learning speeds and G-Blending's losses describe
-the whole data set and would need an all-reduce.
+Under torchrun every statistic is that of the global batch or of the whole data set, the same on every process: the
+training step runs inside DistributedDataParallel (engine.TrainingStep), so the gradients a method changes are the
+all-reduced ones; OGM-GE's scores, AGM's losses, PMR's prototype scores, Greedy's gate averages and G-Blending's
+training losses are summed over the processes (engine.sum_over_processes); PMR's prototypes and G-Blending's
+validation losses come from sharded, gathered passes (engine.evaluate); OGM-GE's noise is rank 0's draw.
 """
 import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
+import engine
 import models
 import shapley_mm
+from method import Method
 
 METHODS = ("ogm-ge", "greedy", "pmr", "agm", "gblending")
 REQUIRED_FUSION = {"greedy": "mmtm"}  # a method that needs one fusion; the others take every fusion
 AGM_CLIP = 5.0  # AGM's code: clip the gradient norm at 5 when a fusion-head gradient leaves [-5, 5]
 AGM_CAP = 7.0  # AGM's code: the exponent of a coefficient is at most alpha * 7
+
+
+# each method's own flags (train.py refuses them in another mode)
+FLAG_MODES = dict(ogm_alpha="ogm-ge", greedy_epsilon="greedy", greedy_window="greedy", pmr_alpha="pmr",
+                  pmr_momentum="pmr", pmr_fraction="pmr", agm_alpha="agm", super_epoch="gblending")
 
 
 def add_arguments(parser, number):
@@ -87,21 +92,22 @@ def refusal(args, num_modalities):
     return None
 
 
-def build(args, model, splits, loader_kwargs, device, generator):
-    """The method of args.mode for `model`, with the data it reads between epochs."""
+def build(args, model, splits, loader_kwargs, device, generator, valuation=None):
+    """The method of args.mode for `model`, with the data it reads between epochs; `valuation` (--track-phi) values
+    the training set every epoch for the log."""
     n = model.num_modalities
+    schedule = dict(warmup=args.warmup, last_epoch=args.modulation_ends, valuation=valuation)
     if args.mode == "ogm-ge":
-        return OGMGE(n, args.ogm_alpha)
+        return OGMGE(n, args.ogm_alpha, **schedule)
     if args.mode == "greedy":
-        return Greedy(model, args.greedy_epsilon, args.greedy_window)
+        return Greedy(model, args.greedy_epsilon, args.greedy_window, **schedule)
     if args.mode == "pmr":
         return PMR(model, splits["train_eval"], loader_kwargs, device, generator, args.pmr_alpha, args.pmr_momentum,
-                   args.pmr_fraction)
+                   args.pmr_fraction, args.amp, **schedule)
     if args.mode == "agm":
-        return AGM(n, args.agm_alpha)
+        return AGM(n, args.agm_alpha, **schedule)
     if args.mode == "gblending":
-        return GBlending(model, DataLoader(splits["val"], shuffle=False, **loader_kwargs), device, args.super_epoch,
-                         args.warmup)
+        return GBlending(model, splits["val"], loader_kwargs, device, args.super_epoch, args.amp, **schedule)
     raise ValueError(f"unknown comparator {args.mode!r}; expected one of {METHODS}")
 
 
@@ -172,20 +178,13 @@ def true_class_probability(logits, target):
     return probability.gather(-1, target.view(-1, 1).expand(*logits.shape[:-1], 1)).squeeze(-1)
 
 
-@torch.no_grad()
-def confidence_pass(model, loader, device):
-    """OGM-GE's confidence of every sample of an evaluation loader, per modality: [N, n], in the loader's order
-    (the true-class softmax of each modality's Shapley response; the model in eval mode)."""
-    model.eval()
-    n = model.num_modalities
-    members = shapley_mm.coalitions(n).to(device)
-    scores = []
-    for inputs, target, _ in loader:
-        inputs, target = [x.to(device) for x in inputs], target.to(device)
-        predict = model.coalition_predictor(inputs)
-        logits = torch.stack([predict(member.expand(len(target), -1)) for member in members[1:]])
-        scores.append(true_class_probability(shapley_responses(logits), target).T.cpu())  # [B, n]
-    return torch.cat(scores)
+def read_confidence(model, inputs, target):
+    """A read_batch for engine.evaluate: OGM-GE's confidence of each row, per modality, ogm_score [B, n] (the
+    true-class softmax of each modality's Shapley response; the model in eval mode)."""
+    members = shapley_mm.coalitions(model.num_modalities).to(target.device)
+    predict = model.coalition_predictor(inputs)
+    logits = torch.stack([predict(member.expand(len(target), -1)) for member in members[1:]])
+    return dict(ogm_score=true_class_probability(shapley_responses(logits), target).T)
 
 
 def encoder_weights(model, m):
@@ -216,17 +215,17 @@ def ogm_ge_step(model, coefficients):
     as the official code draws it (std + 1e-8), for every modality."""
     for m, coefficient in enumerate(coefficients.tolist()):
         for p in encoder_weights(model, m):
-            noise = torch.randn_like(p.grad) * (p.grad.std() + 1e-8)
+            noise = engine.broadcast_tensor(torch.randn_like(p.grad)) * (p.grad.std() + 1e-8)  # one draw for all
             p.grad.mul_(coefficient).add_(noise)
 
 
-class ResponseModulation:
+class ResponseModulation(Method):
     """What OGM-GE and AGM share: per batch, the modalities' Shapley responses (unimodal_responses) give one
     coefficient per modality (coefficients_from, the method's rule), and modulate changes each encoder's gradients
     by it after backward. The coefficients' mean over an epoch is logged."""
 
-    def __init__(self, num_modalities):
-        self.active = False
+    def __init__(self, num_modalities, **schedule):
+        super().__init__(**schedule)
         self.coefficients = torch.ones(num_modalities, dtype=torch.float64)
         self.coefficient_sums, self.steps = torch.zeros(num_modalities, dtype=torch.float64), 0
 
@@ -234,7 +233,7 @@ class ResponseModulation:
         self.active = active
         self.coefficient_sums, self.steps = torch.zeros_like(self.coefficient_sums), 0
 
-    def loss(self, model, inputs, target):
+    def loss(self, model, inputs, target, mask=None, index=None):
         logits, features = joint_forward(model, inputs)
         if self.active:
             responses = unimodal_responses(model, inputs, features)  # [n, B, K]
@@ -242,9 +241,6 @@ class ResponseModulation:
             self.coefficient_sums += self.coefficients
             self.steps += 1
         return F.cross_entropy(logits.float(), target)
-
-    def end_epoch(self, epoch):
-        pass
 
     def summary(self):
         return dict(mean_coefficient=(self.coefficient_sums / max(self.steps, 1)).tolist())
@@ -254,22 +250,18 @@ class OGMGE(ResponseModulation):
     """OGM-GE: per batch, the scores s_m of the modalities' responses (Eq. 9), the coefficients k_m
     (ogm_coefficients), and the change of the encoders' gradients (ogm_ge_step). No state between batches."""
 
-    def __init__(self, num_modalities, alpha):
-        super().__init__(num_modalities)
+    name = "ogm-ge"
+
+    def __init__(self, num_modalities, alpha, **schedule):
+        super().__init__(num_modalities, **schedule)
         self.alpha = alpha
 
     def coefficients_from(self, probability):  # [n, B], the true-class softmax of each response
-        return ogm_coefficients(probability.sum(1), self.alpha)  # s_m, Eq. 9
+        return ogm_coefficients(engine.sum_over_processes(probability.sum(1)), self.alpha)  # s_m, Eq. 9
 
     def modulate(self, model):
         if self.active:
             ogm_ge_step(model, self.coefficients)
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +288,7 @@ def greedy_trigger(bypass_speeds, main_speeds, epsilon):
     return None
 
 
-class Greedy:
+class Greedy(Method):
     """Greedy's re-balancing step for MMTM: after every backward pass outside a curation window, the running sums
     of the learning speeds of each modality's main path (its encoder) and bypass path (MMTM's joint layer, shared,
     and its own excitation layer) are updated; when greedy_trigger names a modality, the next `window` steps replace
@@ -304,7 +296,10 @@ class Greedy:
     other modalities. The gates are read and replaced by forward hooks on the excitation layers (training forwards
     only), so the classifier itself is unchanged."""
 
-    def __init__(self, model, epsilon, window):
+    name = "greedy"
+
+    def __init__(self, model, epsilon, window, **schedule):
+        super().__init__(**schedule)
         mixers = getattr(model, "mixers", None)
         if mixers is None or not all(isinstance(mixer, models.MMTM) for mixer in mixers):
             raise ValueError("greedy needs a classifier with MMTM modules (--fusion mmtm)")
@@ -318,7 +313,7 @@ class Greedy:
         self.gate_sums = [[torch.zeros(e.out_features) for e in mixer.excitations] for mixer in mixers]
         self.gate_steps = 0
         self.curated, self.curation_step = None, 0  # the modality whose gate is replaced, and for how long yet
-        self.active, self.curated_steps = False, 0
+        self.curated_steps = 0
         for level, mixer in enumerate(mixers):
             for m, excitation in enumerate(mixer.excitations):
                 excitation.register_forward_hook(self.gate_hook(level, m))
@@ -329,7 +324,8 @@ class Greedy:
                 return None
             if m == 0 and level == 0:
                 self.gate_steps += 1
-            self.gate_sums[level][m] += (2 * torch.sigmoid(output.detach().float())).mean(0).cpu()
+            gate = (2 * torch.sigmoid(output.detach().float())).mean(0).cpu()  # [C]
+            self.gate_sums[level][m] += engine.mean_over_processes(gate)
             if self.curated != m:
                 return None
             average = self.gate_sums[level][m] / self.gate_steps  # [C], in (0, 2)
@@ -339,7 +335,7 @@ class Greedy:
     def start_epoch(self, epoch, active):
         self.active, self.curated_steps = active, 0
 
-    def loss(self, model, inputs, target):
+    def loss(self, model, inputs, target, mask=None, index=None):
         self.curated_steps += self.curated is not None
         return F.cross_entropy(model(inputs).float(), target)
 
@@ -355,9 +351,6 @@ class Greedy:
         if self.active:
             self.curated = greedy_trigger(self.bypass_speed, self.main_speed, self.epsilon)
             self.curation_step = 0
-
-    def end_epoch(self, epoch):
-        pass
 
     def summary(self):
         return dict(curated_steps=self.curated_steps)
@@ -404,32 +397,33 @@ def pmr_weights(prototype_scores, alpha):
     return torch.where(prototype_scores < prototype_scores.max(), alpha, 0.0)
 
 
-class PMR:
+def read_features(model, inputs, target):
+    """A read_batch for engine.evaluate: each modality's pooled encoder feature, feature_m [B, d_m]."""
+    return {f"feature_{m}": feature.float() for m, feature in enumerate(model.encode(inputs))}
+
+
+class PMR(Method):
     """PMR: prototypes per modality and class from a random --pmr-fraction of the training samples (evaluation
     transforms, eval mode) at the start of every epoch in which the method acts, with momentum; the loss adds
     alpha * CE(-distance(feature, prototypes)) for the weaker modalities (pmr_weights)."""
+    name = "pmr"
 
-    def __init__(self, model, train_eval, loader_kwargs, device, generator, alpha, momentum, fraction):
+    def __init__(self, model, train_eval, loader_kwargs, device, generator, alpha, momentum, fraction, amp=False,
+                 **schedule):
+        super().__init__(**schedule)
         self.train_eval, self.loader_kwargs, self.device, self.generator = train_eval, loader_kwargs, device, generator
-        self.model, self.alpha, self.momentum, self.fraction = model, alpha, momentum, fraction
+        self.model, self.alpha, self.momentum, self.fraction, self.amp = model, alpha, momentum, fraction, amp
         self.prototypes = None  # one [K, d_m] per modality
-        self.active = False
         self.weight_sums, self.steps = torch.zeros(model.num_modalities), 0
 
-    @torch.no_grad()
     def update_prototypes(self):
         count = max(1, int(round(self.fraction * len(self.train_eval))))
         chosen = torch.randperm(len(self.train_eval), generator=self.generator)[:count].tolist()
-        self.model.eval()
-        features, labels = [[] for _ in range(self.model.num_modalities)], []
-        for inputs, target, _ in DataLoader(Subset(self.train_eval, chosen), shuffle=False, **self.loader_kwargs):
-            for m, feature in enumerate(self.model.encode([x.to(self.device) for x in inputs])):
-                features[m].append(feature.float().cpu())
-            labels.append(target)
-        labels = torch.cat(labels)
-        previous = self.prototypes or [None] * len(features)
-        self.prototypes = [class_prototypes(torch.cat(f), labels, self.model.num_classes, p, self.momentum)
-                           for f, p in zip(features, previous)]
+        read = engine.evaluate(self.model, Subset(self.train_eval, chosen), read_features, self.loader_kwargs,
+                               self.device, self.amp)
+        previous = self.prototypes or [None] * self.model.num_modalities
+        self.prototypes = [class_prototypes(read[f"feature_{m}"], read["labels"], self.model.num_classes, p,
+                                            self.momentum) for m, p in enumerate(previous)]
 
     def start_epoch(self, epoch, active):
         self.active = active
@@ -437,24 +431,19 @@ class PMR:
         if active:
             self.update_prototypes()
 
-    def loss(self, model, inputs, target):
+    def loss(self, model, inputs, target, mask=None, index=None):
         features = model.encode(inputs)
         loss = F.cross_entropy(model.fuse(features).float(), target)
         if not self.active:
             return loss
         distances = [prototype_logits(f, p) for f, p in zip(features, self.prototypes)]  # n x [B, K]
         with torch.no_grad():
-            scores = torch.stack([true_class_probability(d, target).sum() for d in distances]).cpu()
+            scores = engine.sum_over_processes(torch.stack([true_class_probability(d, target).sum()
+                                                            for d in distances]).cpu())
         weights = pmr_weights(scores, self.alpha)
         self.weight_sums += weights
         self.steps += 1
         return loss + sum(w * F.cross_entropy(d, target) for w, d in zip(weights.tolist(), distances) if w)
-
-    def modulate(self, model):
-        pass
-
-    def end_epoch(self, epoch):
-        pass
 
     def summary(self):
         return dict(mean_prototype_weight=(self.weight_sums / max(self.steps, 1)).tolist())
@@ -489,13 +478,16 @@ class AGM(ResponseModulation):
     multiply the gradients of each encoder's weights, the running mean of the losses (over every step since the
     method started), and a gradient-norm clip at 5 when a fusion-head gradient leaves [-5, 5]."""
 
-    def __init__(self, num_modalities, alpha):
-        super().__init__(num_modalities)
+    name = "agm"
+
+    def __init__(self, num_modalities, alpha, **schedule):
+        super().__init__(num_modalities, **schedule)
         self.alpha = alpha
         self.running_losses, self.running_steps = torch.zeros(num_modalities, dtype=torch.float64), 0
 
     def coefficients_from(self, probability):  # [n, B], the true-class softmax of each response
-        losses = (-probability.clamp(min=1e-8).log()).mean(1).double()  # [n]; AGM's code: a probability >= 1e-8
+        # [n]; AGM's code: a probability >= 1e-8
+        losses = engine.mean_over_processes((-probability.clamp(min=1e-8).log()).mean(1).double())
         coefficients = agm_coefficients(losses, self.running_losses, self.alpha)
         self.running_steps += 1
         self.running_losses += (losses - self.running_losses) / self.running_steps
@@ -536,25 +528,21 @@ def blending_weights(train_first, val_first, train_last, val_last):
     return weights / weights.sum()
 
 
-@torch.no_grad()
-def head_losses(model, loader, device):
-    """The mean cross-entropy of every head over an evaluation loader, [n + 1]: all modalities, then each
-    modality alone (forward with only that modality kept)."""
-    model.eval()
-    n = model.num_modalities
-    members = torch.cat([torch.ones(1, n, dtype=torch.bool), torch.eye(n, dtype=torch.bool)]).to(device)
-    totals, count = torch.zeros(n + 1, dtype=torch.float64), 0
-    for inputs, target, _ in loader:
-        inputs, target = [x.to(device) for x in inputs], target.to(device)
-        predict = model.coalition_predictor(inputs)
-        for k, member in enumerate(members):
-            totals[k] += F.cross_entropy(predict(member.expand(len(target), -1)).float(), target,
-                                         reduction="sum").item()
-        count += len(target)
-    return totals / count
+def head_members(n):
+    """The heads of G-Blending as coalitions, [n + 1, n] bool: all modalities, then each modality alone."""
+    return torch.cat([torch.ones(1, n, dtype=torch.bool), torch.eye(n, dtype=torch.bool)])
 
 
-class GBlending:
+def read_head_losses(model, inputs, target):
+    """A read_batch for engine.evaluate: each row's cross-entropy under every head, head_loss [B, n + 1] (forward
+    with only the head's modalities kept)."""
+    predict = model.coalition_predictor(inputs)
+    members = head_members(model.num_modalities).to(target.device)
+    return dict(head_loss=torch.stack([F.cross_entropy(predict(member.expand(len(target), -1)).float(), target,
+                                                       reduction="none") for member in members], 1))
+
+
+class GBlending(Method):
     """Online G-Blending: the loss is sum_k w_k CE_k over the heads k = all modalities, then each modality alone
     (through the mask, sharing the fusion head). Every epoch records each head's training loss (the mean over the
     epoch's batches) and validation loss (head_losses after the epoch), from the first epoch on. At the start of
@@ -562,14 +550,17 @@ class GBlending:
     and last epochs of the S epochs before it (the warm-up for the first); uniform weights while there is no
     estimate."""
 
-    def __init__(self, model, val_loader, device, super_epoch, warmup):
-        self.val_loader, self.device, self.super_epoch, self.warmup = val_loader, device, super_epoch, warmup
+    name = "gblending"
+
+    def __init__(self, model, val_set, loader_kwargs, device, super_epoch, amp=False, **schedule):
+        super().__init__(**schedule)
+        self.val_set, self.loader_kwargs, self.device, self.super_epoch, self.amp = (val_set, loader_kwargs, device,
+                                                                                     super_epoch, amp)
         self.model = model
         n = model.num_modalities
-        self.members = torch.cat([torch.ones(1, n, dtype=torch.bool), torch.eye(n, dtype=torch.bool)])  # [n + 1, n]
+        self.members = head_members(n)  # [n + 1, n]
         self.weights = torch.full((n + 1,), 1.0 / (n + 1), dtype=torch.float64)
         self.train_losses, self.val_losses = {}, {}  # epoch -> [n + 1]
-        self.active = False
         self.loss_sums, self.steps = torch.zeros(n + 1, dtype=torch.float64), 0
 
     def start_epoch(self, epoch, active):
@@ -584,7 +575,7 @@ class GBlending:
                 if weights is not None:
                     self.weights = weights
 
-    def loss(self, model, inputs, target):
+    def loss(self, model, inputs, target, mask=None, index=None):
         logits, features = joint_forward(model, inputs)
         members = self.members[1:].to(target.device)
         if self.active:
@@ -600,12 +591,11 @@ class GBlending:
             return losses[0]
         return (self.weights.to(losses) * losses).sum()
 
-    def modulate(self, model):
-        pass
-
     def end_epoch(self, epoch):
-        self.train_losses[epoch] = self.loss_sums / max(self.steps, 1)
-        self.val_losses[epoch] = head_losses(self.model, self.val_loader, self.device)
+        totals = engine.sum_over_processes(torch.cat([self.loss_sums, torch.tensor([self.steps], dtype=torch.float64)]))
+        self.train_losses[epoch] = totals[:-1] / max(totals[-1].item(), 1)  # the mean over every process's steps
+        read = engine.evaluate(self.model, self.val_set, read_head_losses, self.loader_kwargs, self.device, self.amp)
+        self.val_losses[epoch] = read["head_loss"].double().mean(0)
 
     def summary(self):
         return dict(weights=self.weights.tolist())

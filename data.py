@@ -132,7 +132,9 @@ class TrainingBatches(Sampler):
             if not self.one_sample_keeps_a_modality(pending):
                 break
         batches = batches + [pending] if pending else batches
-        batches += batches[:-len(batches) % self.world_size]  # every process takes as many steps
+        # every process takes as many steps: the first batches again, round after round if there are fewer batches
+        # than processes
+        batches += [batches[k % len(batches)] for k in range(-len(batches) % self.world_size)]
         self.batches = batches[self.rank::self.world_size]
         yield from self.batches  # a generator, as BatchSampler: the shuffle is drawn at the first batch
 
@@ -684,29 +686,29 @@ def read_class_names(path):
     return names
 
 
-def build_kinetics_sounds(root, split, split_file=None, augment=False, image_size=224, skip_missing=False,
+def build_kinetics_sounds(root, split, list_dir=None, augment=False, image_size=224, skip_missing=False,
                           num_classes=None):
     """Kinetics-Sounds in the authors' layout:
         root/ks_audio/{train,val,test}_1fps_path.txt   lines '<.../clip name> ... <label>'
         root/ks_audio/<split>/<clip name>.npy          spectrogram, (1024, 128) or (257, 1004)
         root/ks_visual/<split>/<clip name>/frame_00001.jpg ...   1 frame per second
         root/ks_classes.txt                            optional: class names, line k naming label k - 1
-    With `split_file` = a folder of OGM-GE lists (`my_train.txt`, `my_val.txt`, `my_test.txt`, lines
+    With `list_dir` = a folder of OGM-GE lists (`my_train.txt`, `my_val.txt`, `my_test.txt`, lines
     `id,10,label`), the lists come from there and the clips from the same root layout. OGM-GE ships no
     val list: without my_val.txt, val is carved from my_train.txt (VAL_FRACTION per class, fixed seed) and
     train is the rest. The classes are those of ks_classes.txt, else num_classes numbered ones, else as many
     as the largest label over all lists + 1 (31 for the authors' lists; `classes_inferred_from` says so).
     A label outside the classes, or a clip listed twice in one list, stops with the file and line."""
     check_root("ks", root)
-    if split_file is None:
+    if list_dir is None:
         lists = {s: os.path.join(root, "ks_audio", f"{s}_1fps_path.txt") for s in SPLITS}
         entries = {s: read_ks_list(path, ogm_format=False) for s, path in lists.items()
                    if s == split or os.path.isfile(path)}
         folder = {s: s for s in SPLITS}
     else:
-        if not os.path.isdir(split_file):
-            raise DataError(f"{split_file}: expected a folder of OGM-GE lists my_train.txt, my_val.txt, my_test.txt")
-        lists = {s: os.path.join(split_file, f"my_{s}.txt") for s in SPLITS}
+        if not os.path.isdir(list_dir):
+            raise DataError(f"{list_dir}: expected a folder of OGM-GE lists my_train.txt, my_val.txt, my_test.txt")
+        lists = {s: os.path.join(list_dir, f"my_{s}.txt") for s in SPLITS}
         carve = split in ("train", "val") and not os.path.isfile(lists["val"])
         needed = "train" if carve else split
         entries = {s: read_ks_list(path, ogm_format=True) for s, path in lists.items()
@@ -879,11 +881,12 @@ def build_cremad(root, split, augment=False, image_size=224, skip_missing=False)
 # ----------------------------------------------------------------------------------------------
 # Entry points
 
-def build_dataset(name, split, *, root=None, split_file=None, views=None, augment=False, skip_missing=False,
-                  seed=0, **options):
+def build_dataset(name, split, *, root=None, split_file=None, list_dir=None, views=None, augment=False,
+                  skip_missing=False, seed=0, **options):
     """The `split` ("train", "val" or "test") of data set `name` (one of DATASETS).
     augment=True selects training transforms and random frame choice; False, evaluation transforms.
-    `views` (mfeat only) picks and orders the views; further `options` go to the data set's builder."""
+    `views` (mfeat only) picks and orders the views; `split_file` is MM-Debiased's JSON split, `list_dir` a folder
+    of OGM-GE's Kinetics-Sounds lists; further `options` go to the data set's builder."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {name!r}")
     check_split(split)
@@ -894,12 +897,14 @@ def build_dataset(name, split, *, root=None, split_file=None, views=None, augmen
         return MfeatDataset(split, views=MFEAT_DEFAULT_VIEWS if views is None else views, path=path, **options)
     if name == "synthetic":
         return SyntheticDataset(split, seed=seed, **options)
+    if list_dir is not None and name != "ks":
+        raise ValueError(f"list_dir applies to ks only, not to {name}")
+    if split_file is not None and name != "mmdebiased":
+        raise ValueError(f"split_file applies to mmdebiased only, not to {name}")
     if name == "ks":
-        return build_kinetics_sounds(root, split, split_file, augment=augment, skip_missing=skip_missing, **options)
+        return build_kinetics_sounds(root, split, list_dir, augment=augment, skip_missing=skip_missing, **options)
     if name == "mmdebiased":
         return build_mmdebiased(root, split, split_file, augment=augment, skip_missing=skip_missing, **options)
-    if split_file is not None:
-        raise ValueError(f"split_file does not apply to {name} (its split files are read from root)")
     build = build_ucf101 if name == "ucf101" else build_cremad
     return build(root, split, augment=augment, skip_missing=skip_missing, **options)
 

@@ -724,6 +724,21 @@ def check_mbt(layers, width, heads, fusion_layer, bottlenecks, patch, pretrained
                          f"pretrained weights for it")
 
 
+def check_positions(frames, rows, columns):
+    """Raise a ValueError unless positional embeddings cover `frames` frames of rows x columns patches."""
+    if max(rows, columns, frames) > MAX_POSITIONS:
+        raise ValueError(f"MBT: {frames} frames of {rows} x {columns} patches; positional embeddings cover at most "
+                         f"{MAX_POSITIONS} per axis (use a larger patch)")
+
+
+def check_mbt_input(kind, shape, patch):
+    """Raise a ValueError unless MBT's tokens of one input of `kind` and `shape` (without the batch axis: [C, H, W]
+    for an image, [C, T, H, W] for a clip) fit its positional embeddings."""
+    if kind != "vector":
+        frames = shape[1] if kind == "video" else 1
+        check_positions(frames, -(-shape[-2] // patch), -(-shape[-1] // patch))
+
+
 def positions(count, width):
     """A learned positional embedding [count, width], initialised as BERT's (and scenic's): N(0, 0.02)."""
     return nn.Parameter(torch.empty(count, width).normal_(std=0.02))
@@ -751,9 +766,7 @@ class PatchTokens(nn.Module):
         x = F.pad(x, (0, -x.shape[3] % self.patch, 0, -x.shape[2] % self.patch))
         x = self.embed(x)  # [B*T, width, h, w]
         h, w = x.shape[2:]
-        if max(h, w, frames) > MAX_POSITIONS:
-            raise ValueError(f"MBT: {frames} frames of {h} x {w} patches; positional embeddings cover at most "
-                             f"{MAX_POSITIONS} per axis (use a larger patch)")
+        check_positions(frames, h, w)
         x = x.flatten(2).transpose(1, 2) + (self.rows[:h, None] + self.columns[None, :w]).flatten(0, 1)
         x = x.view(-1, frames, h * w, x.shape[-1])  # [B, T, h*w, width]
         if self.video:

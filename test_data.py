@@ -363,7 +363,7 @@ def test_ks_ogm_lists_with_val_carved_from_train(tmp_path):
     write_ogm_list(lists / "my_train.txt", train_entries)
     write_ogm_list(lists / "my_test.txt", [("t0", 0), ("t1", 2)])
     (tmp_path / "root" / "ks_audio" / "train_1fps_path.txt").unlink()  # only the OGM-GE lists remain
-    build = lambda split: data.build_dataset("ks", split, root=str(tmp_path / "root"), split_file=str(lists),
+    build = lambda split: data.build_dataset("ks", split, root=str(tmp_path / "root"), list_dir=str(lists),
                                              image_size=32)
     train, val, test = build("train"), build("val"), build("test")
     assert test.sample_ids == ["t0", "t1"] and test.labels.tolist() == [0, 2]
@@ -388,9 +388,9 @@ def test_ks_errors(ks_root, tmp_path):
     with pytest.raises(data.DataError, match="label 2, expected 0..1"):
         data.build_dataset("ks", "val", root=str(ks_root), num_classes=2)
     with pytest.raises(data.DataError, match="my_train.txt"):
-        data.build_dataset("ks", "train", root=str(ks_root), split_file=str(ks_root / "ks_audio" / "train"))
+        data.build_dataset("ks", "train", root=str(ks_root), list_dir=str(ks_root / "ks_audio" / "train"))
     with pytest.raises(data.DataError, match="folder of OGM-GE lists"):
-        data.build_dataset("ks", "train", root=str(ks_root), split_file=str(ks_root / "ks_audio" / "val_1fps_path.txt"))
+        data.build_dataset("ks", "train", root=str(ks_root), list_dir=str(ks_root / "ks_audio" / "val_1fps_path.txt"))
 
 
 def test_ks_list_errors(tmp_path):
@@ -409,7 +409,7 @@ def test_ks_list_errors(tmp_path):
     ogm.mkdir()
     (ogm / "my_test.txt").write_text("a 10 0\n")
     with pytest.raises(data.DataError, match="my_test.txt:1: expected 'id,10,label'"):
-        data.build_dataset("ks", "test", root=str(tmp_path), split_file=str(ogm))
+        data.build_dataset("ks", "test", root=str(tmp_path), list_dir=str(ogm))
 
 
 def test_missing_clip_files_raise_or_are_skipped(ks_root):
@@ -542,7 +542,7 @@ def test_ks_clip_names_may_hold_spaces(tmp_path):
     ogm.mkdir()
     write_ogm_list(ogm / "my_train.txt", [("my clip", 0), ("b", 1)])
     write_ogm_list(ogm / "my_val.txt", [("b", 1)])
-    assert data.build_dataset("ks", "train", root=str(tmp_path), split_file=str(ogm)).sample_ids == ["my clip", "b"]
+    assert data.build_dataset("ks", "train", root=str(tmp_path), list_dir=str(ogm)).sample_ids == ["my clip", "b"]
 
 
 def test_list_files_must_be_utf8_and_may_start_with_a_bom(ks_root):
@@ -553,7 +553,7 @@ def test_list_files_must_be_utf8_and_may_start_with_a_bom(ks_root):
     ogm = ks_root / "ogm"
     ogm.mkdir()
     (ogm / "my_test.txt").write_bytes(b"\xef\xbb\xbfa3,10,0\r\nb3,10,1\r\n")  # as Windows editors save it
-    assert data.build_dataset("ks", "test", root=str(ks_root), split_file=str(ogm)).sample_ids == ["a3", "b3"]
+    assert data.build_dataset("ks", "test", root=str(ks_root), list_dir=str(ogm)).sample_ids == ["a3", "b3"]
 
 
 def test_ks_class_names_and_count_from_ks_classes_txt(ks_root):
@@ -598,7 +598,7 @@ def test_clip_listed_twice_stops_with_both_lines(ks_root):
 
 def test_train_startup_line_names_an_inferred_class_count(ks_root, capsys):
     train.main(["--dataset", "ks", "--data-root", str(ks_root), "--image-size", "16", "--epochs", "1",
-                "--warmup", "0", "--batch-size", "4", "--workers", "0", "--gpu", "-1", "--mode", "baseline",
+                "--batch-size", "4", "--workers", "0", "--gpu", "-1", "--mode", "baseline",
                 "--out", str(ks_root.parent / "run")])
     listing = ks_root / "ks_audio" / "val_1fps_path.txt"
     assert f", 3 classes (inferred from the largest label, 2 at {listing}:1); mode baseline" in capsys.readouterr().out

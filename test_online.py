@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import engine
+import method
 import models
 import shapley_mm
 import train
@@ -31,13 +33,20 @@ def late_model(kind, fusion="concat"):
     return models.build_model(SPECS[kind], NUM_CLASSES, fusion, "feature")
 
 
+def online_method(mode, num_samples, table, generator=None):
+    """The paper's method with online valuation after a warm-up epoch, whose previous epoch filled `table`."""
+    valuing = method.ModalityValuation(mode, num_samples, 2, generator, None, warmup=1, online=True)
+    valuing.table = table
+    return valuing
+
+
 def step_with_online_valuation(model, inputs, target, index, mask):
-    """One training step (train_one_epoch over one batch, SGD) with online valuation: the table it fills."""
-    table = train.online_table(NUM_SAMPLES, model.num_modalities)
+    """One training step (engine.train_one_epoch over one batch, SGD) with online valuation: the table it fills."""
+    table = method.online_table(NUM_SAMPLES, model.num_modalities)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.train_one_epoch(model, [(inputs, target, index, mask)], optimizer, scaler, torch.device("cpu"), 0,
-                          online=table)
+    step = engine.TrainingStep(model, online_method("sample", NUM_SAMPLES, table))
+    engine.train_one_epoch(step, [(inputs, target, index, mask)], optimizer, scaler, torch.device("cpu"), 0)
     return table
 
 
@@ -62,7 +71,7 @@ def test_online_values_of_a_training_batch_equal_offline_values_with_the_same_we
         expected, _ = shapley_mm.coalition_correctness(before.coalition_predictor(inputs), target, 2)
     assert torch.equal(table["correct"][index], expected)
     assert table["seen"].sum() == 16 and table["seen"][index].all()
-    assert torch.equal(train.contributions(dict(correct=table["correct"][index])),
+    assert torch.equal(engine.contributions(dict(correct=table["correct"][index])),
                        shapley_mm.valuate(before.coalition_predictor(inputs), target, 2))
     assert 0 < expected[:, 1:].float().mean() < 1  # some coalitions right, some wrong: the comparison says something
 
@@ -70,8 +79,8 @@ def test_online_values_of_a_training_batch_equal_offline_values_with_the_same_we
 @pytest.mark.parametrize("kind", ["vector", "image"])
 def test_online_values_of_a_resampled_batch_equal_the_offline_pass_in_eval_mode(kind):
     """A batch of originals and uni-modal copies, both sides in eval mode: value_online on the features of the
-    step's forward (encode with the copies' masks) gives the original rows the correctness train.run_pass (the
-    offline pass) gives the same samples; the copies, and samples present only as copies, are not valued."""
+    step's forward (encode with the copies' masks) gives the original rows the correctness engine.valuation_pass
+    (the offline pass) gives the same samples; the copies, and samples present only as copies, are not valued."""
     generator = torch.Generator().manual_seed(2)
     inputs, target, index = batch_of(kind, 12, generator)
     mask = torch.ones(12, 2, dtype=torch.bool)
@@ -79,12 +88,12 @@ def test_online_values_of_a_resampled_batch_equal_the_offline_pass_in_eval_mode(
     mask[10:, 0] = False
     index[9] = index[2]  # row 9 copies sample index[2]; the others copy samples absent from the batch
     model = late_model(kind).eval()
-    table = train.online_table(NUM_SAMPLES, 2)
-    train.value_online(model, model.encode(inputs, mask), target, index, mask, table)
+    table = method.online_table(NUM_SAMPLES, 2)
+    method.value_online(model, model.encode(inputs, mask), target, index, mask, table)
 
     originals = list(range(8))
-    offline = train.run_pass(model, [([x[originals] for x in inputs], target[originals], index[originals])],
-                             torch.device("cpu"))
+    original_set = [([x[k] for x in inputs], target[k], index[k]) for k in originals]  # a data set of them
+    offline = engine.valuation_pass(model, original_set, dict(batch_size=8), torch.device("cpu"))
     assert torch.equal(table["correct"][index[originals]], offline["correct"])
     assert table["seen"].sum() == 8 and table["seen"][index[originals]].all()
 
@@ -95,7 +104,7 @@ def test_online_values_of_a_resampled_batch_equal_the_offline_pass_in_eval_mode(
 
 def filled_table(num_samples, seen, seed=0):
     """A table as an epoch of online valuation leaves it: random coalition outcomes for the `seen` samples."""
-    table = train.online_table(num_samples, 2)
+    table = method.online_table(num_samples, 2)
     table["correct"] = torch.rand(num_samples, 4, generator=torch.Generator().manual_seed(seed)) < 0.6
     table["correct"][:, 0] = False  # the empty coalition is never predicted
     table["correct"][~seen] = False
@@ -109,8 +118,8 @@ def test_plan_from_an_online_table_follows_eq10_and_eq11(mode):
     seen[[3, 17]] = False
     table = filled_table(30, seen)
     # no model, loader or device: online, the plan reads only the table (and the size of the training set)
-    valued, phi, copies = train.resampling_plan(mode, None, range(30), None, None, torch.Generator().manual_seed(0),
-                                                online=table)
+    plan = online_method(mode, 30, table, torch.Generator().manual_seed(0)).plan(1, None)
+    valued, phi, copies = plan.valued, plan.phi, plan.copies
     assert torch.equal(valued, seen.nonzero().squeeze(1))  # every sample seen, no subset Z
     expected_phi = shapley_mm.shapley_values(shapley_mm.benefit(table["correct"][valued]))  # Eq. 1-3
     assert torch.equal(phi, expected_phi)
@@ -134,14 +143,14 @@ def test_online_run_plans_each_epoch_from_the_previous_epochs_values(tmp_path, m
     flags = MFEAT + ["--mode", mode, "--warmup", "2", "--valuation", "online"]
     run(tmp_path / "warmup", *flags, "--epochs", "2")
     run(tmp_path / "run", *flags, "--epochs", "4")
-    table = torch.load(tmp_path / "warmup" / "last.pt", weights_only=False)["online"]
+    table = torch.load(tmp_path / "warmup" / "last.pt", weights_only=False)["method"]["online"]
     assert table["seen"].all()  # the last warm-up epoch valued every sample
     log = logged(tmp_path / "run")
     assert all(record["valuation"] == "online" for record in log)
     assert not os.path.exists(tmp_path / "run" / "contributions" / "epoch_000.npz")
     first = contributions(tmp_path / "run", 2)  # the first re-sampled epoch: the last warm-up epoch's values
     assert str(first["valuation"]) == "online"
-    assert np.array_equal(first["phi"], train.contributions(dict(correct=table["correct"])).numpy())
+    assert np.array_equal(first["phi"], engine.contributions(dict(correct=table["correct"])).numpy())
     for record in log[2:]:
         saved = contributions(tmp_path / "run", record["epoch"])
         phi = torch.from_numpy(saved["phi"])
@@ -161,10 +170,10 @@ def test_track_phi_logs_online_values_from_the_second_epoch(tmp_path):
     assert str(contributions(tmp_path / "run", 1)["valuation"]) == "online"
 
 
-def test_offline_contributions_say_offline_and_their_log_keeps_its_form(tmp_path):
+def test_offline_contributions_and_log_records_say_offline(tmp_path):
     run(tmp_path / "run", *MFEAT, "--mode", "sample", "--warmup", "1", "--epochs", "2")
     assert str(contributions(tmp_path / "run", 1)["valuation"]) == "offline"
-    assert all("valuation" not in record for record in logged(tmp_path / "run"))
+    assert all(record["valuation"] == "offline" for record in logged(tmp_path / "run"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,10 +194,12 @@ def test_resume_with_online_valuation_continues_exactly(tmp_path, stop):
 
 
 def test_checkpoint_from_before_the_flag_resumes_as_offline(tmp_path):
+    """A checkpoint as train.py wrote them before --valuation (and --sync-bn) existed and before methods were
+    objects: no such settings, no method state; train.upgrade_checkpoint reads it."""
     run(tmp_path / "run", *MFEAT, "--mode", "sample", "--warmup", "1", "--epochs", "1")
     path = tmp_path / "run" / "last.pt"
     checkpoint = torch.load(path, weights_only=False)
-    del checkpoint["args"]["valuation"], checkpoint["online"]
+    del checkpoint["args"]["valuation"], checkpoint["args"]["sync_bn"], checkpoint["method"]
     torch.save(checkpoint, path)
     train.main(["--resume", str(path), "--epochs", "2"])
     assert str(contributions(tmp_path / "run", 1)["valuation"]) == "offline"
@@ -210,15 +221,10 @@ def test_online_valuation_is_refused_where_it_cannot_apply(tmp_path, capsys, fla
     assert not (tmp_path / "run").exists()
 
 
-def test_online_valuation_in_baseline_mode_without_track_phi_warns(tmp_path, capsys):
-    run(tmp_path / "run", *MFEAT, "--mode", "baseline", "--valuation", "online", "--epochs", "1")
-    assert "--valuation online does nothing in --mode baseline" in capsys.readouterr().err
-
-
-def test_online_valuation_is_refused_under_torchrun(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit) as stop:
-        train.main(["--valuation", "online", "--out", str(tmp_path / "run")])
-    assert stop.value.code == 2
-    assert "--valuation online is not available under torchrun" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, expected", [
+    (["--mode", "baseline"], "--valuation has no effect in this run"),
+    (["--mode", "agm", "--track-phi"], "--mode agm plans none"),
+])
+def test_online_valuation_where_it_would_plan_nothing_is_refused(tmp_path, capsys, flags, expected):
+    assert expected in fails(capsys, MFEAT + flags + ["--valuation", "online", "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()

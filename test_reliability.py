@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+import engine
 import models
 import train
 from conftest import (MFEAT, KS_LISTS, MMDEBIASED_TABLE, assert_same_weights, fails, logged, make_ks_tree,
@@ -23,7 +24,7 @@ from conftest import (MFEAT, KS_LISTS, MMDEBIASED_TABLE, assert_same_weights, fa
 @pytest.mark.parametrize("mode", ["baseline", "sample", "modality"])
 @pytest.mark.parametrize("stop", [1, 3], ids=["stop-in-warmup", "stop-after-warmup"])
 def test_resume_continues_exactly(tmp_path, mode, stop):
-    flags = MFEAT + ["--mode", mode, "--warmup", "2", "--lr-step", "2", "--seed", "3"]
+    flags = MFEAT + ["--mode", mode, "--lr-step", "2", "--seed", "3"] + (["--warmup", "2"] if mode != "baseline" else [])
     run(tmp_path / "straight", *flags, "--epochs", "4")
     run(tmp_path / "split", *flags, "--epochs", str(stop))
     train.main(["--resume", str(tmp_path / "split" / "last.pt"), "--epochs", "4"])
@@ -203,20 +204,43 @@ def test_warmup_not_smaller_than_epochs_warns(tmp_path, capsys):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     flags = MFEAT + ["--mode", "baseline", "--epochs", "3", "--out", str(tmp_path / "run")]
-    original = train.train_one_epoch
+    original = engine.train_one_epoch
 
-    def poisoned(model, loader, optimizer, scaler, device, epoch, amp, **options):
+    def poisoned(step, loader, optimizer, scaler, device, epoch, amp):
         if epoch == 1:  # poison a weight, as a diverging run would
             with torch.no_grad():
-                model.head.fc.weight.fill_(float("nan"))
-        return original(model, loader, optimizer, scaler, device, epoch, amp, **options)
+                engine.unwrap(step).model.head.fc.weight.fill_(float("nan"))
+        return original(step, loader, optimizer, scaler, device, epoch, amp)
 
-    monkeypatch.setattr(train, "train_one_epoch", poisoned)
+    monkeypatch.setattr(engine, "train_one_epoch", poisoned)
     message = fails(capsys, flags)
     assert "non-finite loss" in message and "epoch 1, step 1" in message and "last.pt holds epoch 0" in message
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    assert len(train.load_log(tmp_path / "run" / "log.jsonl")) == 1
+    assert_last_good_checkpoint(tmp_path / "run", 0)
+
+
+def assert_last_good_checkpoint(out, epoch):
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert last["epoch"] == epoch and all(torch.isfinite(v).all() for v in last["model"].values()
+                                          if v.is_floating_point())
+    assert len(train.load_log(out / "log.jsonl")) == epoch + 1
+
+
+def test_an_update_that_breaks_the_weights_stops_before_they_are_saved(tmp_path, capsys, monkeypatch):
+    """The loss of every step is finite, but the last update of epoch 1 leaves infinite weights: no checkpoint of
+    them is written, and the message's last good epoch is the one last.pt holds."""
+    original = engine.train_one_epoch
+
+    def breaks_after(step, loader, optimizer, scaler, device, epoch, amp):
+        result = original(step, loader, optimizer, scaler, device, epoch, amp)
+        if epoch == 1:
+            with torch.no_grad():
+                engine.unwrap(step).model.head.fc.weight.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(engine, "train_one_epoch", breaks_after)
+    message = fails(capsys, MFEAT + ["--mode", "baseline", "--epochs", "3", "--out", str(tmp_path / "run")])
+    assert "non-finite weights after the updates of epoch 1" in message and "last.pt holds epoch 0" in message
+    assert_last_good_checkpoint(tmp_path / "run", 0)
 
 
 def test_feature_masking_refused_for_fusions_that_mix_inside(capsys):
@@ -238,7 +262,7 @@ def test_feature_masking_refused_for_fusions_that_mix_inside(capsys):
     (["--dataset", "synthetic", "--synthetic-samples", "0"], "--synthetic-samples: expected a value >= 3, got 0"),
     (["--image-size", "0"], "--image-size: expected a value >= 8, got 0"),
     (["--epochs", "ten"], "--epochs: expected an integer, got 'ten'"),
-    (["--split-file", "x.json"], "--split-file applies to --dataset mmdebiased only, not mfeat"),
+    (["--split-file", "x.json"], "--split-file has no effect in this run: it acts with --dataset mmdebiased only"),
 ])
 def test_flags_no_run_can_use_are_refused_in_one_line(tmp_path, capsys, flags, expected):
     assert expected in fails(capsys, flags + ["--out", str(tmp_path / "run")])
@@ -278,21 +302,21 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
 
 
 def test_ctrl_c_prints_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch):
-    original = train.train_one_epoch
+    original = engine.train_one_epoch
 
-    def interrupted(model, loader, optimizer, scaler, device, epoch, amp, **options):
+    def interrupted(step, loader, optimizer, scaler, device, epoch, amp):
         if epoch == 1:
             raise KeyboardInterrupt
-        return original(model, loader, optimizer, scaler, device, epoch, amp, **options)
+        return original(step, loader, optimizer, scaler, device, epoch, amp)
 
-    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    monkeypatch.setattr(engine, "train_one_epoch", interrupted)
     with pytest.raises(SystemExit) as stop:
         run(tmp_path / "run", *MFEAT, "--mode", "baseline", "--epochs", "3")
     assert stop.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
     last = tmp_path / "run" / "last.pt"
     assert err == [f"error: interrupted in epoch 1: {last} holds epoch 0; continue with: python train.py --resume {last}"]
-    monkeypatch.setattr(train, "train_one_epoch", original)
+    monkeypatch.setattr(engine, "train_one_epoch", original)
     train.main(["--resume", str(last)])
     assert [r["epoch"] for r in logged(tmp_path / "run")] == [0, 1, 2]
 
@@ -334,6 +358,6 @@ def test_pretrained_weights_from_a_local_file_with_its_checksum(tmp_path, capsys
 
 def test_ucf101_trains_without_imagenet_weights(ucf_root, tmp_path):
     results = train.main(["--dataset", "ucf101", "--data-root", str(ucf_root), "--no-pretrained", "--epochs", "1",
-                          "--warmup", "0", "--mode", "baseline", "--image-size", "16", "--batch-size", "8",
+                          "--mode", "baseline", "--image-size", "16", "--batch-size", "8",
                           "--workers", "0", "--gpu", "-1", "--out", str(tmp_path / "run")])
     assert json.load(open(tmp_path / "run" / "args.json"))["pretrained"] is False and results is not None

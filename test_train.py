@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine
 import shapley_mm
 import train
 
@@ -168,7 +169,7 @@ def test_mean_average_precision_matches_a_hand_computed_example():
     labels = torch.tensor([0, 1, 0, 1])
     # class 1 ranks them 2, 1, 0, 3; its positives 1 and 3 come 2nd and 4th -> AP = (1/2 + 2/4) / 2
     expected = ((1 + 2 / 3) / 2 + (1 / 2 + 2 / 4) / 2) / 2
-    assert train.mean_average_precision(scores, labels) == pytest.approx(expected)
+    assert engine.mean_average_precision(scores, labels) == pytest.approx(expected)
 
 
 def reference_average_precision(scores, positives):
@@ -194,17 +195,17 @@ def test_mean_average_precision_treats_tied_scores_as_one_threshold(seed):
     expected = sum(reference_average_precision(scores[:, k].tolist(), (labels == k).tolist())
                    for k in range(4)) / 4
     for order in (torch.arange(40), torch.arange(40).flip(0), torch.randperm(40, generator=generator)):
-        assert train.mean_average_precision(scores[order], labels[order]) == pytest.approx(expected, abs=1e-6)
+        assert engine.mean_average_precision(scores[order], labels[order]) == pytest.approx(expected, abs=1e-6)
 
 
 def test_mean_average_precision_on_the_tied_example_of_the_standard_definition():
     scores = torch.tensor([[.5, .5], [.5, .5], [.2, .8], [.1, .9]])
     labels = torch.tensor([1, 0, 1, 1])
-    assert train.mean_average_precision(scores, labels) == pytest.approx(0.708333333333, abs=1e-6)
-    assert train.mean_average_precision(scores[[1, 0, 2, 3]], labels[[1, 0, 2, 3]]) == pytest.approx(0.708333333333)
+    assert engine.mean_average_precision(scores, labels) == pytest.approx(0.708333333333, abs=1e-6)
+    assert engine.mean_average_precision(scores[[1, 0, 2, 3]], labels[[1, 0, 2, 3]]) == pytest.approx(0.708333333333)
     metrics = pytest.importorskip("sklearn.metrics")
     one_hot = torch.nn.functional.one_hot(labels, 2).numpy()
-    assert train.mean_average_precision(scores, labels) == pytest.approx(
+    assert engine.mean_average_precision(scores, labels) == pytest.approx(
         metrics.average_precision_score(one_hot, scores.numpy(), average="macro"))
 
 

@@ -21,16 +21,12 @@ One script for every mode of the paper:
 Each run writes into its directory (--out): args.json, log.jsonl (one JSON object per epoch),
 contributions/epoch_NNN.npz (phi of every valued sample), best.pt, last.pt and results.json.
 
-How Algorithm 1 reads here: train() runs the epochs; for an epoch after the warm-up (line 2),
-resampling_plan() values the samples (line 6, Eq. 1-3, through run_pass and shapley_mm) and
-plan_copies() turns their contributions into uni-modal copies (lines 7-9, Eq. 10; Eq. 11 for
-Algorithm 2; Table 4's ablations); data.ResampledDataset is D^rs, on which train_one_epoch()
-updates the model (line 11).
-
---valuation online (late fusion with feature masking) moves line 6 into line 11: while epoch t trains,
-value_online() takes each sample's coalition predictions from the features of the step that holds it
-(the fusion head per coalition, without gradients), and resampling_plan() builds epoch t + 1's copies
-from that table (online_table) instead of a separate pass.
+Where things are: this file holds the command line, the run's set-up, the epoch loop, checkpoints and logs;
+engine.py the training epoch and the one evaluation pass (and the plumbing of several processes); method.py the
+paper's method (ModalityValuation: Algorithms 1 and 2 in their order, with their line numbers); comparators.py the
+compared methods. Each epoch, train() asks the method for the epoch's plan (phase, valuation, uni-modal copies),
+builds D^rs from the copies (data.ResampledDataset, served in data.TrainingBatches), trains one epoch through the
+method's loss and gradient hook (engine.train_one_epoch), validates, logs and saves a checkpoint.
 """
 import argparse
 import csv
@@ -40,30 +36,31 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 
 import comparators
 import data
+import engine
 import models
 import shapley_mm
+from engine import TrainingError
+from method import RESAMPLING_MODES, ModalityValuation, OfflineValuation
 
-RESAMPLING_MODES = ("sample", "modality", "naive", "reversed")  # the modes that value and re-sample (Alg. 1-2)
 MODES = ("baseline",) + RESAMPLING_MODES + comparators.METHODS
 AV_DATASETS = ("ks", "mmdebiased", "ucf101", "cremad")
 
 # The defaults of each data set, which --help shows for the --dataset given. The audio-visual ones follow the
 # paper (Sec. 4.1: SGD, momentum 0.9, lr 1e-3, batch 64, warm-up 5; UCF-101 from ImageNet weights); the authors'
 # code instead defaults to Adam, lr 5e-5, weight decay 1e-4, StepLR(30, 0.1), 60 epochs. mfeat and synthetic are
-# sized for a CPU.
+# sized for a CPU. Loader workers: 4, or as many as the machine has cores if fewer.
 AUDIO_VISUAL = dict(epochs=60, warmup=5, batch_size=64, optimizer="sgd", lr=1e-3, weight_decay=1e-4, lr_step=30,
-                    workers=4, pretrained=False)
+                    workers=min(4, len(os.sched_getaffinity(0))), pretrained=False)
 PRESETS = {
     "ks": AUDIO_VISUAL,
     "mmdebiased": AUDIO_VISUAL,
@@ -79,14 +76,6 @@ PRESETS = {
 RESUME_OVERRIDES = ("epochs", "gpu", "workers", "data_root", "split_file", "list_dir")
 EVAL_OVERRIDES = ("gpu", "workers", "data_root", "split_file", "list_dir")
 RUN_CONTROL = ("resume", "eval_only", "eval_split", "overwrite", "out")
-
-
-class TrainingError(Exception):
-    """A failure worth one line on stderr rather than a traceback; `code` is the exit status."""
-
-    def __init__(self, message, code=2):
-        super().__init__(message)
-        self.code = code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +223,8 @@ def parse_args(argv=None):
 
 def make_args(**settings):
     """The settings of a run as the command line would give them, for scripts: the defaults of
-    settings["dataset"], then `settings` (flag names with underscores), checked as train.py checks its flags."""
+    settings["dataset"], then `settings` (flag names with underscores), checked as train.py checks its flags
+    (scripts set whole configurations, so flags that do not apply are not refused here: FLAG_SCOPE)."""
     args = get_args_parser(settings.get("dataset", "mfeat")).parse_args([])
     unknown = set(settings) - set(vars(args))
     if unknown:
@@ -243,8 +233,45 @@ def make_args(**settings):
     return check_args(args)
 
 
+def flag_name(key):
+    return "--" + key.replace("_", "-")
+
+
+# Flags that act only in some runs, with where they act: one given on the command line where it would do nothing
+# is refused (check_flags_apply), since a flag that is silently ignored misleads whoever reads the command.
+FLAG_SCOPE = {
+    **{key: (lambda a: a.dataset == "mfeat", "--dataset mfeat") for key in ("views", "mfeat_degrade")},
+    **{key: (lambda a: a.dataset == "synthetic", "--dataset synthetic")
+       for key in ("synthetic_modalities", "synthetic_samples", "synthetic_size", "synthetic_discrepancy")},
+    **{key: (lambda a: a.dataset in AV_DATASETS, f"--dataset {', '.join(AV_DATASETS)}")
+       for key in ("data_root", "skip_missing", "image_size")},
+    "split_file": (lambda a: a.dataset == "mmdebiased", "--dataset mmdebiased"),
+    "list_dir": (lambda a: a.dataset == "ks", "--dataset ks"),
+    **{f"mbt_{key}": (lambda a: a.fusion == "mbt", "--fusion mbt") for key in models.MBT_DEFAULTS},
+    **{key: (lambda a: a.mode == "modality", "--mode modality") for key in ("subset_ratio", "alpha", "f_m")},
+    "warmup": (lambda a: a.mode != "baseline", "a --mode other than baseline"),
+    "valuation": (lambda a: a.mode in RESAMPLING_MODES or a.track_phi,
+                  f"--mode {', '.join(RESAMPLING_MODES)}, or with --track-phi"),
+    **{key: (lambda a, mode=mode: a.mode == mode, f"--mode {mode}") for key, mode in comparators.FLAG_MODES.items()},
+    "modulation_ends": (lambda a: a.mode in comparators.METHODS, f"--mode {', '.join(comparators.METHODS)}"),
+    "momentum": (lambda a: a.optimizer == "sgd", "--optimizer sgd"),
+    "lr_gamma": (lambda a: a.lr_step > 0, "--lr-step > 0"),
+    "pretrained": (lambda a: a.dataset != "mfeat", "the ResNet encoders (mfeat's views go to MLPs)"),
+    "weights": (lambda a: a.pretrained, "--pretrained"),
+    "eval_split": (lambda a: a.eval_only, "--eval-only"),
+}
+
+
+def check_flags_apply(args, given):
+    """Refuse, in one line, a flag given on the command line that has no effect in this run."""
+    for key in given:
+        applies, where = FLAG_SCOPE.get(key, (None, None))
+        if applies is not None and not applies(args):
+            raise TrainingError(f"{flag_name(key)} has no effect in this run: it acts with {where} only")
+
+
 def check_args(args):
-    """Refuse combinations of flags no run can use, in one line; warn about ones that do nothing."""
+    """Refuse combinations of flags no run can use, in one line, before anything is written."""
     allowed = models.allowed_masks(args.fusion)  # the fusion's default first
     args.mask = args.mask or allowed[0]
     if args.mask not in allowed:
@@ -254,16 +281,12 @@ def check_args(args):
         try:
             models.check_mbt(**mbt_sizes(args), pretrained=args.pretrained,
                              name=lambda key: "--pretrained (off: --no-pretrained)" if key == "pretrained"
-                             else "--mbt-" + key.replace("_", "-"))
+                             else flag_name("mbt_" + key))
         except ValueError as error:
             raise TrainingError(f"--fusion mbt: {error}")
     num_modalities = {"mfeat": len(args.views), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
     if comparators.refusal(args, num_modalities):
         raise TrainingError(comparators.refusal(args, num_modalities))
-    if args.mode in comparators.METHODS and launched_by_torchrun():
-        raise TrainingError(f"--mode {args.mode} is not available under torchrun: its training step calls the model "
-                            f"several times and changes the gradients of its parts, which DistributedDataParallel "
-                            f"does not allow; run it in one process")
     if args.mode in RESAMPLING_MODES and num_modalities < 2:
         raise TrainingError(f"--mode {args.mode} re-samples one modality against the others and needs at least two "
                             f"modalities; this run has {num_modalities} (use --mode baseline)")
@@ -271,20 +294,26 @@ def check_args(args):
         check_online(args)
     if args.dataset in AV_DATASETS and args.data_root is None:
         raise TrainingError(f"--dataset {args.dataset} needs --data-root (the folder holding its clips)")
-    for flag, dataset in (("split_file", "mmdebiased"), ("list_dir", "ks")):
-        if getattr(args, flag) is not None and args.dataset != dataset:
-            raise TrainingError(f"--{flag.replace('_', '-')} applies to --dataset {dataset} only, not {args.dataset}")
     if args.weights is not None and not args.pretrained:
         raise TrainingError("--weights FILE is the ImageNet file of --pretrained; add --pretrained or drop --weights")
     if args.mode != "baseline" and args.warmup >= args.epochs:
-        print(f"warning: --warmup {args.warmup} is not smaller than --epochs {args.epochs}: "
-              f"mode '{args.mode}' never leaves its warm-up (no re-sampling, no compared method)", file=sys.stderr)
+        engine.warn(f"--warmup {args.warmup} is not smaller than --epochs {args.epochs}: mode '{args.mode}' never "
+                    f"leaves its warm-up (no re-sampling, no compared method)")
+    if args.mode in comparators.METHODS and args.modulation_ends is not None and args.modulation_ends < args.warmup:
+        raise TrainingError(f"--modulation-ends {args.modulation_ends} is before the first epoch after the warm-up "
+                            f"(--warmup {args.warmup}): --mode {args.mode} would never act; use --modulation-ends >= "
+                            f"{args.warmup}")
+    if args.data_root is not None:
+        args.data_root = os.path.abspath(args.data_root)  # args.json serves evaluations run from other folders
     return args
 
 
 def check_online(args):
     """--valuation online reuses the pooled features of the training step, which only late fusion with feature
     masking has: refuse it in one line elsewhere, and without a warm-up epoch to plan the first epoch from."""
+    if args.mode in comparators.METHODS:
+        raise TrainingError(f"--valuation online plans the re-sampled epochs of --mode {', '.join(RESAMPLING_MODES)}; "
+                            f"--mode {args.mode} plans none and values only for the log (--track-phi), offline")
     if models.classifier_kind(args.fusion) is not models.LateFusionClassifier:
         raise TrainingError(f"--valuation online reuses the features of the training step, and --fusion "
                             f"{args.fusion} mixes the modalities inside the network (no feature of its own per "
@@ -293,82 +322,21 @@ def check_online(args):
         raise TrainingError("--valuation online needs --mask feature: with --mask input a training step encodes "
                             "zeroed inputs with the batch's statistics, not the features a coalition would see; "
                             "use --valuation offline")
-    if launched_by_torchrun():
-        raise TrainingError("--valuation online is not available under torchrun: the training step runs through "
-                            "DistributedDataParallel, which does not hand back the features it computed; use "
-                            "--valuation offline")
     if args.mode != "baseline" and args.warmup < 1:
         raise TrainingError("--valuation online plans each epoch from the previous epoch's training, and --warmup 0 "
                             "leaves epoch 0 without one; use --warmup 1 or more, or --valuation offline")
     if args.mode == "baseline" and not args.track_phi:
-        print("warning: --valuation online does nothing in --mode baseline without --track-phi", file=sys.stderr)
+        raise TrainingError("--valuation online does nothing in --mode baseline without --track-phi")
 
 
 # ----------------------------------------------------------------------------------------------
 # what a run is made of: device, data, model, optimiser
 
 
-def select_device(gpu):
-    if gpu is None:
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if gpu < 0:
-        return torch.device("cpu")
-    if not torch.cuda.is_available() or gpu >= torch.cuda.device_count():
-        raise TrainingError(f"--gpu {gpu}: no such CUDA device (found {torch.cuda.device_count()}); use --gpu -1 for CPU")
-    return torch.device(f"cuda:{gpu}")
-
-
-def autocast(device, amp):
-    """Mixed precision on CUDA when --amp is given; full precision otherwise."""
-    return torch.autocast(device.type, enabled=amp and device.type == "cuda")
-
-
-# ----------------------------------------------------------------------------------------------
-# several processes (torchrun): one code path, a single process being a world of one
-
-
-def launched_by_torchrun():
-    """True in a process of a torchrun job of several processes (WORLD_SIZE > 1); a job of one is a single process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def setup_distributed(gpu):
-    """The device of this process; under torchrun (WORLD_SIZE > 1) also the default process group, from env://:
-    NCCL with one GPU per process (LOCAL_RANK's), Gloo on CPUs (--gpu -1 or no GPU), as torchvision's references."""
-    if not launched_by_torchrun():
-        return select_device(gpu)
-    use_cuda = torch.cuda.is_available() and gpu != -1
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://")
-    return device
-
-
-def is_main_process():
-    """True in a single process and in rank 0: the one process that prints and writes files."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def world():
-    """(rank, world size) of this process; (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def broadcast(obj):
-    """rank 0's `obj` on every process (as is in a single process)."""
-    if not dist.is_initialized():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def build_datasets(args):
     """train (training transforms), train_eval (the same samples, evaluation transforms), val, test."""
-    options = dict(root=args.data_root, split_file=args.split_file or args.list_dir, skip_missing=args.skip_missing,
-                   seed=args.seed)
+    options = dict(root=args.data_root, split_file=args.split_file, list_dir=args.list_dir,
+                   skip_missing=args.skip_missing, seed=args.seed)
     if args.dataset == "mfeat":
         options.update(views=tuple(args.views), degrade=args.mfeat_degrade)
     elif args.dataset == "synthetic":
@@ -384,6 +352,18 @@ def build_datasets(args):
             more = f" and {len(dataset.skipped) - 5} more" if len(dataset.skipped) > 5 else ""
             print(f"skipped {len(dataset.skipped)} {split} clips with missing files: {shown}{more}")
     return splits
+
+
+def check_inputs_fit(args, dataset):
+    """Refuse, before anything is written, inputs the model cannot take: MBT's positional embeddings cover at most
+    models.MAX_POSITIONS patches per axis and frames per clip (the first training sample's sizes)."""
+    if args.fusion != "mbt":
+        return
+    for (kind, _), x in zip(dataset.input_specs, dataset[0][0]):
+        try:
+            models.check_mbt_input(kind, x.shape, args.mbt_patch)
+        except ValueError as error:
+            raise TrainingError(f"--fusion mbt: {error}")
 
 
 def mbt_sizes(args):
@@ -532,7 +512,7 @@ def load_checkpoint(path):
         raise TrainingError(f"checkpoint {path} could not be read ({error.__class__.__name__}: {error})")
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise TrainingError(f"checkpoint {path} was not written by train.py (no model_config)")
-    return checkpoint
+    return upgrade_checkpoint(checkpoint)
 
 
 def check_config(checkpoint, config, path):
@@ -544,10 +524,22 @@ def check_config(checkpoint, config, path):
         raise TrainingError(f"checkpoint {path} does not match this run ({details})")
 
 
+def upgrade_checkpoint(checkpoint):
+    """A checkpoint of an earlier train.py in today's form: a setting added since takes its default (what the runs
+    before it did: --valuation offline, say), and the online table, once saved beside the method's state, is the
+    paper's method's state."""
+    defaults = vars(get_args_parser(checkpoint["args"]["dataset"]).parse_args([]))
+    checkpoint["args"] = {**defaults, **checkpoint["args"]}
+    online = checkpoint.pop("online", None)
+    if checkpoint.get("method") is None:
+        checkpoint["method"] = dict(online=online)
+    return checkpoint
+
+
 def checkpoint_args(checkpoint, args, given, changeable):
     """The settings `checkpoint` was trained with. Flags given now that are in `changeable` replace them;
     any other flag given now must agree with them."""
-    saved = {"valuation": "offline", **checkpoint["args"]}  # checkpoints from before --valuation: offline
+    saved = dict(checkpoint["args"])
     for key in given:
         if key in changeable:
             saved[key] = getattr(args, key)
@@ -555,222 +547,9 @@ def checkpoint_args(checkpoint, args, given, changeable):
             allowed = ", ".join("--" + k.replace("_", "-") for k in changeable)
             raise TrainingError(f"--{key.replace('_', '-')} {getattr(args, key)!r} differs from the checkpoint's "
                                 f"{saved.get(key)!r}: a checkpoint keeps its settings (only {allowed} may change)")
+    if saved["data_root"] is not None:
+        saved["data_root"] = os.path.abspath(saved["data_root"])
     return argparse.Namespace(**saved)
-
-
-# ----------------------------------------------------------------------------------------------
-# one pass over a data set: evaluation and valuation (Sec. 3.2) in one read
-
-
-def to_device(inputs, device):
-    return [x.to(device, non_blocking=True) for x in inputs]
-
-
-@torch.no_grad()
-def run_pass(model, loader, device, amp=False):
-    """The model over every sample the loader yields, in eval mode, once: which of the 2**n coalitions of
-    modalities predict each sample correctly (shapley_mm.coalition_correctness), and the prediction from all
-    modalities. Evaluation, valuation (Eq. 1-3 on `correct`) and the per-sample CSV all read this one pass.
-
-    Returns dict(index [N] long, labels [N] long, prediction [N] long, scores [N, K] float (softmax of the
-    all-modality logits), correct [N, 2**n] bool), in the loader's order. The loader should use evaluation
-    transforms. For late fusion the encoders run once per batch and only the fusion head runs per coalition; for
-    fusions that mix modalities inside the network the whole network runs once per coalition
-    (models coalition_predictor)."""
-    model.eval()
-    n = model.num_modalities
-    index, labels, scores, correct = [], [], [], []
-    absent_cache = {}  # absent modalities' features, computed once per pass (models coalition_predictor)
-    for inputs, target, sample_index in loader:
-        target = target.to(device)
-        with autocast(device, amp):
-            predict = model.coalition_predictor(to_device(inputs, device), absent_cache)
-            batch_correct, full_logits = shapley_mm.coalition_correctness(predict, target, n)
-        index.append(sample_index)
-        labels.append(target.cpu())
-        scores.append(full_logits.float().softmax(1).cpu())
-        correct.append(batch_correct.cpu())
-    scores = torch.cat(scores)
-    return dict(index=torch.cat(index), labels=torch.cat(labels), prediction=scores.argmax(1), scores=scores,
-                correct=torch.cat(correct))
-
-
-def pass_over(model, dataset, loader_kwargs, device, amp=False):
-    """run_pass over the whole `dataset`, every process getting the whole result in dataset order. Under torchrun
-    each process reads its shard (DistributedSampler, in order: process r takes items r, r + W, ...) and the
-    shards are gathered, without the items the sampler repeats to even them out."""
-    rank, world_size = world()
-    if world_size == 1:
-        return run_pass(model, DataLoader(dataset, shuffle=False, **loader_kwargs), device, amp)
-    shard = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    part = run_pass(model, DataLoader(dataset, sampler=shard, **loader_kwargs), device, amp)
-    parts = [None] * world_size
-    dist.all_gather_object(parts, part)
-    return {key: torch.stack([p[key] for p in parts], 1).flatten(0, 1)[:len(dataset)] for key in part}
-
-
-def contributions(result):
-    """phi [N, n] of every sample of a pass (Eq. 1-3)."""
-    return shapley_mm.shapley_values(shapley_mm.benefit(result["correct"]))
-
-
-def metrics(result):
-    """Accuracy and mAP with all modalities, and the accuracy of each modality alone, from one pass."""
-    n = result["correct"].shape[1].bit_length() - 1  # correct: [N, 2**n]
-    alone = result["correct"][:, [1 << i for i in range(n)]]  # [N, n], the one-modality coalitions
-    return dict(acc=(result["prediction"] == result["labels"]).float().mean().item(),
-                map=mean_average_precision(result["scores"], result["labels"]),
-                acc_per_modality=alone.float().mean(0).tolist())
-
-
-def mean_average_precision(scores, labels):
-    """mAP: the mean over classes (those with at least one positive) of the average precision of
-    ranking all samples by that class's score, as scikit-learn's average_precision_score (macro):
-    AP = sum over score thresholds t of (R(t) - R(t_prev)) * P(t). Tied scores form one threshold,
-    so the result does not depend on the order of tied rows. scores [N, K], labels [N]."""
-    num_samples, num_classes = scores.shape
-    positives = F.one_hot(labels, num_classes).float()  # [N, K]
-    sorted_scores, order = scores.sort(dim=0, descending=True)  # [N, K]
-    hits = positives.gather(0, order)  # [N, K], 1 where the r-th ranked sample is a positive
-    rank = torch.arange(1, num_samples + 1, dtype=torch.float32).unsqueeze(1)  # [N, 1]
-    precision = hits.cumsum(0) / rank  # [N, K], precision of the top r
-    # each row takes the precision at the last row of its tie, where the threshold really lies
-    last_of_tie = torch.ones_like(hits, dtype=torch.bool)
-    last_of_tie[:-1] = sorted_scores[:-1] != sorted_scores[1:]
-    row = torch.arange(num_samples).unsqueeze(1).expand_as(hits)  # [N, K]
-    tie_end = torch.where(last_of_tie, row, num_samples).flip(0).cummin(0).values.flip(0)  # [N, K]
-    num_positives = hits.sum(0)  # [K]
-    ap = (hits * precision.gather(0, tie_end)).sum(0) / num_positives.clamp(min=1)
-    return ap[num_positives > 0].mean().item()
-
-
-# ----------------------------------------------------------------------------------------------
-# Algorithms 1 and 2: value the training set, then build the re-sampled epoch D^rs
-
-
-def choose_valued(mode, num_samples, subset_ratio, generator):
-    """The training samples to value: all of them (Alg. 1, line 5), or a random subset Z (Alg. 2, line 5)."""
-    if mode != "modality":
-        return torch.arange(num_samples)
-    subset_size = max(1, int(round(subset_ratio * num_samples)))
-    return torch.randperm(num_samples, generator=generator)[:subset_size].sort().values
-
-
-def plan_copies(mode, phi, valued, num_samples, generator, alpha=1.0, f_m="linear"):
-    """The uni-modal copies of this epoch, copies [N, n]: copies[k, i] extra copies of training sample k keep
-    modality i alone. phi [V, n] are the contributions of the samples `valued` [V]."""
-    n = phi.shape[1]
-    if mode == "modality":  # Eq. 11: re-sample the overall low-contributing modality with probability p
-        modality, probability = shapley_mm.modality_level_plan(phi, alpha=alpha, f_m=f_m)
-        return shapley_mm.modality_level_copies(num_samples, n, modality, probability, generator=generator)
-    copies = torch.zeros(num_samples, n, dtype=torch.long)
-    copies[valued] = shapley_mm.sample_level_copies(phi)  # Eq. 10
-    if mode == "naive":  # Table 4: same totals per modality, on random samples
-        return shapley_mm.naive_copies(copies, generator=generator)
-    if mode == "reversed":  # Table 4: the copies go to each sample's highest-contributing modality
-        full_phi = torch.zeros(num_samples, n)
-        full_phi[valued] = phi
-        return shapley_mm.reversed_copies(full_phi, copies, generator=generator)
-    return copies
-
-
-def resampling_plan(phase, model, train_eval, loader_kwargs, device, generator, subset_ratio=0.2, alpha=1.0,
-                    f_m="linear", amp=False, online=None):
-    """One epoch's valuation and uni-modal copies (Alg. 1 lines 4-9, Alg. 2 lines 4-10): (valued [V], phi [V, n],
-    copies [N, n]). Offline (online None, the paper's procedure), the samples are valued now, in eval mode with
-    evaluation transforms (Eq. 1-3), all of them or the subset Z. Online, `online` is the table (online_table) the
-    previous epoch's training filled, and every sample it saw is valued (Z is every sample seen). Phase "warmup"
-    or "baseline" (--track-phi), and the compared methods' modes, value every sample and plan no copies."""
-    resampling = phase in RESAMPLING_MODES
-    if online is None:
-        valued = choose_valued(phase if resampling else "sample", len(train_eval), subset_ratio, generator)
-        phi = contributions(pass_over(model, Subset(train_eval, valued.tolist()), loader_kwargs, device, amp))
-    else:
-        valued = online["seen"].nonzero().squeeze(1)
-        phi = contributions(dict(correct=online["correct"][valued]))
-    if not resampling:
-        return valued, phi, torch.zeros(len(train_eval), phi.shape[1], dtype=torch.long)
-    return valued, phi, plan_copies(phase, phi, valued, len(train_eval), generator, alpha, f_m)
-
-
-def progress(step, total, start, stream=sys.stderr):
-    """A progress line for long epochs: rewritten in place on a terminal; in a log file, at most
-    one line per quarter of the epoch."""
-    if total < 50:
-        return
-    if stream.isatty():
-        stream.write(f"\r  step {step}/{total}  {(time.time() - start) / step:.2f}s/step ")
-        if step == total:
-            stream.write("\n")
-        stream.flush()
-    elif step % max(1, total // 4) == 0 and step < total:
-        print(f"  step {step}/{total}  {time.time() - start:.0f}s", file=stream, flush=True)
-
-
-def online_table(num_samples, n):
-    """What online valuation (--valuation online) records over one epoch: correct [N, 2**n] bool, which coalitions
-    predicted each training sample correctly at the step that held it, and seen [N] bool."""
-    return dict(correct=torch.zeros(num_samples, 2 ** n, dtype=torch.bool),
-                seen=torch.zeros(num_samples, dtype=torch.bool))
-
-
-@torch.no_grad()
-def value_online(model, features, target, index, mask, table):
-    """Online valuation of one training batch (Sec. 3.2, Eq. 1 taken during training): for the original rows (every
-    modality kept; a uni-modal copy's sample is valued by its original row), the 2**n - 1 coalition predictions
-    from the pooled features the step computed, outside its graph, the fusion head run per coalition with the absent
-    features zeroed (feature masking), written into `table` at the rows' sample indices. features: one [B, d_i]
-    per modality; target [B], mask [B, n] on the device; index [B] on the CPU."""
-    original = mask.all(1)  # [B]
-    if not original.any():
-        return
-    features = [feature[original] for feature in features]  # [B_o, d_i], no graph under no_grad
-    correct, _ = shapley_mm.coalition_correctness(lambda keep: model.fuse(features, keep), target[original],
-                                                  model.num_modalities)
-    rows = index[original.cpu()]
-    table["correct"][rows] = correct.cpu()
-    table["seen"][rows] = True
-
-
-def train_one_epoch(model, loader, optimizer, scaler, device, epoch, amp=False, online=None, method=None):
-    """One pass over D^rs (Alg. 1 line 11). Each batch mixes full samples and uni-modal copies in shuffled
-    order, as the paper trains; `mask` [B, n] says which modalities each row keeps. With `online` (a table from
-    online_table; late fusion with feature masking), each step's features are also valued (value_online). A
-    compared `method` (comparators.py; D^rs = D) replaces the forward and loss, and changes the gradients before
-    the step."""
-    model.train()
-    total_loss, total_samples, start = 0.0, 0, time.time()
-    for step, (inputs, target, index, mask) in enumerate(loader, start=1):
-        target, mask = target.to(device), mask.to(device)
-        with autocast(device, amp):
-            inputs = to_device(inputs, device)
-            if method is not None:  # a compared method's own forward and loss (D^rs = D)
-                loss = method.loss(model, inputs, target)
-            elif online is not None:  # forward as encode then fuse, so that valuation reuses the step's features
-                features = model.encode(inputs, mask)
-                loss = F.cross_entropy(model.fuse(features).float(), target)
-                value_online(model, features, target, index, mask, online)
-            else:
-                loss = F.cross_entropy(model(inputs, mask).float(), target)
-        if not torch.isfinite(loss):  # under torchrun, the process that sees it stops, and torchrun ends the others
-            kept = (f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0
-                    else "no checkpoint was written")
-            raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}: stopped; {kept}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if method is not None:
-            scaler.unscale_(optimizer)
-            method.modulate(model)
-        scaler.step(optimizer)
-        scaler.update()
-        total_loss += loss.item() * len(target)
-        total_samples += len(target)
-        progress(step, len(loader), start)
-    if dist.is_initialized():  # the mean over every process's rows
-        totals = torch.tensor([total_loss, total_samples], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        total_loss, total_samples = totals[0].item(), int(totals[1].item())
-    return total_loss / max(total_samples, 1), total_samples
 
 
 def format_epoch(record, modalities):
@@ -789,140 +568,172 @@ def format_epoch(record, modalities):
     return line
 
 
-def train(args, given=()):
-    """Train as `args` say (Algorithms 1 and 2), then test the checkpoint chosen on validation."""
-    resume = load_checkpoint(args.resume) if args.resume else None
-    if resume is not None:  # the run goes on with its own settings, in its own directory
-        resume_path = args.resume
-        args = checkpoint_args(resume, args, given, RESUME_OVERRIDES)
-        args.resume, args.out = resume_path, os.path.dirname(os.path.abspath(resume_path))
-        if resume["epoch"] + 1 >= args.epochs:
-            print(f"nothing left to train: {resume_path} holds epoch {resume['epoch']} of a run of {args.epochs} "
-                  f"epochs; pass --epochs N to extend it (files left as they are)")
-            return None
-    elif is_main_process():
-        check_writable(args.out)
-    device = setup_distributed(args.gpu)
+def resumed(args, given):
+    """--resume: (the checkpoint, its settings with the given RESUME_OVERRIDES, in its own directory), or
+    (None, args) when the run has no epoch left to train."""
+    checkpoint = load_checkpoint(args.resume)
+    path = args.resume
+    args = checkpoint_args(checkpoint, args, given, RESUME_OVERRIDES)
+    args.resume, args.out = path, os.path.dirname(os.path.abspath(path))
+    if checkpoint["epoch"] + 1 >= args.epochs:
+        print(f"nothing left to train: {path} holds epoch {checkpoint['epoch']} of a run of {args.epochs} "
+              f"epochs; pass --epochs N to extend it (files left as they are)")
+        return None, args
+    return checkpoint, args
+
+
+def build_method(args, model, splits, loader_kwargs, device, generator):
+    """The Method of --mode: the paper's (method.ModalityValuation) or a compared one (comparators.py)."""
+    valuation = OfflineValuation(splits["train_eval"], loader_kwargs, device, args.amp)
+    if args.mode in comparators.METHODS:
+        return comparators.build(args, model, splits, loader_kwargs, device, generator,
+                                 valuation if args.track_phi else None)
+    return ModalityValuation(args.mode, len(splits["train"]), model.num_modalities, generator, valuation,
+                             args.warmup, args.valuation == "online", args.track_phi, args.subset_ratio, args.alpha,
+                             args.f_m)
+
+
+def training_step(args, model, method, device):
+    """What each training step calls: the model with the method's loss (engine.TrainingStep), under torchrun inside
+    DistributedDataParallel (with --sync-bn, BatchNorm over every process's batch)."""
     if args.sync_bn and (device.type != "cuda" or not dist.is_initialized() or args.mask == "feature"):
         raise TrainingError("--sync-bn needs torchrun with GPUs and --mask input (with feature masking an encoder "
                             "skips the batches that hold none of its modality, and the processes would wait)")
+    step = engine.TrainingStep(model, method)
+    if not dist.is_initialized():
+        return step
+    if args.sync_bn:
+        step = torch.nn.SyncBatchNorm.convert_sync_batchnorm(step)
+    # with feature masking an encoder skips a batch that holds none of its modality: its weights get no gradient.
+    # Inputs stay where the step puts them (no device_ids): a sample's index stays on the CPU with the online table.
+    return DistributedDataParallel(step, find_unused_parameters=args.mask == "feature")
+
+
+def epoch_loader(train_set, copies, args, generator, device):
+    """D^rs (Alg. 1 line 9: the training set and the plan's uni-modal copies, copies [N, n] or None for none) in
+    batches where no encoder sees a lone sample; under torchrun each process trains on its share of them."""
+    if copies is None:
+        copies = torch.zeros(len(train_set), len(train_set.modalities), dtype=torch.long)
+    epoch_set = data.ResampledDataset(train_set, *shapley_mm.expand_copies(copies))
+    batches = data.TrainingBatches(epoch_set, args.batch_size, generator, *engine.world())
+    return DataLoader(epoch_set, batch_sampler=batches, generator=generator, num_workers=args.workers,
+                      pin_memory=device.type == "cuda"), copies
+
+
+def check_finite_weights(model, epoch):
+    """Stop before a model whose weights an update made infinite or NaN is validated or saved."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        kept = f"last.pt holds epoch {epoch - 1}, the last good one" if epoch > 0 else "no checkpoint was written"
+        raise TrainingError(f"non-finite weights after the updates of epoch {epoch}: stopped; {kept}")
+
+
+def test_best(model, splits, out, loader_kwargs, device, args, log):
+    """Test the checkpoint chosen on validation, read once (rank 0's file, sent to every process); results.json."""
+    best_state = engine.broadcast(load_checkpoint(os.path.join(out, "best.pt")) if engine.is_main_process() else None)
+    model.load_state_dict(best_state["model"])
+    test_pass = engine.valuation_pass(model, splits["test"], loader_kwargs, device, args.amp)
+    test = engine.metrics(test_pass)
+    names = splits["train"].modalities
+    results = dict(best_epoch=best_state["epoch"], val_acc=best_state["best"]["val_acc"],
+                   test_acc=test["acc"], test_map=test["map"], test_acc_per_modality=test["acc_per_modality"],
+                   test_mean_phi=engine.contributions(test_pass).mean(0).tolist(), modalities=list(names),
+                   train_seconds=sum(r["seconds"] for r in log))
+    if engine.is_main_process():
+        save_json(os.path.join(out, "results.json"), results)
+    print(f"best epoch {results['best_epoch']} (val acc {100 * results['val_acc']:.2f})")
+    print(f"test acc {100 * test['acc']:.2f}  mAP {100 * test['map']:.2f}")
+    print("test acc per modality: " + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(names, test["acc_per_modality"])))
+    print("mean contribution on test: " + ", ".join(f"{m} {p:.3f}" for m, p in zip(names, results["test_mean_phi"])))
+    return results
+
+
+def start_line(args, splits, device):
+    train_set = splits["train"]
+    classes = f"{train_set.num_classes} classes"
+    if train_set.classes_inferred_from:
+        classes += f" (inferred from {train_set.classes_inferred_from})"
+    online = ", online valuation" if args.valuation == "online" else ""
+    return (f"{args.dataset}: {len(train_set)} train / {len(splits['val'])} val / {len(splits['test'])} test, "
+            f"modalities {', '.join(train_set.modalities)}, {classes}; mode {args.mode}, fusion {args.fusion}, "
+            f"{args.mask} masking{online}, device {device}; writing {args.out}")
+
+
+def train(args, given=()):
+    """Train as `args` say (Algorithms 1 and 2, or a compared method), then test the checkpoint chosen on
+    validation."""
+    resume = None
+    if args.resume:  # the run goes on with its own settings, in its own directory
+        resume, args = resumed(args, given)
+        if resume is None:
+            return None
+    elif engine.is_main_process():
+        check_writable(args.out)
+    device = engine.setup_distributed(args.gpu)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)  # shuffling, Z, and the random re-sampling draws
 
     splits = build_datasets(args)
-    train_set, train_eval = splits["train"], splits["train_eval"]
+    train_set, out = splits["train"], args.out
+    check_inputs_fit(args, train_set)
     config = model_config(args, train_set)
     model = build_model(args, train_set).to(device)
     optimizer, scheduler = build_optimizer(args, model)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
     loader_kwargs = loader_settings(args, device)
-    trained = model  # what the training step calls; evaluation and valuation call `model` itself
-    if dist.is_initialized():
-        if args.sync_bn:
-            trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # with feature masking an encoder skips a batch that holds none of its modality: its weights get no grad
-        trained = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None,
-                                          find_unused_parameters=args.mask == "feature")
-    method = None
-    if args.mode in comparators.METHODS:
-        method = comparators.build(args, model, splits, loader_kwargs, device, generator)
-
-    out = args.out
+    method = build_method(args, model, splits, loader_kwargs, device, generator)
+    step = training_step(args, model, method, device)
+    parts = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, method=method)
     if resume is not None:
         check_config(resume, config, args.resume)
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
+        for name, part in parts.items():
+            part.load_state_dict(resume[name])
         set_rng_state(resume["rng"], generator)
-        if method is not None:
-            method.load_state_dict(resume["method"])
         start_epoch, best, log = resume["epoch"] + 1, resume["best"], resume["log"]  # the history travels with it
-        online_values = resume.get("online")  # --valuation online: the table the saved epoch filled
         print(f"resuming {out} after epoch {resume['epoch']}")
     else:
-        if is_main_process():
+        if engine.is_main_process():
             prepare_run_dir(out, args.overwrite)
         start_epoch, best, log = 0, dict(val_acc=-1.0, epoch=-1), []
-        online_values = None
-    if is_main_process():
+    if engine.is_main_process():
         save_json(os.path.join(out, "args.json"), vars(args))
         save_log(os.path.join(out, "log.jsonl"), log)
-    n = len(train_set.modalities)
-    classes = f"{train_set.num_classes} classes"
-    if train_set.classes_inferred_from:
-        classes += f" (inferred from {train_set.classes_inferred_from})"
-    online = ", online valuation" if args.valuation == "online" else ""
-    print(f"{args.dataset}: {len(train_set)} train / {len(splits['val'])} val / {len(splits['test'])} test, "
-          f"modalities {', '.join(train_set.modalities)}, {classes}; mode {args.mode}, "
-          f"fusion {args.fusion}, {args.mask} masking{online}, device {device}; writing {out}")
+    print(start_line(args, splits, device))
 
     epoch, saved_epoch = start_epoch, start_epoch - 1
     try:
         for epoch in range(start_epoch, args.epochs):
             start = time.time()
-            if args.mode == "baseline":
-                phase = "baseline"
-            else:  # Alg. 1 / 2, line 2: plain joint training for the first F epochs
-                phase = "warmup" if epoch < args.warmup else args.mode
-            if method is not None and args.modulation_ends is not None and epoch > args.modulation_ends:
-                phase = "joint"  # a comparator's last epoch is past: plain joint training
-            copies = torch.zeros(len(train_set), n, dtype=torch.long)
-            valued = phi = None
-            valuation_seconds = 0.0
-            # offline: value the training set now; online: plan from what the previous epoch's training valued
-            if (phase in RESAMPLING_MODES or args.track_phi) and (
-                    args.valuation == "offline" or online_values is not None):
-                valued, phi, copies = resampling_plan(phase, model, train_eval, loader_kwargs, device, generator,
-                                                      args.subset_ratio, args.alpha, args.f_m, args.amp,
-                                                      online=online_values)
-                if is_main_process():
-                    save_contributions(out, epoch, train_eval, valued, phi, args.valuation)
-                valuation_seconds = time.time() - start
-            # online: value this epoch's samples in its training steps when the next epoch will need them
-            online_values = (online_table(len(train_set), n) if args.valuation == "online" and (
-                args.track_phi or (args.mode != "baseline" and epoch + 1 >= args.warmup)) else None)
-
-            copy_index, copy_modality = shapley_mm.expand_copies(copies)
-            epoch_set = data.ResampledDataset(train_set, copy_index, copy_modality)  # D^rs = D + copies
-            # no encoder sees a lone sample; under torchrun each process trains on its share of the batches
-            batches = data.TrainingBatches(epoch_set, args.batch_size, generator, *world())
-            loader = DataLoader(epoch_set, batch_sampler=batches, generator=generator, num_workers=args.workers,
-                                pin_memory=device.type == "cuda")
+            plan = method.plan(epoch, model)  # Alg. 1 / 2, lines 2-9
+            if plan.phi is not None and engine.is_main_process():
+                save_contributions(out, epoch, splits["train_eval"], plan.valued, plan.phi, args.valuation)
+            valuation_seconds = time.time() - start if plan.phi is not None else 0.0
+            loader, copies = epoch_loader(train_set, plan.copies, args, generator, device)
             lr = optimizer.param_groups[0]["lr"]
-            if method is not None:
-                method.start_epoch(epoch, active=phase == args.mode)
-            train_loss, train_samples = train_one_epoch(trained, loader, optimizer, scaler, device, epoch, args.amp,
-                                                        online=online_values, method=method)
-            if method is not None:
-                method.end_epoch(epoch)
+            train_loss, train_samples = engine.train_one_epoch(step, loader, optimizer, scaler, device, epoch,
+                                                               args.amp)  # line 11
+            method.end_epoch(epoch)
             scheduler.step()
-            val = metrics(pass_over(model, splits["val"], loader_kwargs, device, args.amp))
+            check_finite_weights(model, epoch)
+            val = engine.metrics(engine.valuation_pass(model, splits["val"], loader_kwargs, device, args.amp))
 
-            record = dict(epoch=epoch, phase=phase, train_loss=train_loss, train_samples=train_samples,
-                          copies=copies.sum(0).tolist(), mean_phi=phi.mean(0).tolist() if phi is not None else None,
-                          valued_samples=len(valued) if valued is not None else 0,
-                          val_acc=val["acc"], val_map=val["map"], val_acc_per_modality=val["acc_per_modality"],
-                          lr=lr, valuation_seconds=valuation_seconds, seconds=time.time() - start)
-            if args.valuation == "online":  # offline records, the paper's procedure, keep their earlier form
-                record["valuation"] = "online"
-            if method is not None:
-                record["method"] = method.summary()
-            log.append(record)
-            print(format_epoch(record, train_set.modalities), flush=True)
-
-            is_best = val["acc"] > best["val_acc"]  # chosen on validation, never on test
-            if is_best:
+            log.append(dict(epoch=epoch, phase=plan.phase, train_loss=train_loss, train_samples=train_samples,
+                            copies=copies.sum(0).tolist(),
+                            mean_phi=plan.phi.mean(0).tolist() if plan.phi is not None else None,
+                            valued_samples=len(plan.valued) if plan.valued is not None else 0,
+                            val_acc=val["acc"], val_map=val["map"], val_acc_per_modality=val["acc_per_modality"],
+                            lr=lr, valuation_seconds=valuation_seconds, seconds=time.time() - start,
+                            valuation=args.valuation, method=method.summary()))
+            print(format_epoch(log[-1], train_set.modalities), flush=True)
+            if val["acc"] > best["val_acc"]:  # chosen on validation, never on test
                 best = dict(val_acc=val["acc"], epoch=epoch)
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                         scaler=scaler.state_dict(), epoch=epoch, best=best, rng=rng_state(generator), log=log,
-                         plan=dict(valued_index=valued, phi=phi, copies=copies), online=online_values, args=vars(args),
-                         model_config=config, method=method.state_dict() if method is not None else None)
-            if is_main_process():
+            state = dict({name: part.state_dict() for name, part in parts.items()}, epoch=epoch, best=best,
+                         rng=rng_state(generator), log=log, args=vars(args), model_config=config,
+                         plan=dict(valued_index=plan.valued, phi=plan.phi, copies=copies))
+            if engine.is_main_process():
                 save_log(os.path.join(out, "log.jsonl"), log)
-                if is_best:
+                if best["epoch"] == epoch:
                     save_checkpoint(os.path.join(out, "best.pt"), state)
                 save_checkpoint(os.path.join(out, "last.pt"), state)
             saved_epoch = epoch
@@ -931,43 +742,30 @@ def train(args, given=()):
         kept = (f"{last} holds epoch {saved_epoch}; continue with: python train.py --resume {last}"
                 if saved_epoch >= 0 else "no checkpoint was written")
         raise TrainingError(f"interrupted in epoch {epoch}: {kept}", code=130)
-
-    # the test split is read once, for the checkpoint chosen on validation (rank 0's file, sent to every process)
-    best_state = broadcast(load_checkpoint(os.path.join(out, "best.pt")) if is_main_process() else None)
-    model.load_state_dict(best_state["model"])
-    test_pass = pass_over(model, splits["test"], loader_kwargs, device, args.amp)
-    test = metrics(test_pass)
-    results = dict(best_epoch=best_state["epoch"], val_acc=best_state["best"]["val_acc"],
-                   test_acc=test["acc"], test_map=test["map"], test_acc_per_modality=test["acc_per_modality"],
-                   test_mean_phi=contributions(test_pass).mean(0).tolist(), modalities=list(train_set.modalities),
-                   train_seconds=sum(r["seconds"] for r in log))
-    if is_main_process():
-        save_json(os.path.join(out, "results.json"), results)
-    names = train_set.modalities
-    print(f"best epoch {results['best_epoch']} (val acc {100 * results['val_acc']:.2f})")
-    print(f"test acc {100 * test['acc']:.2f}  mAP {100 * test['map']:.2f}")
-    print("test acc per modality: " + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(names, test["acc_per_modality"])))
-    print("mean contribution on test: " + ", ".join(f"{m} {p:.3f}" for m, p in zip(names, results["test_mean_phi"])))
-    return results
+    return test_best(model, splits, out, loader_kwargs, device, args, log)
 
 
 def evaluate_checkpoint(path, split="test", args=None, given=()):
-    """One pass of a saved model over `split`: (the pass, as run_pass returns it, with phi [N, n] and the
-    checkpoint's epoch added; the data set). Flags `given` in `args` may replace EVAL_OVERRIDES settings (another
-    --data-root, say); any other given flag must agree with the checkpoint."""
+    """One pass of a saved model over `split`: (the pass, as engine.valuation_pass returns it, with phi [N, n], OGM-GE's
+    per-sample confidence ogm_score [N, n] and the checkpoint's epoch added; the data set). Flags `given` in `args`
+    may replace EVAL_OVERRIDES settings (another --data-root, say); any other given flag must agree with the
+    checkpoint."""
     checkpoint = load_checkpoint(path)
     saved = checkpoint_args(checkpoint, args, given, EVAL_OVERRIDES)
-    device = setup_distributed(saved.gpu)
+    device = engine.setup_distributed(saved.gpu)
     splits = build_datasets(saved)
     dataset = splits["train_eval" if split == "train" else split]
     check_config(checkpoint, model_config(saved, dataset), path)
     model = build_model(saved, dataset).to(device)
     model.load_state_dict(checkpoint["model"])
-    loader_kwargs = loader_settings(saved, device)
-    result = pass_over(model, dataset, loader_kwargs, device, saved.amp)
-    result["phi"] = contributions(result)
-    # [N, n], Figure 4: OGM-GE's confidence of each modality (a second read of the split, for --eval-only only)
-    result["ogm_score"] = comparators.confidence_pass(model, DataLoader(dataset, shuffle=False, **loader_kwargs), device)
+
+    def read_batch(model, inputs, target):  # Figure 4: phi's pass and OGM-GE's confidence in one read
+        return dict(valuation(model, inputs, target), **comparators.read_confidence(model, inputs, target))
+
+    valuation = engine.coalition_reader()
+    result = engine.evaluate(model, dataset, read_batch, loader_settings(saved, device), device, saved.amp)
+    result["prediction"] = result["scores"].argmax(1)
+    result["phi"] = engine.contributions(result)
     result["epoch"] = checkpoint["epoch"]
     return result, dataset
 
@@ -977,7 +775,7 @@ def eval_only(args, given=()):
     if args.resume is None:
         raise TrainingError("--eval-only needs --resume CHECKPOINT (RUN_DIR/best.pt or last.pt)")
     result, dataset = evaluate_checkpoint(args.resume, args.eval_split, args, given)
-    scores = metrics(result)
+    scores = engine.metrics(result)
     out = os.path.dirname(os.path.abspath(args.resume))
     csv_path = os.path.join(out, f"valuation_{args.eval_split}.csv")
 
@@ -993,12 +791,12 @@ def eval_only(args, given=()):
                             + [f"{s:.4f}" for s in score])
         f.write(text.getvalue().encode())
 
-    if is_main_process():
+    if engine.is_main_process():
         write_atomic(csv_path, write)
     results = dict(split=args.eval_split, checkpoint=os.path.abspath(args.resume), epoch=result["epoch"],
                    acc=scores["acc"], map=scores["map"], acc_per_modality=scores["acc_per_modality"],
                    mean_phi=result["phi"].mean(0).tolist(), modalities=list(dataset.modalities))
-    if is_main_process():
+    if engine.is_main_process():
         save_json(os.path.join(out, f"eval_{args.eval_split}.json"), results)
     print(f"{args.eval_split} acc {100 * scores['acc']:.2f}  mAP {100 * scores['map']:.2f}  per modality: "
           + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(dataset.modalities, scores["acc_per_modality"])))
@@ -1017,10 +815,13 @@ def one_line(error):
 def main(argv=None):
     args, given = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    if rank > 0:  # under torchrun, rank 0 alone reports progress; errors still name the process they come from
+    if rank > 0:  # under torchrun, rank 0 alone prints; errors still name the process they come from
         sys.stdout = open(os.devnull, "w")
-    where = f"rank {rank}: " if launched_by_torchrun() else ""
+        warnings.simplefilter("ignore")
+    where = f"rank {rank}: " if engine.launched_by_torchrun() and "RANK" in os.environ else ""
     try:
+        engine.check_torchrun_environment()
+        check_flags_apply(args, given if args.resume is None else set(given) & {"eval_split"})
         if args.eval_only:
             return eval_only(args, given)
         if args.resume is None:
