@@ -17,13 +17,15 @@ logs and checkpoints of the other modes. A method is one object (build) that tra
 
 state_dict() / load_state_dict() hold every running statistic, so a resumed run continues exactly; summary() is
 what the epoch's log record shows. A method acts in the epochs after the warm-up (--warmup, as every mode) up to
---modulation-ends; greedy and gblending also measure during the warm-up, as their official code does from epoch 0.
+--modulation-ends; greedy, agm and gblending also measure during the warm-up, as their official code does from its
+first epoch.
 
 Uni-modal responses go through the classifier's mask, so a method works with every fusion it is meaningful for.
 The response of modality m to a batch is its Shapley value in the game whose value of a coalition C is the logits
 from C alone, v(C) = f(x masked to C), v(empty) = 0 (unimodal_responses). For two modalities this is
 (f(a, v) - f(0, v) + f(a, 0)) / 2, AGM's mono-modal response; for concatenation it equals W_a a + b / 2, the weight
-slice plus half the bias that OGM-GE's code reads (test_comparators checks both). Late fusion with feature masking
+slice plus half the bias that OGM-GE's code reads (test_comparators checks both); for sum fusion OGM-GE's code reads
+each branch with its own bias, and so does OGMGE (branch_responses). Late fusion with feature masking
 runs only the fusion head per coalition, on the features of the training forward itself; any other classifier runs
 one forward per coalition.
 
@@ -241,11 +243,14 @@ class ResponseModulation:
     def loss(self, model, inputs, target):
         logits, features = joint_forward(model, inputs)
         if self.active:
-            responses = unimodal_responses(model, inputs, features)  # [n, B, K]
-            self.coefficients = self.coefficients_from(true_class_probability(responses, target).cpu())
-            self.coefficient_sums += self.coefficients
-            self.steps += 1
+            self.record(unimodal_responses(model, inputs, features), target)
         return F.cross_entropy(logits.float(), target)
+
+    def record(self, responses, target):
+        """The step's coefficients from the responses [n, B, K], added to the epoch's sums."""
+        self.coefficients = self.coefficients_from(true_class_probability(responses, target).cpu())
+        self.coefficient_sums += self.coefficients
+        self.steps += 1
 
     def end_epoch(self, epoch):
         pass
@@ -254,13 +259,34 @@ class ResponseModulation:
         return dict(mean_coefficient=(self.coefficient_sums / max(self.steps, 1)).tolist())
 
 
+def branch_responses(model, features):
+    """[n, B, K]: each branch's own logits, fc_m(f_m) with its own bias, for sum fusion (models.SumFusion), where
+    OGM-GE's code takes out_a = a W_x^T + b_x (main.py, train_epoch, fusion_method 'sum', lines 82-86); the
+    Shapley response would give each branch half of every bias instead."""
+    return torch.stack([fc(feature) for fc, feature in zip(model.head.fcs, features)])
+
+
+def sums_branches(model):
+    """Whether the model is late fusion by a sum of per-modality classifiers (--fusion sum)."""
+    return isinstance(model, models.LateFusionClassifier) and isinstance(model.head, models.SumFusion)
+
+
 class OGMGE(ResponseModulation):
     """OGM-GE: per batch, the scores s_m of the modalities' responses (Eq. 9), the coefficients k_m
-    (ogm_coefficients), and the change of the encoders' gradients (ogm_ge_step). No state between batches."""
+    (ogm_coefficients), and the change of the encoders' gradients (ogm_ge_step). No state between batches. The
+    response is the Shapley response, except for sum fusion: each branch's own output (branch_responses)."""
 
     def __init__(self, num_modalities, alpha):
         super().__init__(num_modalities)
         self.alpha = alpha
+
+    def loss(self, model, inputs, target):
+        if not (self.active and sums_branches(model)):
+            return super().loss(model, inputs, target)
+        features = model.encode(inputs)  # LateFusionClassifier.forward, keeping the features
+        with torch.no_grad():
+            self.record(branch_responses(model, features), target)
+        return F.cross_entropy(model.fuse(features).float(), target)
 
     def coefficients_from(self, probability):  # [n, B], the true-class softmax of each response
         return ogm_coefficients(probability.sum(1), self.alpha)  # s_m, Eq. 9

@@ -89,6 +89,40 @@ def test_ogm_coefficients_by_hand():
     assert torch.allclose(k, torch.tensor([1 - math.tanh(1.0), 1.0, 1.0]))
 
 
+@pytest.mark.parametrize("mask_mode", ["feature", "input"])
+def test_ogm_with_sum_fusion_reads_each_branch_with_its_own_bias(mask_mode):
+    """OGM-GE_CVPR2022 main.py, train_epoch: for fusion_method 'sum', out_a = a fc_x.weight^T + fc_x.bias and
+    out_v = v fc_y.weight^T + fc_y.bias (lines 82-86), s = sum of the true-class softmax, ratio_v = s_v / s_a,
+    and the dominant modality's coefficient 1 - tanh(alpha * ratio) (lines 105-124)."""
+    model = toy_model("sum", mask_mode=mask_mode).train()
+    with torch.no_grad():
+        model.head.fcs[0].bias.copy_(torch.tensor([2.0, -2.0, 0.0, 1.0]))
+        model.head.fcs[1].bias.copy_(torch.tensor([-1.0, 0.0, 3.0, 0.0]))
+    reference = copy.deepcopy(model)
+    inputs, target = toy_batch()
+    ogm = comparators.OGMGE(2, alpha=0.5)
+    ogm.start_epoch(0, active=True)
+    loss = ogm.loss(model, inputs, target)
+    with torch.no_grad():
+        a, v = reference.encode(inputs)
+        fc_x, fc_y = reference.head.fcs
+        out_a = torch.mm(a, fc_x.weight.T) + fc_x.bias
+        out_v = torch.mm(v, fc_y.weight.T) + fc_y.bias
+        score_a = sum(out_a.softmax(1)[i][target[i]] for i in range(6)).item()
+        score_v = sum(out_v.softmax(1)[i][target[i]] for i in range(6)).item()
+        ratio_v = score_v / score_a
+        if ratio_v > 1:
+            official = [1.0, 1 - math.tanh(0.5 * ratio_v)]
+        else:
+            official = [1 - math.tanh(0.5 / ratio_v), 1.0]
+        shapley = comparators.ogm_coefficients(comparators.true_class_probability(
+            comparators.unimodal_responses(reference, inputs, [a, v] if mask_mode == "feature" else None),
+            target).sum(1), 0.5)
+    assert ogm.coefficients.tolist() == pytest.approx(official, rel=1e-5)
+    assert (ogm.coefficients - shapley).abs().max() > 1e-3  # half of each bias would decide otherwise
+    assert torch.allclose(loss, F.cross_entropy(reference(inputs), target), atol=1e-6)
+
+
 def test_ogm_ge_step_scales_and_adds_noise_with_the_gradient_std():
     model = toy_model()
     for p in model.parameters():
