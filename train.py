@@ -973,13 +973,16 @@ def evaluate_checkpoint(path, split="test", args=None, given=()):
 
 
 def eval_only(args, given=()):
-    """Evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation beside it."""
+    """Evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation beside it, named after
+    the split and the checkpoint (valuation_test_best.csv for best.pt), so that evaluating best.pt and last.pt
+    keeps both."""
     if args.resume is None:
         raise TrainingError("--eval-only needs --resume CHECKPOINT (RUN_DIR/best.pt or last.pt)")
     result, dataset = evaluate_checkpoint(args.resume, args.eval_split, args, given)
     scores = metrics(result)
     out = os.path.dirname(os.path.abspath(args.resume))
-    csv_path = os.path.join(out, f"valuation_{args.eval_split}.csv")
+    name = f"{args.eval_split}_{os.path.splitext(os.path.basename(args.resume))[0]}"
+    csv_path = os.path.join(out, f"valuation_{name}.csv")
 
     def write(f):
         text = io.StringIO()
@@ -999,7 +1002,7 @@ def eval_only(args, given=()):
                    acc=scores["acc"], map=scores["map"], acc_per_modality=scores["acc_per_modality"],
                    mean_phi=result["phi"].mean(0).tolist(), modalities=list(dataset.modalities))
     if is_main_process():
-        save_json(os.path.join(out, f"eval_{args.eval_split}.json"), results)
+        save_json(os.path.join(out, f"eval_{name}.json"), results)
     print(f"{args.eval_split} acc {100 * scores['acc']:.2f}  mAP {100 * scores['map']:.2f}  per modality: "
           + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(dataset.modalities, scores["acc_per_modality"])))
     print(f"per-sample valuation written to {csv_path}")
