@@ -33,6 +33,7 @@ value_online() takes each sample's coalition predictions from the features of th
 from that table (online_table) instead of a separate pass.
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -431,13 +432,19 @@ def loader_settings(args, device):
 
 
 def write_atomic(path, write_bytes):
-    """Call write_bytes(file) on a temporary file beside `path`, then rename it over `path`."""
+    """Call write_bytes(file) on a temporary file beside `path`, then rename it over `path`; a write that fails
+    (a full disk) removes the temporary file and leaves `path` as it was."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write_bytes(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write_bytes(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def save_json(path, obj):
@@ -473,15 +480,16 @@ def save_contributions(out, epoch, dataset, valued_index, phi, valuation="offlin
 RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "results.json")
 
 
-def check_writable(out):
-    """Refuse, before any work, a run directory that is a file or lies where nothing can be written."""
+def check_writable(out, flag="--out"):
+    """Refuse, before any work, an output folder (given by `flag`) that is a file or lies where nothing can be
+    written."""
     existing = out
     while not os.path.exists(existing):
         existing = os.path.dirname(os.path.abspath(existing))
     if not os.path.isdir(existing):
-        raise TrainingError(f"--out {out}: {existing} is a file, not a folder")
+        raise TrainingError(f"{flag} {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainingError(f"--out {out}: {existing} is not writable")
+        raise TrainingError(f"{flag} {out}: {existing} is not writable")
 
 
 def prepare_run_dir(out, overwrite):
