@@ -288,6 +288,28 @@ def test_sweep_summarises_validation_runs(tmp_path, monkeypatch):
     assert all(0.0 <= a <= 1.0 for a in summary["alone"]) and all(s >= 0 for s in summary["phi_std"])
 
 
+def test_sweep_refuses_an_output_folder_that_cannot_be_written_before_training(capsys, tmp_path, monkeypatch):
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path) and access(path, mode))
+    monkeypatch.setattr(sweep, "validation_summary", lambda *args: pytest.fail("trained before checking --out"))
+    line = refused(capsys, ["--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")], main=sweep.main)
+    assert line == f"error: --out {tmp_path / 'results'}: {tmp_path} is not writable"
+
+
+def test_sweep_saves_each_stage_as_it_ends(capsys, tmp_path, monkeypatch):
+    def summary(name, settings, runs_dir):  # stage 1 ends, stage 2 is interrupted
+        if not name.startswith("alone-"):
+            raise KeyboardInterrupt
+        return dict(name=name, settings=settings, val_acc=0.5, alone=[0.5], phi=[0.5], phi_std=[0.1])
+
+    monkeypatch.setattr(sweep, "validation_summary", summary)
+    line = refused(capsys, ["--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")], 130, sweep.main)
+    assert line == f"error: interrupted; {tmp_path / 'results' / 'sweep.json'} keeps the stages finished before"
+    with open(tmp_path / "results" / "sweep.json") as f:
+        assert list(json.load(f)["alone"]) == list(data.MFEAT_VIEWS)
+    assert "## 1. Each view alone" in (tmp_path / "results" / "sweep.md").read_text()
+
+
 # ----------------------------------------------------------------------------------------------
 # Figure 5
 
