@@ -60,7 +60,7 @@ it is wall time (after torch.cuda.synchronize). ResNet-18 encoders, synthetic da
 1-channel "spectrogram" and a 3-channel "image" modality) at a small resolution unless --full-resolution.
 
     python bench.py                          # CPU, about 3-5 minutes on two cores
-    python bench.py --json results/bench.json
+    python bench.py --json results/bench.json   # also the rows as JSON, saved after each benchmark
     python bench.py --quick                  # tiny sizes, seconds: a smoke run, not a measurement
     python bench.py --only online            # the rows of one benchmark (names: BENCHES)
     python bench.py --device cuda --amp --full-resolution
@@ -87,6 +87,7 @@ import engine
 import method
 import models
 import shapley_mm
+import train
 
 # sizes of each setting (--quick, default, --full-resolution); --repeats, --batch-size and --size override theirs
 SETTINGS = {
@@ -601,7 +602,7 @@ def format_table(rows):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Cost benchmarks of sample-level modality valuation (see the docstring).")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as a JSON list")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as a JSON list, saved after each benchmark")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds, not a measurement")
     size.add_argument("--full-resolution", action="store_true", help="224-pixel inputs and larger sets (for a GPU)")
@@ -631,19 +632,44 @@ def bench_names(text):
     return names
 
 
+def fail(message):
+    """One line on stderr and exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_json_path(path):
+    """Refuse, before any measurement, a --json FILE that cannot be written."""
+    if os.path.isdir(path):
+        fail(f"--json {path} is a folder; give a file name")
+    try:
+        train.check_writable(os.path.dirname(os.path.abspath(path)), "--json")
+    except train.TrainingError as error:
+        fail(error)
+
+
+def save_rows(path, rows):
+    """--json FILE, the rows measured so far, written atomically (train.write_atomic) after each benchmark."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        train.write_atomic(path, lambda f: f.write((json.dumps(rows, indent=2) + "\n").encode()))
+    except OSError as error:
+        fail(f"--json {path}: cannot write it ({error.strerror or error}); the previous file is kept")
+
+
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device}: CUDA is not available")
+        fail(f"--device {args.device}: CUDA is not available")
     s = dict(SETTINGS["quick" if args.quick else "full-resolution" if args.full_resolution else "default"])
     for key in ("repeats", "batch_size", "size"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     if s["repeats"] < 1 or s["batch_size"] < 2 or s["size"] < 16 or args.workers < 0:
-        raise SystemExit(f"error: need --repeats >= 1, --batch-size >= 2, --size >= 16 and --workers >= 0, got "
-                         f"{s['repeats']}, {s['batch_size']}, {s['size']} and {args.workers}")
+        fail(f"need --repeats >= 1, --batch-size >= 2, --size >= 16 and --workers >= 0, got {s['repeats']}, "
+             f"{s['batch_size']}, {s['size']} and {args.workers}")
     if args.memory_probe:
         print(json.dumps(memory_probe(s, device, args.amp)))
         return None
@@ -652,6 +678,8 @@ def main(argv=None):
         if int(os.environ["RANK"]) == 0:
             print(json.dumps(seconds))
         return None
+    if args.json:
+        check_json_path(args.json)
     on_cpu_clock = device.type == "cpu" and args.workers == 0 and not args.wall
     clock = time.process_time if on_cpu_clock else time.perf_counter
     print(f"device {device}{' (amp)' if args.amp else ''}, {'CPU' if on_cpu_clock else 'wall'} time, "
@@ -677,16 +705,13 @@ def main(argv=None):
         for r in new_rows:
             print(f"  {r['name']}: {r['value']:.3f} ({r['target']})", flush=True)
         print(f"  ({time.perf_counter() - bench_start:.0f} s)", flush=True)
+        if args.json:
+            save_rows(args.json, rows)
     print()
     print(format_table(rows))
     missed = [r["name"] for r in rows if r["met"] is False]
     print("\nall targets met" if not missed else "\nNOT MET: " + "; ".join(missed))
     print(f"({time.perf_counter() - start:.0f} s)")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-            f.write("\n")
     return rows
 
 

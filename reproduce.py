@@ -27,8 +27,9 @@ for the per-sample valuation of the test split. Runs go to --runs-dir (scratch, 
 to --out (default results/):
   results.json  one record per run (setting, mode, fusion, valuation, seed, test_acc, test_map, per-modality
                 accuracy, test contributions and their spread, per-epoch training-set contributions, trained
-                samples, wall time), plus the Figure 4 examples and the Figure 5 numbers; a re-run cell replaces its
-                records, the others are kept
+                samples, wall time), plus the Figure 4 examples and the Figure 5 numbers; saved after each run
+                (atomically); a re-run cell replaces its records, the others are kept; a results.json of other
+                training settings is refused unless --overwrite (which starts it afresh)
   results.md    the tables: accuracy / mAP / accuracy of each modality alone / contributions, contributions per
                 epoch (Figures 3, 6), the Figure 4 examples, Figure 5's separability of the low-contributing
                 modality's features (nearest-centroid accuracy on test), the paper's claims checked on these runs,
@@ -43,8 +44,10 @@ tables: results/sweep.md).
 """
 import argparse
 import contextlib
+import io
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -93,12 +96,40 @@ def online_grid(settings, modes):
     return [(setting, "concat", mode) for setting in settings for mode in ONLINE_MODES if mode in modes]
 
 
+def training_args(**settings):
+    """train.py's arguments of a run with `settings` (its flags, underscored), checked as train.py checks them."""
+    return train.make_args(dataset="mfeat", gpu=-1, overwrite=True, **settings)
+
+
 def train_quietly(stdout_path, **settings):
     """train.train with `settings` (train.py's flags, underscored), its per-epoch lines sent to a file (warnings
     still reach stderr); returns its results."""
-    args = train.make_args(dataset="mfeat", gpu=-1, overwrite=True, **settings)
+    args = training_args(**settings)
     with open(stdout_path, "w") as f, contextlib.redirect_stdout(f):
         return train.train(args)
+
+
+def cell_settings(setting, fusion, mode, seed, training, runs_dir, valuation="offline"):
+    """train.py's settings (underscored) of one cell's run, its run directory under `runs_dir` included."""
+    out = os.path.join(runs_dir, setting, f"{fusion}-{mode}{'-online' if valuation == 'online' else ''}-s{seed}")
+    return dict(views=SETTINGS[setting]["views"].split(","), mfeat_degrade=SETTINGS[setting]["degrade"], mode=mode,
+                fusion=fusion, seed=seed, valuation=valuation, track_phi=True, out=out, **training)
+
+
+def check_grid(runs, training, runs_dir):
+    """Refuse, before the first run, a grid with a run train.py would refuse (--warmup 0 for online valuation,
+    say), in one line naming the run; train.py's warnings come with the runs themselves."""
+    for (setting, fusion, mode), valuation, seed in runs:
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                training_args(**cell_settings(setting, fusion, mode, seed, training, runs_dir, valuation))
+        except train.TrainingError as error:
+            raise train.TrainingError(f"the run {describe_run(setting, fusion, mode, valuation, seed)}: {error}")
+
+
+def describe_run(setting, fusion, mode, valuation, seed):
+    """'sample-level concat sample online seed 0': one run, as the progress lines and the errors name it."""
+    return f"{setting} {fusion} {mode}{' online' if valuation == 'online' else ''} seed {seed}"
 
 
 def valuation_of(run_dir, split="test"):
@@ -112,12 +143,11 @@ def valuation_of(run_dir, split="test"):
 
 def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline"):
     """Train one cell, value its test split, and return its record."""
-    out = os.path.join(runs_dir, setting, f"{fusion}-{mode}{'-online' if valuation == 'online' else ''}-s{seed}")
+    settings = cell_settings(setting, fusion, mode, seed, training, runs_dir, valuation)
+    out = settings["out"]
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
-    results = train_quietly(os.path.join(out, "stdout.txt"), views=SETTINGS[setting]["views"].split(","),
-                            mfeat_degrade=SETTINGS[setting]["degrade"], mode=mode, fusion=fusion, seed=seed,
-                            valuation=valuation, track_phi=True, out=out, **training)
+    results = train_quietly(os.path.join(out, "stdout.txt"), **settings)
     wall_seconds = time.perf_counter() - start
     _, _, _, test_phi, _ = valuation_of(out)
 
@@ -786,16 +816,41 @@ def write_figures(out, records, examples, training):
 # ----------------------------------------------------------------------------------------------
 
 
-def load_previous(path, training):
-    """The records and examples of an earlier run into the same --out, if it used the same settings."""
-    if not os.path.exists(path):
-        return [], {}
-    with open(path) as f:
-        previous = json.load(f)
+def load_previous(path, training, overwrite=False):
+    """The records, examples and Figure 5 numbers of an earlier run into the same --out, which the new runs join;
+    none with `overwrite` (--overwrite). Results of other settings (a full run's, before a quick check) and a file
+    that is not one reproduce.py wrote are refused in one line unless `overwrite`: replacing them loses runs."""
+    if overwrite or not os.path.exists(path):
+        return [], {}, None
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+        records, examples = previous["records"], previous["examples"]
+    except (ValueError, KeyError, TypeError) as error:  # a cut file, another file's JSON, not UTF-8
+        raise train.TrainingError(f"{path} is not a results.json of reproduce.py ({error.__class__.__name__}: "
+                                  f"{error}); move it away, or pass --overwrite to replace it")
     if previous.get("training") != training or previous.get("settings") != SETTINGS:
-        print(f"{path} was written with other settings ({previous.get('training')}): replaced, not merged")
-        return [], {}
-    return previous["records"], previous["examples"]
+        differs = (f"training {previous.get('training')}, this run {training}" if previous.get("training") != training
+                   else "the settings of reproduce.SETTINGS")
+        raise train.TrainingError(f"{path} holds {len(records)} runs made with other settings ({differs}); pass "
+                                  f"--overwrite to replace them, or choose another --out")
+    return records, examples, previous.get("features")
+
+
+def record_order(record):
+    """The order of results.json: setting, fusion, valuation, mode, seed."""
+    return (list(SETTINGS).index(record["setting"]), models.FUSIONS.index(record["fusion"]),
+            VALUATIONS.index(record.get("valuation", "offline")), train.MODES.index(record["mode"]), record["seed"])
+
+
+def save_results(path, training, records, examples, features):
+    """results.json, written atomically (train.write_atomic): a full disk or a kill keeps the previous file whole."""
+    results = dict(training=training, settings=SETTINGS, records=sorted(records, key=record_order),
+                   examples=examples, features=features)
+    try:
+        train.write_atomic(path, lambda f: f.write(json.dumps(results).encode()))
+    except OSError as error:
+        raise train.TrainingError(f"{path}: cannot write it ({error.strerror or error}); the previous file is kept")
 
 
 def run_key(record):
@@ -803,34 +858,44 @@ def run_key(record):
     return record["setting"], record["fusion"], record["mode"], record.get("valuation", "offline"), record["seed"]
 
 
-def reproduce(settings, modes, fusions, seeds, out, runs_dir, training, valuations=VALUATIONS):
+def reproduce(settings, modes, fusions, seeds, out, runs_dir, training, valuations=VALUATIONS, overwrite=False):
+    """Check the outputs, the earlier results in `out` and every run of the grid, then train the runs one by one,
+    results.json saved after each, then the tables and figures."""
     torch.set_num_threads(1)  # the runs are tiny, and the thread count changes the floating-point sums
-    os.makedirs(out, exist_ok=True)
+    train.check_writable(out)
+    train.check_writable(runs_dir, "--runs-dir")
     json_path = os.path.join(out, "results.json")
-    records, examples = load_previous(json_path, training)
+    records, examples, features = load_previous(json_path, training, overwrite)
     cells = [(cell, valuation, seed)
              for valuation, valuation_cells in (("offline", grid(settings, modes, fusions)),
                                                 ("online", online_grid(settings, modes)))
              if valuation in valuations for cell in valuation_cells for seed in seeds]
+    check_grid(cells, training, runs_dir)
+    os.makedirs(out, exist_ok=True)
     print(f"{len(cells)} runs into {runs_dir}, results into {out}")
     start = time.perf_counter()
     for k, ((setting, fusion, mode), valuation, seed) in enumerate(cells, start=1):
-        record = run_cell(setting, fusion, mode, seed, training, runs_dir, valuation)
+        try:
+            record = run_cell(setting, fusion, mode, seed, training, runs_dir, valuation)
+        except (KeyboardInterrupt, train.TrainingError) as error:  # train.train says Ctrl-C as code 130
+            if isinstance(error, train.TrainingError) and error.code != 130:
+                raise
+            raise train.TrainingError(f"interrupted in run {k} of {len(cells)} "
+                                      f"({describe_run(setting, fusion, mode, valuation, seed)}): {json_path} keeps "
+                                      f"the runs finished before it", code=130)
         records = [r for r in records if run_key(r) != run_key(record)] + [record]
-        print(f"[{k}/{len(cells)}] {setting} {fusion} {mode}{' online' if valuation == 'online' else ''} seed {seed}: "
+        save_results(json_path, training, records, examples, features)
+        print(f"[{k}/{len(cells)}] {describe_run(setting, fusion, mode, valuation, seed)}: "
               f"test acc {100 * record['test_acc']:.2f} mAP {100 * record['test_map']:.2f} "
               f"({record['wall_seconds']:.1f}s, {time.perf_counter() - start:.0f}s in all)", flush=True)
-    records.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), models.FUSIONS.index(r["fusion"]),
-                                VALUATIONS.index(r.get("valuation", "offline")), train.MODES.index(r["mode"]),
-                                r["seed"]))
+    records.sort(key=record_order)
     cells = group(records)
     for setting in settings:
         example = pick_examples(setting, cells)
         if example is not None:
             examples[setting] = example
     features = feature_study(cells)
-    with open(json_path, "w") as f:
-        json.dump(dict(training=training, settings=SETTINGS, records=records, examples=examples, features=features), f)
+    save_results(json_path, training, records, examples, features)
     figures = write_figures(out, records, examples, training)
     if features is not None:
         figures += write_feature_figure(out, features)
@@ -840,17 +905,21 @@ def reproduce(settings, modes, fusions, seeds, out, runs_dir, training, valuatio
     return records
 
 
-def comma_list(text, allowed, what):
+def comma_list(text, allowed, flag):
+    """The comma-separated items of `flag`, each one of `allowed`."""
     items = [x for x in text.split(",") if x]
     unknown = [x for x in items if x not in allowed]
     if unknown or not items:
-        raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; expected some of {', '.join(allowed)}")
+        raise argparse.ArgumentTypeError(f"argument {flag}: unknown {', '.join(unknown) or repr(text)}; expected "
+                                         f"some of {', '.join(allowed)}")
     return items
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command line; a refusal, a file that cannot be read or written and Ctrl-C are one line on stderr (exit
+    status 2; 130 for Ctrl-C), and leave results.json as it was after the last finished run."""
+    parser = train.OneLineParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"from {', '.join(SETTINGS)}")
     parser.add_argument("--modes", default=",".join(train.MODES),
                         help=f"from {', '.join(train.MODES)}; fusions other than concat run only "
@@ -861,19 +930,44 @@ def main(argv=None):
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--out", default="results", help="where results.json, results.md and the figures go")
     parser.add_argument("--runs-dir", default=os.path.join("runs", "reproduce"), help="scratch folder of the runs")
-    parser.add_argument("--epochs", type=int, default=TRAINING["epochs"], help="total epochs (quick checks only)")
-    parser.add_argument("--warmup", type=int, default=TRAINING["warmup"], help="warm-up epochs (quick checks only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results.json in --out instead of adding the runs to it (needed when it "
+                             "holds runs of other settings)")
+    parser.add_argument("--epochs", type=train.number(int, 1), default=TRAINING["epochs"],
+                        help="total epochs (quick checks only)")
+    parser.add_argument("--warmup", type=train.number(int, 0), default=TRAINING["warmup"],
+                        help="warm-up epochs (quick checks only)")
     args = parser.parse_args(argv)
     try:
-        settings = comma_list(args.settings, tuple(SETTINGS), "settings")
-        modes = comma_list(args.modes, train.MODES, "modes")
-        fusions = comma_list(args.fusions, models.FUSIONS, "fusions")
-        valuations = comma_list(args.valuations, VALUATIONS, "valuations")
+        settings = comma_list(args.settings, tuple(SETTINGS), "--settings")
+        modes = comma_list(args.modes, train.MODES, "--modes")
+        fusions = comma_list(args.fusions, models.FUSIONS, "--fusions")
+        valuations = comma_list(args.valuations, VALUATIONS, "--valuations")
         seeds = [int(s) for s in args.seeds.split(",") if s]
-    except (argparse.ArgumentTypeError, ValueError) as error:
+    except argparse.ArgumentTypeError as error:
         parser.error(str(error))
+    except ValueError:
+        parser.error(f"argument --seeds: expected integers separated by commas, got {args.seeds!r}")
     training = dict(TRAINING, epochs=args.epochs, warmup=args.warmup)
-    return reproduce(settings, modes, fusions, seeds, args.out, args.runs_dir, training, valuations)
+    return one_line_errors(lambda: reproduce(settings, modes, fusions, seeds, args.out, args.runs_dir, training,
+                                             valuations, args.overwrite),
+                           f"{os.path.join(args.out, 'results.json')} keeps the runs finished before")
+
+
+def one_line_errors(work, kept):
+    """work(); a refusal, a file that cannot be read or written and Ctrl-C become one line on stderr, exit status
+    2 (130 for Ctrl-C, saying what is `kept`)."""
+    try:
+        return work()
+    except (train.TrainingError, data.DataError) as error:
+        print(f"error: {train.one_line(error)}", file=sys.stderr)
+        raise SystemExit(getattr(error, "code", 2))
+    except OSError as error:  # disk full, permissions
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

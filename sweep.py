@@ -2,6 +2,9 @@
 
     python sweep.py                     # about 10 minutes on 2 CPU cores; writes results/sweep.json, sweep.md
 
+Both files are checked to be writable before the first run and saved after each stage, so a stop or a failure
+keeps the stages that finished.
+
 Validation split only, seeds 100-102 (never the reported seeds of reproduce.py). It trains each view alone, then
 the strong + weak pairs (dataset-level imbalance) and the similar pairs with a per-sample degradation (sample-level
 imbalance), then the training settings and the warm-up on the two chosen settings; sweep.md gives the tables and
@@ -53,6 +56,12 @@ def sweep_row(summary, *extra):
             + [f"{p:.3f} ({s:.3f})" for p, s in zip(summary["phi"], summary["phi_std"])] + list(extra))
 
 
+def save_sweep(out, lines, **found):
+    """sweep.md (the tables so far) and sweep.json (`found` so far), each written atomically (train.write_atomic)."""
+    train.write_atomic(os.path.join(out, "sweep.json"), lambda f: f.write(json.dumps(found, indent=1).encode()))
+    train.write_atomic(os.path.join(out, "sweep.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
 def sweep(out, runs_dir):
     """Choose the views, the degradation and the training settings on the validation split (SWEEP_SEEDS):
       1. each view alone (train.py's mfeat defaults);
@@ -61,9 +70,11 @@ def sweep(out, runs_dir):
          contributions stay balanced (gap < 0.05), the one with the largest spread of phi across samples wins;
       3. training on both chosen settings: epochs x batch x lr by mean baseline val accuracy, then the warm-up by
          mean sample-level val accuracy (ties: the earlier candidate).
-    Writes sweep.json and sweep.md into `out`; prints the choices (copy them into reproduce.SETTINGS and
-    reproduce.TRAINING)."""
+    Writes sweep.json and sweep.md into `out`, after each stage; prints the choices (copy them into
+    reproduce.SETTINGS and reproduce.TRAINING)."""
     torch.set_num_threads(1)
+    train.check_writable(out)
+    train.check_writable(runs_dir, "--runs-dir")
     os.makedirs(out, exist_ok=True)
     base = dict(mode="baseline")
     lines = ["# Validation sweep behind reproduce.py's settings",
@@ -74,6 +85,7 @@ def sweep(out, runs_dir):
     alone = {v: validation_summary(f"alone-{v}", dict(base, views=[v]), runs_dir) for v in data.MFEAT_VIEWS}
     lines += ["## 1. Each view alone (40 epochs, batch 64, lr 0.01)", ""]
     lines += reproduce.table(["view", "val acc"], [[v, f"{100 * s['val_acc']:.2f}"] for v, s in alone.items()]) + [""]
+    save_sweep(out, lines, alone=alone)
 
     print("2. settings")
     pairs = [validation_summary(f"{a},{b}", dict(base, views=[a, b]), runs_dir)
@@ -97,6 +109,7 @@ def sweep(out, runs_dir):
     lines += ["## 2b. Sample-level imbalance: similar views, one degraded per sample, baseline", ""]
     lines += reproduce.table(header + ["phi gap"], [sweep_row(s, f"{gap(s):.3f}") for s in degraded])
     lines += ["", f"Chosen: {sample_level['name']} (balanced means, largest spread across samples).", ""]
+    save_sweep(out, lines, alone=alone, pairs=pairs, degraded=degraded)
 
     print("3. training")
     similar_views, degrade = sample_level["name"].split("-S")
@@ -115,6 +128,7 @@ def sweep(out, runs_dir):
     lines += ["## 3a. Training, baseline", ""]
     lines += reproduce.table(["epochs", "batch", "lr", "dataset-level", "sample-level", "mean"], rows)
     lines += ["", f"Chosen: {chosen}.", ""]
+    save_sweep(out, lines, alone=alone, pairs=pairs, degraded=degraded)
     rows, scores = [], []
     for warmup in SWEEP_WARMUP:
         runs = [validation_summary(f"warmup{warmup}-{k}", dict(setting, mode="sample", warmup=warmup, **chosen),
@@ -127,10 +141,7 @@ def sweep(out, runs_dir):
 
     choice = dict(dataset_level=dataset_level["name"], sample_level=sample_level["name"],
                   training=dict(chosen, warmup=warmup))
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump(dict(choice=choice, alone=alone, pairs=pairs, degraded=degraded), f, indent=1)
-    with open(os.path.join(out, "sweep.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    save_sweep(out, lines, choice=choice, alone=alone, pairs=pairs, degraded=degraded)
     print(f"chosen: {choice}")
     return choice
 
@@ -141,7 +152,8 @@ def main(argv=None):
     parser.add_argument("--out", default="results", help="where sweep.json and sweep.md go")
     parser.add_argument("--runs-dir", default=os.path.join("runs", "reproduce"), help="scratch folder of the runs")
     args = parser.parse_args(argv)
-    return sweep(args.out, args.runs_dir)
+    return reproduce.one_line_errors(lambda: sweep(args.out, args.runs_dir),
+                                     f"{os.path.join(args.out, 'sweep.json')} keeps the stages finished before")
 
 
 if __name__ == "__main__":

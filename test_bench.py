@@ -92,6 +92,31 @@ def test_only_runs_the_benchmarks_named(capsys):
     assert "--only: unknown benchmark onlin; choose from valuation," in capsys.readouterr().err
 
 
+def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(capsys, tmp_path, monkeypatch):
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path) and access(path, mode))
+    monkeypatch.setattr(bench, "bench_shapley", lambda *args: pytest.fail("measured before checking --json"))
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--quick", "--only", "shapley", "--json", str(tmp_path / "bench.json")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"error: --json {tmp_path}: {tmp_path} is not writable\n"
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--only", "shapley", "--json", str(tmp_path)])
+    assert capsys.readouterr().err == f"error: --json {tmp_path} is a folder; give a file name\n"
+
+
+def test_json_rows_are_saved_after_each_benchmark(tmp_path, monkeypatch):
+    measured = [bench.informational("shapley", 1.0)]
+    monkeypatch.setattr(bench, "bench_shapley", lambda *args: measured)
+    monkeypatch.setattr(bench, "bench_epochs", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    path = tmp_path / "results" / "bench.json"
+    with pytest.raises(KeyboardInterrupt):  # stopped in the second benchmark: the first one's rows are kept
+        bench.main(["--quick", "--only", "shapley,epochs", "--json", str(path)])
+    with open(path) as f:
+        assert json.load(f) == measured
+    assert os.listdir(path.parent) == ["bench.json"]
+
+
 def test_authors_loop_computes_the_shapley_values():
     correct = torch.rand(200, 4, generator=torch.Generator().manual_seed(0)) < 0.5
     values = shapley_mm.benefit(correct)

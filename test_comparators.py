@@ -439,7 +439,7 @@ def test_eval_only_writes_ogm_scores(tmp_path):
     out = tmp_path / "run"
     run_train(out, *MFEAT, "--mode", "baseline", "--epochs", "1")
     train.main(["--resume", str(out / "best.pt"), "--eval-only", "--eval-split", "val"])
-    with open(out / "valuation_val.csv") as f:
+    with open(out / "valuation_val_best.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 400 and {"ogm_score_pix", "ogm_score_mor"} <= set(rows[0])
     _, dataset = train.evaluate_checkpoint(str(out / "best.pt"), "val")  # the scores: the official form

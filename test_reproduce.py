@@ -1,5 +1,6 @@
 """Smoke tests of reproduce.py: one setting, baseline and sample, one seed, two epochs; the JSON records, the
 Markdown table, exact reproduction, re-running one cell, the Figure 4 pick and the optional figures."""
+import errno
 import importlib.util
 import json
 import os
@@ -97,9 +98,108 @@ def test_rerunning_one_cell_replaces_only_its_record(quick, tmp_path):
     assert merged["records"][0] == results["records"][0]  # kept as it was
     assert merged["records"][1]["run_dir"] != results["records"][1]["run_dir"]  # re-run
     assert without_time(merged["records"][1:]) == without_time(results["records"][1:])
-    # a run with other training settings starts afresh instead of mixing incomparable records
-    fresh = run(tmp_path / "results", tmp_path / "runs", *[f if f != "2" else "3" for f in flags])
+    # a run with other training settings replaces them only when told to, instead of mixing incomparable records
+    fresh = run(tmp_path / "results", tmp_path / "runs", *[f if f != "2" else "3" for f in flags], "--overwrite")
     assert [(r["mode"], len(r["train_mean_phi"])) for r in fresh["records"]] == [("sample", 3)]
+
+
+def refused(capsys, argv, code=2, main=reproduce.main):
+    """Run `main` (reproduce.py's) expecting a one-line error exit with status `code`; return the line."""
+    with pytest.raises((SystemExit, KeyboardInterrupt)) as exit_info:
+        main(argv)
+    assert exit_info.type is SystemExit and exit_info.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def no_runs(monkeypatch):
+    """reproduce.run_cell replaced by one that fails the test: the runs it was asked for."""
+    asked = []
+    monkeypatch.setattr(reproduce, "run_cell", lambda *cell, **kwargs: asked.append(cell))
+    return asked
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "error: argument --epochs: expected a value >= 1, got 0"),
+    (["--valuations", "offline,online", "--warmup", "0"],
+     "error: the run sample-level concat sample online seed 0: --valuation online plans each epoch"),
+    (["--modes", "sampel"], "error: argument --modes: unknown sampel; expected some of baseline, sample,"),
+    (["--seeds", "0,x"], "error: argument --seeds: expected integers separated by commas, got '0,x'")])
+def test_the_whole_grid_is_checked_before_the_first_run(capsys, tmp_path, no_runs, flags, message):
+    assert refused(capsys, QUICK + flags + ["--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path)]).startswith(
+        message)
+    assert no_runs == [] and not os.path.exists(tmp_path / "results")
+
+
+def test_results_of_other_settings_are_kept_unless_overwrite(quick, capsys, tmp_path, no_runs):
+    root, _ = quick
+    shutil.copytree(root / "results", tmp_path / "results")
+    before = (tmp_path / "results" / "results.json").read_bytes()
+    flags = [f if f != "2" else "3" for f in QUICK] + ["--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path)]
+    line = refused(capsys, flags)
+    assert line.startswith(f"error: {tmp_path / 'results' / 'results.json'} holds 2 runs made with other settings")
+    assert line.endswith("pass --overwrite to replace them, or choose another --out")
+    assert (tmp_path / "results" / "results.json").read_bytes() == before and no_runs == []
+
+
+@pytest.mark.parametrize("text", ['{"training": {"epochs": 2}, "records": [', '[1, 2]', "\udcff"])
+def test_a_results_file_that_is_not_one_is_refused_in_one_line(capsys, tmp_path, no_runs, text):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "results.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    line = refused(capsys, QUICK + ["--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path)])
+    assert line.startswith(f"error: {tmp_path / 'results' / 'results.json'} is not a results.json of reproduce.py")
+    assert line.endswith("move it away, or pass --overwrite to replace it") and no_runs == []
+
+
+@pytest.mark.parametrize("flag", ["--out", "--runs-dir"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_runs(capsys, tmp_path, monkeypatch, no_runs,
+                                                                              flag):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and access(path, mode))
+    folders = {"--out": str(tmp_path / "results"), "--runs-dir": str(tmp_path / "runs"), flag: str(locked / "sub")}
+    line = refused(capsys, QUICK + [x for pair in folders.items() for x in pair])
+    assert line == f"error: {flag} {locked / 'sub'}: {locked} is not writable"
+    assert no_runs == [] and os.listdir(tmp_path) == ["locked"]
+
+
+class FullDisk(dict):
+    """A record field whose JSON encoding fails as a write to a full disk does."""
+
+    def items(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), "full disk", train.TrainingError("interrupted", code=130)])
+def test_results_are_saved_after_each_run_and_kept_when_stopped(quick, capsys, tmp_path, monkeypatch, stop):
+    root, results = quick
+    shutil.copytree(root / "results", tmp_path / "results")
+    baseline, _ = results["records"]
+    made = iter([dict(baseline, test_acc=0.5), dict(baseline, mode="sample", failed=FullDisk(x=1))])
+
+    def run_cell(*cell, **kwargs):  # the baseline run finishes; the sample run is stopped or cannot be saved
+        record = next(made)
+        if record["mode"] == "sample" and stop != "full disk":
+            raise stop
+        return record
+
+    monkeypatch.setattr(reproduce, "run_cell", run_cell)
+    line = refused(capsys, QUICK + ["--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path)],
+                   2 if stop == "full disk" else 130)
+    path = tmp_path / "results" / "results.json"
+    if stop == "full disk":
+        assert line == f"error: {path}: cannot write it (No space left on device); the previous file is kept"
+    else:
+        assert line == (f"error: interrupted in run 2 of 2 (sample-level concat sample seed 0): {path} keeps the runs "
+                        f"finished before it")
+    with open(path) as f:  # the first run saved, the record of the second as before
+        saved = json.load(f)
+    assert [(r["mode"], r["test_acc"]) for r in saved["records"]] == [("baseline", 0.5),
+                                                                     ("sample", results["records"][1]["test_acc"])]
+    assert sorted(os.listdir(tmp_path / "results")) == sorted(os.listdir(root / "results"))  # no temporary file
 
 
 def test_online_valuation_runs_join_the_offline_ones(quick, tmp_path):
@@ -186,6 +286,28 @@ def test_sweep_summarises_validation_runs(tmp_path, monkeypatch):
     assert summary["val_acc"] == pytest.approx(np.mean([r["val_acc"] for r in runs]))
     assert len(summary["alone"]) == len(summary["phi"]) == len(summary["phi_std"]) == 2
     assert all(0.0 <= a <= 1.0 for a in summary["alone"]) and all(s >= 0 for s in summary["phi_std"])
+
+
+def test_sweep_refuses_an_output_folder_that_cannot_be_written_before_training(capsys, tmp_path, monkeypatch):
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path) and access(path, mode))
+    monkeypatch.setattr(sweep, "validation_summary", lambda *args: pytest.fail("trained before checking --out"))
+    line = refused(capsys, ["--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")], main=sweep.main)
+    assert line == f"error: --out {tmp_path / 'results'}: {tmp_path} is not writable"
+
+
+def test_sweep_saves_each_stage_as_it_ends(capsys, tmp_path, monkeypatch):
+    def summary(name, settings, runs_dir):  # stage 1 ends, stage 2 is interrupted
+        if not name.startswith("alone-"):
+            raise KeyboardInterrupt
+        return dict(name=name, settings=settings, val_acc=0.5, alone=[0.5], phi=[0.5], phi_std=[0.1])
+
+    monkeypatch.setattr(sweep, "validation_summary", summary)
+    line = refused(capsys, ["--out", str(tmp_path / "results"), "--runs-dir", str(tmp_path / "runs")], 130, sweep.main)
+    assert line == f"error: interrupted; {tmp_path / 'results' / 'sweep.json'} keeps the stages finished before"
+    with open(tmp_path / "results" / "sweep.json") as f:
+        assert list(json.load(f)["alone"]) == list(data.MFEAT_VIEWS)
+    assert "## 1. Each view alone" in (tmp_path / "results" / "sweep.md").read_text()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def test_eval_only_reproduces_the_logged_validation_accuracy(synthetic_runs):
     evaluated = train.main(["--eval-only", "--resume", os.path.join(out, "best.pt"), "--eval-split", "val"])
     assert evaluated["acc"] == pytest.approx(best["val_acc"])
     assert evaluated["acc_per_modality"] == pytest.approx(best["val_acc_per_modality"])
-    with open(os.path.join(out, "valuation_val.csv")) as f:
+    with open(os.path.join(out, "valuation_val_best.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 16
     assert set(rows[0]) == {"id", "label", "prediction", "phi_spectrogram0", "phi_image1", "ogm_score_spectrogram0",
@@ -143,6 +143,17 @@ def test_eval_only_reproduces_the_logged_validation_accuracy(synthetic_runs):
     assert accuracy == pytest.approx(best["val_acc"])
     tested = train.main(["--eval-only", "--resume", os.path.join(out, "best.pt")])
     assert tested["acc"] == pytest.approx(results["test_acc"])
+    # the last checkpoint's valuation goes beside the best one's, each file named after its checkpoint
+    with open(os.path.join(out, "valuation_val_best.csv")) as f:
+        best_csv = f.read()
+    last = train.main(["--eval-only", "--resume", os.path.join(out, "last.pt"), "--eval-split", "val"])
+    with open(os.path.join(out, "valuation_val_best.csv")) as f:
+        assert f.read() == best_csv
+    with open(os.path.join(out, "valuation_val_last.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 16
+    with open(os.path.join(out, "eval_val_last.json")) as f:
+        assert json.load(f)["checkpoint"] == os.path.abspath(os.path.join(out, "last.pt")) == last["checkpoint"]
+    assert not os.path.exists(os.path.join(out, "valuation_val.csv"))
 
 
 @pytest.mark.parametrize("dataset, epochs, optimizer", [("mfeat", 40, "sgd"), ("ks", 60, "sgd"), ("synthetic", 6, "adam")])

@@ -29,6 +29,7 @@ builds D^rs from the copies (data.ResampledDataset, served in data.TrainingBatch
 method's loss and gradient hook (engine.train_one_epoch), validates, logs and saves a checkpoint.
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -411,13 +412,19 @@ def loader_settings(args, device):
 
 
 def write_atomic(path, write_bytes):
-    """Call write_bytes(file) on a temporary file beside `path`, then rename it over `path`."""
+    """Call write_bytes(file) on a temporary file beside `path`, then rename it over `path`; a write that fails
+    (a full disk) removes the temporary file and leaves `path` as it was."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write_bytes(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write_bytes(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def save_json(path, obj):
@@ -453,15 +460,16 @@ def save_contributions(out, epoch, dataset, valued_index, phi, valuation="offlin
 RUN_FILES = ("args.json", "log.jsonl", "last.pt", "best.pt", "results.json")
 
 
-def check_writable(out):
-    """Refuse, before any work, a run directory that is a file or lies where nothing can be written."""
+def check_writable(out, flag="--out"):
+    """Refuse, before any work, an output folder (given by `flag`) that is a file or lies where nothing can be
+    written."""
     existing = out
     while not os.path.exists(existing):
         existing = os.path.dirname(os.path.abspath(existing))
     if not os.path.isdir(existing):
-        raise TrainingError(f"--out {out}: {existing} is a file, not a folder")
+        raise TrainingError(f"{flag} {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrainingError(f"--out {out}: {existing} is not writable")
+        raise TrainingError(f"{flag} {out}: {existing} is not writable")
 
 
 def prepare_run_dir(out, overwrite):
@@ -771,13 +779,16 @@ def evaluate_checkpoint(path, split="test", args=None, given=()):
 
 
 def eval_only(args, given=()):
-    """Evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation beside it."""
+    """Evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation beside it, named after
+    the split and the checkpoint (valuation_test_best.csv for best.pt), so that evaluating best.pt and last.pt
+    keeps both."""
     if args.resume is None:
         raise TrainingError("--eval-only needs --resume CHECKPOINT (RUN_DIR/best.pt or last.pt)")
     result, dataset = evaluate_checkpoint(args.resume, args.eval_split, args, given)
     scores = engine.metrics(result)
     out = os.path.dirname(os.path.abspath(args.resume))
-    csv_path = os.path.join(out, f"valuation_{args.eval_split}.csv")
+    name = f"{args.eval_split}_{os.path.splitext(os.path.basename(args.resume))[0]}"
+    csv_path = os.path.join(out, f"valuation_{name}.csv")
 
     def write(f):
         text = io.StringIO()
@@ -797,7 +808,7 @@ def eval_only(args, given=()):
                    acc=scores["acc"], map=scores["map"], acc_per_modality=scores["acc_per_modality"],
                    mean_phi=result["phi"].mean(0).tolist(), modalities=list(dataset.modalities))
     if engine.is_main_process():
-        save_json(os.path.join(out, f"eval_{args.eval_split}.json"), results)
+        save_json(os.path.join(out, f"eval_{name}.json"), results)
     print(f"{args.eval_split} acc {100 * scores['acc']:.2f}  mAP {100 * scores['map']:.2f}  per modality: "
           + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(dataset.modalities, scores["acc_per_modality"])))
     print(f"per-sample valuation written to {csv_path}")
