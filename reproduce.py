@@ -52,10 +52,10 @@ import time
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import comparators
 import data
+import engine
 import models
 import train
 
@@ -325,19 +325,19 @@ def head_features(run_dir, modality):
     splits = train.build_datasets(args)
     model = train.build_model(args, splits["test"])
     model.load_state_dict(checkpoint["model"])
-    model.eval()
-    read = []  # the head's input for the modality, one [B, d] per batch
-    hook = model.head.register_forward_pre_hook(lambda head, head_inputs: read.append(head_inputs[0][modality]))
+
+    def read_head_input(model, inputs, target):  # the head's input for the modality, [B, d], through a hook
+        read = []
+        hook = model.head.register_forward_pre_hook(lambda head, head_inputs: read.append(head_inputs[0][modality]))
+        model(inputs)
+        hook.remove()
+        return dict(feature=read[0])
+
+    loader_kwargs = dict(batch_size=256, num_workers=0)
     features = {}
-    with torch.no_grad():
-        for name, split in (("train", "train_eval"), ("test", "test")):
-            read.clear()
-            labels = []
-            for inputs, target, _ in DataLoader(splits[split], batch_size=256):
-                model(inputs)  # the hook keeps the head's input
-                labels.append(target)
-            features[name] = (torch.cat(read).numpy(), torch.cat(labels).numpy())
-    hook.remove()
+    for name, split in (("train", "train_eval"), ("test", "test")):
+        result = engine.evaluate(model, splits[split], read_head_input, loader_kwargs, torch.device("cpu"))
+        features[name] = (result["feature"].numpy(), result["labels"].numpy())
     return features
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import data
+import engine
 import reproduce
 import train
 
@@ -42,7 +43,7 @@ def validation_summary(name, settings, runs_dir):
         results = reproduce.train_quietly(os.path.join(out, "stdout.txt"), seed=seed, out=out, **settings)
         evaluation, _ = train.evaluate_checkpoint(os.path.join(out, "best.pt"), "val")
         summary["val_acc"].append(results["val_acc"])
-        summary["alone"].append(train.metrics(evaluation)["acc_per_modality"])
+        summary["alone"].append(engine.metrics(evaluation)["acc_per_modality"])
         summary["phi"].append(evaluation["phi"].mean(0).tolist())
         summary["phi_std"].append(evaluation["phi"].std(0, unbiased=False).tolist())
     for key in ("val_acc", "alone", "phi", "phi_std"):

@@ -149,12 +149,16 @@ def test_copies_mask_keeps_one_modality_per_row_half_each():
 
 def test_forward_batch_sizes_sees_whole_batch_calls_of_mixing_fusions():
     dataset = bench.synthetic_set(16, 4)
-    loader = bench.loader_of(dataset, 4, torch.device("cpu"))
+    loader_kwargs = bench.loader_settings(4, torch.device("cpu"))
     concat = bench.build_model(dataset, "concat", "feature", torch.device("cpu"))
-    assert bench.forward_batch_sizes(concat, lambda: bench.valuate(concat, loader, torch.device("cpu"), False)) == []
+
+    def valuate(model):
+        return bench.valuate(model, dataset, loader_kwargs, torch.device("cpu"), False)
+
+    assert bench.forward_batch_sizes(concat, lambda: valuate(concat)) == []
     for fusion in bench.MIXING:
         model = bench.build_model(dataset, fusion, None, torch.device("cpu"))
-        sizes = bench.forward_batch_sizes(model, lambda: bench.valuate(model, loader, torch.device("cpu"), False))
+        sizes = bench.forward_batch_sizes(model, lambda: valuate(model))
         assert sizes == [4] * 3  # one call per non-empty coalition, each over the whole batch
 
 
