@@ -361,3 +361,53 @@ def test_ucf101_trains_without_imagenet_weights(ucf_root, tmp_path):
                           "--mode", "baseline", "--image-size", "16", "--batch-size", "8",
                           "--workers", "0", "--gpu", "-1", "--out", str(tmp_path / "run")])
     assert json.load(open(tmp_path / "run" / "args.json"))["pretrained"] is False and results is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# flags that do nothing in the run they are given to: one policy, one line
+
+
+@pytest.mark.parametrize("flags, flag, where", [
+    (["--mbt-layers", "2"], "--mbt-layers", "--fusion mbt"),
+    (["--ogm-alpha", "0.5"], "--ogm-alpha", "--mode ogm-ge"),
+    (["--mode", "pmr", "--agm-alpha", "1"], "--agm-alpha", "--mode agm"),
+    (["--modulation-ends", "3"], "--modulation-ends", "--mode ogm-ge, greedy, pmr, agm, gblending"),
+    (["--dataset", "synthetic", "--views", "pix,mor"], "--views", "--dataset mfeat"),
+    (["--dataset", "synthetic", "--mfeat-degrade", "0.5"], "--mfeat-degrade", "--dataset mfeat"),
+    (["--synthetic-size", "16"], "--synthetic-size", "--dataset synthetic"),
+    (["--image-size", "32"], "--image-size", "--dataset ks, mmdebiased, ucf101, cremad"),
+    (["--subset-ratio", "0.5"], "--subset-ratio", "--mode modality"),
+    (["--mode", "sample", "--alpha", "2"], "--alpha", "--mode modality"),
+    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum", "--optimizer sgd"),
+    (["--lr-step", "0", "--lr-gamma", "0.5"], "--lr-gamma", "--lr-step > 0"),
+    (["--mode", "baseline", "--warmup", "2"], "--warmup", "a --mode other than baseline"),
+    (["--eval-split", "val"], "--eval-split", "--eval-only"),
+])
+def test_a_flag_without_effect_in_the_run_is_refused_in_one_line(tmp_path, capsys, flags, flag, where):
+    message = fails(capsys, flags + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    assert message == f"error: {flag} has no effect in this run: it acts with {where} only"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_compared_method_that_could_never_act_is_refused(tmp_path, capsys):
+    message = fails(capsys, MFEAT + ["--mode", "agm", "--warmup", "2", "--modulation-ends", "1",
+                                     "--out", str(tmp_path / "run")])
+    assert "--modulation-ends 1" in message and "--warmup 2" in message and "never act" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_inputs_too_large_for_mbt_are_refused_before_the_run_folder_exists(tmp_path, capsys):
+    message = fails(capsys, ["--dataset", "synthetic", "--synthetic-samples", "3", "--synthetic-size", "260",
+                             "--fusion", "mbt", "--mbt-patch", "1", "--gpu", "-1", "--out", str(tmp_path / "run")])
+    assert message.startswith("error: --fusion mbt: MBT: 1 frames of 260 x 260 patches") and "larger patch" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_data_root_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = train.make_args(dataset="ks", data_root="clips")
+    assert args.data_root == str(tmp_path / "clips")
+
+
+def test_presets_ask_for_no_more_loader_workers_than_cores():
+    assert all(preset["workers"] <= len(os.sched_getaffinity(0)) for preset in train.PRESETS.values())
