@@ -788,7 +788,7 @@ def test_cremad_errors(tmp_path):
     build = lambda split="train", **kw: data.build_dataset("cremad", split, root=str(tmp_path), **kw)
     with pytest.raises(data.DataError, match="cremad needs root"):
         data.build_dataset("cremad", "train")
-    with pytest.raises(ValueError, match="split_file does not apply to cremad"):
+    with pytest.raises(ValueError, match="split_file applies to mmdebiased only, not to cremad"):
         build(split_file="lists")
     train_csv = tmp_path / "train.csv"
     lines = train_csv.read_text()

@@ -222,7 +222,7 @@ def test_online_valuation_is_refused_where_it_cannot_apply(tmp_path, capsys, fla
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--mode", "baseline"], "--valuation has no effect in this run"),
+    (["--mode", "baseline"], "--valuation online does nothing in --mode baseline without --track-phi"),
     (["--mode", "agm", "--track-phi"], "--mode agm plans none"),
 ])
 def test_online_valuation_where_it_would_plan_nothing_is_refused(tmp_path, capsys, flags, expected):

@@ -239,7 +239,9 @@ def flag_name(key):
 
 
 # Flags that act only in some runs, with where they act: one given on the command line where it would do nothing
-# is refused (check_flags_apply), since a flag that is silently ignored misleads whoever reads the command.
+# is refused (check_flags_apply), since a flag that is silently ignored misleads whoever reads the command. --warmup
+# is not among them: one command line serves every mode, and --mode baseline is joint training throughout;
+# --valuation online where nothing is planned from it is refused in check_online.
 FLAG_SCOPE = {
     **{key: (lambda a: a.dataset == "mfeat", "--dataset mfeat") for key in ("views", "mfeat_degrade")},
     **{key: (lambda a: a.dataset == "synthetic", "--dataset synthetic")
@@ -250,15 +252,11 @@ FLAG_SCOPE = {
     "list_dir": (lambda a: a.dataset == "ks", "--dataset ks"),
     **{f"mbt_{key}": (lambda a: a.fusion == "mbt", "--fusion mbt") for key in models.MBT_DEFAULTS},
     **{key: (lambda a: a.mode == "modality", "--mode modality") for key in ("subset_ratio", "alpha", "f_m")},
-    "warmup": (lambda a: a.mode != "baseline", "a --mode other than baseline"),
-    "valuation": (lambda a: a.mode in RESAMPLING_MODES or a.track_phi,
-                  f"--mode {', '.join(RESAMPLING_MODES)}, or with --track-phi"),
     **{key: (lambda a, mode=mode: a.mode == mode, f"--mode {mode}") for key, mode in comparators.FLAG_MODES.items()},
     "modulation_ends": (lambda a: a.mode in comparators.METHODS, f"--mode {', '.join(comparators.METHODS)}"),
     "momentum": (lambda a: a.optimizer == "sgd", "--optimizer sgd"),
     "lr_gamma": (lambda a: a.lr_step > 0, "--lr-step > 0"),
     "pretrained": (lambda a: a.dataset != "mfeat", "the ResNet encoders (mfeat's views go to MLPs)"),
-    "weights": (lambda a: a.pretrained, "--pretrained"),
     "eval_split": (lambda a: a.eval_only, "--eval-only"),
 }
 
