@@ -5,7 +5,8 @@ Raw videos -> the on-disk layouts that data.py reads, for Kinetics-Sounds (ks), 
     python preprocess.py DATASET --videos DIR --out ROOT [--lists DIR] [--workers N] [--recipe NAME]
 
 Decoding uses PyAV (`pip install -r requirements-preprocess.txt`; the `av` wheel carries its own FFmpeg); TV-L1
-flow for ucf101 uses OpenCV's contrib module where it is installed. Neither is needed by train.py or data.py.
+flow for ucf101 uses OpenCV's contrib module where it is installed (requirements-flow.txt). Neither is needed by
+train.py or data.py.
 
 What is read (videos are found by name anywhere under --videos: .mp4, .mkv, .webm, .avi, .flv, .mov, ...) and
 written under ROOT (the lists name only the clips on disk):
@@ -65,7 +66,7 @@ by --recipe, as float32 .npy:
              0.10 changed the padding to zeros), log(|S| + 1e-7), not normalised: 1 + 66150 // 353 = 188 frames.
 A clip shorter than a recipe's length is padded (fbank) or tiled (stft-*) as that recipe says; a longer one is cut.
 
-UCF-101 optical flow (where cv2.optflow exists, e.g. `pip install opencv-contrib-python-headless`): OpenCV's
+UCF-101 optical flow (where cv2.optflow exists: `pip install -r requirements-flow.txt`): OpenCV's
 Dual TV-L1 between each kept frame and the next decoded frame (the one before, for the last frame), on the
 grayscale frames at the saved size; u and v clipped to [-20, 20] pixels and mapped linearly to 0..255 (zero
 flow at 127.5), saved as grayscale JPEGs, one pair per RGB frame.
@@ -754,7 +755,8 @@ def main(argv=None):
         flow = args.dataset == "ucf101" and tvl1_available()
         if args.dataset == "ucf101" and not flow:
             print("note: OpenCV's contrib module (cv2.optflow) is not installed, so no TV-L1 flow is written, only "
-                  "rgb/; pip install opencv-contrib-python-headless and rerun to add flow/", file=sys.stderr)
+                  "rgb/; pip install -r requirements-flow.txt (opencv-contrib-python-headless) and rerun to add "
+                  "flow/", file=sys.stderr)
         if args.dataset == "ks":
             entries, class_names = plan_ks(args.videos, args.lists)
         elif args.dataset == "cremad":
