@@ -104,8 +104,7 @@ FLOW_BOUND = 20.0  # pixels; flow beyond is clipped before quantisation to 0..25
 KS_NORM_MEAN, KS_NORM_STD = -4.503877, 5.141276  # OGM-GE's Kinetics-Sounds fbank normalisation
 KS_FRAMES = 1024
 
-CREMAD_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
-CREMAD_NAME = re.compile(r"^(\d+)_([A-Z]+)_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]+)$")  # actor_sentence_EMO_level
+CREMAD_NAME = re.compile(rf"^(\d+)_([A-Z]+)_({'|'.join(data.CREMAD_EMOTIONS)})_([A-Z]+)$")  # actor_sentence_EMO_level
 CREMAD_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test speakers, without --lists
 SPLIT_SEED = 2024  # speaker splits are fixed by this seed alone
 
@@ -531,9 +530,9 @@ def read_cremad_list(path):
     entries = []
     for number, line in data.read_text_lines(path, "CREMA-D list"):
         fields = line.lstrip("\ufeff").split(",")
-        if len(fields) != 2 or fields[1] not in CREMAD_EMOTIONS or not fields[0]:
+        if len(fields) != 2 or fields[1] not in data.CREMAD_EMOTIONS or not fields[0]:
             raise PreprocessError(f"{path}:{number}: expected '<clip>,<EMO>' with EMO one of "
-                                  f"{', '.join(CREMAD_EMOTIONS)}, got {line!r}")
+                                  f"{', '.join(data.CREMAD_EMOTIONS)}, got {line!r}")
         entries.append(tuple(fields))
     return entries
 

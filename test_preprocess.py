@@ -368,6 +368,7 @@ def test_cremad_speaker_disjoint_split_middle_frames_and_recipe(cremad_videos, t
     assert abs(peak - 440 / (22050 / 512)) <= 1
     with open(root / "failures.csv") as f:
         assert [row["reason"] for row in csv.DictReader(f)] == ["name is not <actor>_<sentence>_<EMO>_<level>"]
+    assert "CREMAD_EMOTIONS" not in vars(preprocess)  # one list of emotions, data.py's (OGM-GE's label order)
 
 
 @needs_av
