@@ -2,11 +2,11 @@
 Raw videos -> the on-disk layouts that data.py reads, for Kinetics-Sounds (ks), CREMA-D (cremad) and UCF-101
 (ucf101):
 
-    python preprocess.py DATASET --videos DIR --out ROOT [--lists DIR] [--workers N] [--recipe NAME]
+    python preprocess.py DATASET --videos DIR --out ROOT [--lists DIR] [--audio DIR] [--workers N] [--recipe NAME]
 
-Decoding uses PyAV (`pip install -r requirements-preprocess.txt`; the `av` wheel carries its own FFmpeg); TV-L1
-flow for ucf101 uses OpenCV's contrib module where it is installed (requirements-flow.txt). Neither is needed by
-train.py or data.py.
+Decoding uses PyAV and the stft-ogm recipe's resampling soxr (`pip install -r requirements-preprocess.txt`; the
+`av` wheel carries its own FFmpeg); TV-L1 flow for ucf101 uses OpenCV's contrib module where it is installed
+(requirements-flow.txt). None is needed by train.py or data.py.
 
 What is read (videos are found by name anywhere under --videos: .mp4, .mkv, .webm, .avi, .flv, .mov, ...) and
 written under ROOT (the lists name only the clips on disk):
@@ -18,7 +18,9 @@ written under ROOT (the lists name only the clips on disk):
              ks_audio/<split>/<clip>.npy, ks_visual/<split>/<clip>/frame_00001.jpg ...
   cremad  <actor>_<sentence>_<EMO>_<level>.flv, split by speaker: 70 / 10 / 20 % of the actors, seed 2024. Or
           --lists with train.csv, test.csv and val.csv ('<clip>,<EMO>', OGM-GE's format; without val.csv, a
-          tenth of train's speakers is held out).
+          tenth of train's speakers is held out). --audio DIR: the audio of each clip is read from DIR/<clip>.wav
+          (CREMA-D's own AudioWAV folder, 16 kHz mono, which OGM-GE's and PMR's recipes read) instead of the
+          video's audio track.
           -> {train,val,test}.csv ('<clip>,<EMO>'), audio/<clip>.npy, visual/<clip>/frame_00001.jpg ...
   ucf101  v_<Class>_g<group>_c<clip>.avi; classes in sorted order and the official splits' rule (testlist0k:
           groups 1-7, 8-14, 15-21). Or --lists with the official classInd.txt, trainlist0k.txt, testlist0k.txt.
@@ -31,14 +33,19 @@ the readers resize to --image-size anyway). The frame kept for second k is the o
 measured from the first frame (the last frame for times past its end):
     ks      offset 0    the first frame of each second, as OGM-GE's VGGSound / Kinetics-Sounds script keeps
                         (frame index divisible by the frame rate)
-    cremad  offset 0.5  the middle of each second, as OGM-GE's AVE / CREMA-D script keeps (round((k + 0.5) fps))
+    cremad  offset 0    the first frame of each second, as OGM-GE's data/CREMAD/video_preprocessing.py
+                        (videoReader.video2frame_update: count % fps == 0) and PMR's script of the same name keep
     ucf101  offset 0.5  the middle of each second
 A clip of D seconds gets one frame per second that starts before its end (offset 0: ceil(D); a 10 s clip gives
-frame_00001.jpg ... frame_00010.jpg), and at least one. (OGM-GE's AVE / CREMA-D script forces 10 frames by
-repeating the last second; we do not.)
+frame_00001.jpg ... frame_00010.jpg; a 1.3 s CREMA-D clip 2), and at least one. The scripts count frames with
+fps = int(CAP_PROP_FPS): at 29.97 fps that keeps frames 0, 29, 58, ..., which drift 0.03 s a second earlier
+than the second they stand for (0.3 s after 10 s); we keep the frame on screen at each second (0, 30, 60, ...
+at 29.97 fps; the same frames at a whole rate). --min-frames N tops a clip up to N frames with others drawn at
+random (seeded by the clip name), all saved in time order, as PMR's video2frame_update(min_save_frame=3) does
+for CREMA-D (frame 0 repeated where the clip has fewer than N frames); the default, 1, is OGM-GE's.
 
-Audio: the first audio track, decoded, averaged over its channels to mono and resampled to 16 kHz with FFmpeg's
-resampler, like the `ffmpeg -ar 16000` step of OGM-GE and PMR. (OGM-GE's Kinetics-Sounds wavs kept the source's
+Audio: the first audio track (of DIR/<clip>.wav with --audio), decoded, averaged over its channels to mono and
+resampled to 16 kHz with FFmpeg's resampler, like the `ffmpeg -ar 16000` step of OGM-GE and PMR. (OGM-GE's Kinetics-Sounds wavs kept the source's
 channels and torchaudio's fbank then read channel 0 only; we average the channels.) Spectrogram recipes, named
 by --recipe, as float32 .npy:
 
@@ -59,9 +66,11 @@ by --recipe, as float32 .npy:
              librosa's default 22,050 Hz but still cuts 16000 * 10 samples, 7.3 s; its video_preprocessing.py
              loads at 16 kHz, which we follow. Both tile exactly 10 times, so clips under 1 s come out short
              and fail their shape assert; we tile as often as needed.)
-  stft-ogm   (257, 188), default for cremad. OGM-GE's dataset/CramedDataset.py (on the fly there): the 16 kHz
-             audio (its wavs come from `ffmpeg -ac 1 -ar 16000`) resampled to 22,050 Hz (librosa.load's sr),
-             tiled and cut to 66,150 samples (3 s), clipped to [-1, 1], librosa.stft(n_fft=512, hop_length=353)
+  stft-ogm   (257, 188), default for cremad. OGM-GE's dataset/CramedDataset.py (CramedDataset.__getitem__, on the
+             fly there): the 16 kHz audio resampled to 22,050 Hz as librosa.load(sr=22050) does in librosa >=
+             0.10 (soxr's 'soxr_hq', then cut or zero-padded to ceil(N * 22050 / 16000) samples; equal to
+             librosa 0.11 within 0.005 mean absolute difference per row on a committed fixture; the librosa of
+             OGM-GE's time used resampy's kaiser_best, which differs by up to 2.3 per row there), tiled and cut to 66,150 samples (3 s), clipped to [-1, 1], librosa.stft(n_fft=512, hop_length=353)
              with librosa's defaults of its time (periodic Hann window, centred frames, reflect padding; librosa
              0.10 changed the padding to zeros), log(|S| + 1e-7), not normalised: 1 + 66150 // 353 = 188 frames.
 A clip shorter than a recipe's length is padded (fbank) or tiled (stft-*) as that recipe says; a longer one is cut.
@@ -87,6 +96,7 @@ import re
 import shutil
 import sys
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -203,7 +213,7 @@ RECIPES = {  # name -> (sample rate the recipe takes, function, output shape)
 }
 DATASET_DEFAULTS = {  # name -> (default recipe, which frame of each second: seconds after its start)
     "ks": ("fbank", fractions.Fraction(0)),
-    "cremad": ("stft-ogm", fractions.Fraction(1, 2)),
+    "cremad": ("stft-ogm", fractions.Fraction(0)),
     "ucf101": (None, fractions.Fraction(1, 2)),
 }
 
@@ -227,15 +237,24 @@ def tvl1_available():
     return hasattr(cv2, "optflow") and hasattr(cv2.optflow, "DualTVL1OpticalFlow_create")
 
 
+def require_soxr():
+    try:
+        import soxr
+    except ImportError:
+        raise PreprocessError("recipe stft-ogm resamples with soxr, as librosa does: pip install -r "
+                              "requirements-preprocess.txt") from None
+    return soxr
+
+
 def resample(waveform, rate_in, rate_out):
-    """float32 mono waveform at rate_in -> rate_out, with FFmpeg's resampler."""
+    """float32 mono waveform at rate_in -> rate_out as librosa.load(sr=rate_out) resamples it in librosa >= 0.10
+    (librosa.resample, res_type 'soxr_hq': soxr.resample(quality='soxr_hq'), then librosa.util.fix_length to
+    ceil(N * rate_out / rate_in) samples, zero-padded or cut)."""
     if rate_in == rate_out:
         return waveform
-    av = require_av()
-    frame = av.AudioFrame.from_ndarray(waveform[None, :].astype(np.float32), format="fltp", layout="mono")
-    frame.sample_rate = rate_in
-    resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate_out)
-    return np.concatenate([f.to_ndarray()[0] for f in resampler.resample(frame) + resampler.resample(None)])
+    resampled = require_soxr().resample(waveform, rate_in, rate_out, quality="soxr_hq")
+    size = math.ceil(len(waveform) * rate_out / rate_in)
+    return np.pad(resampled[:size], (0, max(0, size - len(resampled))))
 
 
 def output_size(width, height, short_side):
@@ -246,9 +265,37 @@ def output_size(width, height, short_side):
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def decode_clip(path, frame_offset, want_audio, want_flow, short_side):
+def decoded_audio(resampler, frame):
+    """One decoded audio frame (None: flush the resampler) -> float32 mono arrays at AUDIO_RATE."""
+    return [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+
+
+def joined_audio(chunks):
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if len(audio) == 0:
+        raise ClipError("audio track holds no samples")
+    return audio.astype(np.float32, copy=False)
+
+
+def read_audio(path):
+    """The first audio track of an audio or video file (CREMA-D's AudioWAV/<clip>.wav): float32 [N], mono at
+    AUDIO_RATE. Raises ClipError with the reason."""
+    av = require_av()
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ClipError(f"{path}: no audio track")
+            resampler = av.AudioResampler(format="fltp", rate=AUDIO_RATE)
+            chunks = [a for frame in container.decode(container.streams.audio[0]) for a in decoded_audio(resampler, frame)]
+            return joined_audio(chunks + decoded_audio(resampler, None))
+    except av.error.FFmpegError as error:
+        raise ClipError(f"{path}: cannot decode ({error.strerror or error})") from None
+
+
+def decode_clip(path, frame_offset, want_audio, want_flow, short_side, min_frames=1, seed=0):
     """Decode one video. Returns (frames, flow_pairs, audio):
-    frames: uint8 [H, W, 3] RGB arrays, one per second (see the module docstring for which frame);
+    frames: uint8 [H, W, 3] RGB arrays, one per second (see the module docstring for which frame), then topped up to min_frames with frames drawn at random (seed)
+    among the others, all in time order;
     flow_pairs: per frame, two gray uint8 [H, W] frames to compute its flow from (it and the next decoded
     frame; for the last frame, the one before and it), when want_flow, else None;
     audio: float32 [N] mono at AUDIO_RATE, when want_audio, else None. Raises ClipError with the reason."""
@@ -268,10 +315,11 @@ def decode_clip(path, frame_offset, want_audio, want_flow, short_side):
             streams.append(container.streams.audio[0])
             resampler = av.AudioResampler(format="fltp", rate=AUDIO_RATE)
         rate = video.average_rate
-        frames, pairs, audio = [], [], []
+        frames, pairs, kept, audio = [], [], [], []  # kept: the decoded index of each frame kept
+        decoded = []  # every decoded frame, only where a top-up may need them
         last_kept = None  # (frame, rgb, pair) of the frame kept last, converted once however often it is kept
 
-        def keep(shown, neighbour):  # shown, neighbour: (frame, seconds since the first frame)
+        def keep(shown, neighbour):  # shown, neighbour: (frame, seconds since the first frame, decoded index)
             nonlocal last_kept
             if last_kept is None or last_kept[0] is not shown[0]:
                 size = dict(zip(("width", "height"), output_size(shown[0].width, shown[0].height, short_side)))
@@ -282,24 +330,27 @@ def decode_clip(path, frame_offset, want_audio, want_flow, short_side):
                 last_kept = (shown[0], rgb, pair)
             frames.append(last_kept[1])
             pairs.append(last_kept[2])
+            kept.append(shown[2])
 
         start, count, second = None, 0, 0
-        before = previous = None  # the last two decoded frames, as (frame, seconds since the first frame)
+        before = previous = None  # the last two decoded frames, as (frame, seconds since the first frame, index)
         try:
             for packet in container.demux(streams):
                 for frame in packet.decode():
                     if packet.stream.type == "audio":
-                        audio += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+                        audio += decoded_audio(resampler, frame)
                         continue
                     t = frame.pts * frame.time_base if frame.pts is not None else count / rate  # exact Fractions
                     start = t if start is None else start
-                    current = (frame, t - start)
+                    current = (frame, t - start, count)
                     while previous is not None and second + frame_offset < current[1]:
                         keep(previous, current)  # previous is on screen at that time
                         second += 1
                     before, previous, count = previous, current, count + 1
+                    if min_frames > 1:
+                        decoded.append(current)
             if want_audio:
-                audio += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
+                audio += decoded_audio(resampler, None)
         except av.error.FFmpegError as error:
             raise ClipError(f"cannot decode ({error.strerror or error})") from None
         if previous is None:
@@ -311,12 +362,15 @@ def decode_clip(path, frame_offset, want_audio, want_flow, short_side):
         while second + frame_offset < end or not frames:
             keep(previous, before if before is not None else previous)
             second += 1
-    if not want_audio:
-        return frames, pairs, None
-    audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-    if len(audio) == 0:
-        raise ClipError("audio track holds no samples")
-    return frames, pairs, audio.astype(np.float32, copy=False)
+        # PMR's data/CREMAD/video_preprocessing.py, videoReader.video2frame_update(min_save_frame=3): frames drawn
+        # at random among the others until there are min_frames; frame 0 again where the clip has too few
+        others = [i for i in range(count) if i not in kept]
+        extra = np.random.default_rng(seed).permutation(others)[:max(0, min_frames - len(frames))].tolist()
+        for i in extra + [0] * (min_frames - len(frames) - len(extra)):
+            keep(decoded[i], decoded[i + 1] if i + 1 < count else decoded[max(0, i - 1)])
+    order = sorted(range(len(frames)), key=kept.__getitem__)  # time order (stable: repeats stay together)
+    frames, pairs = [frames[k] for k in order], [pairs[k] for k in order]
+    return frames, pairs, joined_audio(audio) if want_audio else None
 
 
 def tvl1_flow(first, second):
@@ -376,14 +430,18 @@ def process_clip(job):
     if all(os.path.exists(path) for path in outputs):
         return job["key"], "skipped", count_jpegs(job["frames"])
     try:
-        frames, pairs, audio = decode_clip(job["video"], job["frame_offset"], job["spectrogram"] is not None,
-                                           job["flow"] is not None, job["short_side"])
+        frames, pairs, audio = decode_clip(job["video"], job["frame_offset"],
+                                           job["spectrogram"] is not None and job["audio"] is None,
+                                           job["flow"] is not None, job["short_side"], job["min_frames"],
+                                           zlib.crc32(job["clip"].encode()))
         flows = [tvl1_flow(*pair) for pair in pairs] if job["flow"] else None
         if job["spectrogram"]:
             rate, recipe, _ = RECIPES[job["recipe"]]
-            spectrogram = recipe(resample(audio, AUDIO_RATE, rate))
+            spectrogram = recipe(resample(read_audio(job["audio"]) if job["audio"] else audio, AUDIO_RATE, rate))
     except ClipError as error:
         return job["key"], "failed", str(error)
+    except PreprocessError:
+        raise
     except Exception as error:  # whatever else one file makes a decoder or converter raise: the run goes on
         return job["key"], "failed", f"{error.__class__.__name__}: {error}"
     write_images(job["frames"] + PARTIAL, frames, "frame_{:05d}.jpg")
@@ -641,7 +699,12 @@ def make_jobs(dataset, entries, index, args, flow, failures):
         if re.search(r"\s", clip):
             failures.append((clip, video, "clip name contains white space, which the lists cannot hold"))
             continue
+        audio = os.path.join(args.audio, f"{clip}.wav") if args.audio else None
+        if audio and not os.path.isfile(audio):
+            failures.append((clip, video, f"no audio file {audio}"))
+            continue
         jobs.append(dict(key=frames, clip=clip, video=video, recipe=recipe, frame_offset=DATASET_DEFAULTS[dataset][1],
+                         audio=audio, min_frames=args.min_frames,
                          short_side=args.short_side, frames=os.path.join(args.out, frames),
                          spectrogram=os.path.join(args.out, spectrogram) if spectrogram else None,
                          flow=tuple(os.path.join(args.out, "flow", c, clip) for c in "uv") if flow else None))
@@ -723,6 +786,11 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=cpus, help=f"processes (default: the {cpus} CPUs available)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                         help="spectrogram recipe (default: fbank for ks, stft-ogm for cremad; ucf101 has none)")
+    parser.add_argument("--audio", default=None, help="cremad: folder of the data set's own audio, "
+                        "AudioWAV/<clip>.wav, which OGM-GE's and PMR's recipes read (default: the videos' audio track)")
+    parser.add_argument("--min-frames", type=int, default=1, help="top a clip's frames up to this many with frames "
+                        "drawn at random among the others (PMR's CREMA-D script uses 3; default 1: one per second "
+                        "only, as OGM-GE's)")
     parser.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE,
                         help=f"downscale frames whose shorter side exceeds this (default {DEFAULT_SHORT_SIDE}); "
                              f"0 keeps the decoded size")
@@ -733,6 +801,12 @@ def check_args(args):
     for flag, folder in (("--videos", args.videos), ("--lists", args.lists)):
         if folder is not None and not os.path.isdir(folder):
             raise PreprocessError(f"{flag} {folder}: folder not found")
+    if args.audio is not None and not os.path.isdir(args.audio):
+        raise PreprocessError(f"--audio {args.audio}: folder not found")
+    if args.audio is not None and args.dataset != "cremad":
+        raise PreprocessError("--audio applies to cremad only (CREMA-D's AudioWAV folder)")
+    if args.min_frames < 1:
+        raise PreprocessError(f"--min-frames must be at least 1, got {args.min_frames}")
     if args.workers < 1:
         raise PreprocessError(f"--workers must be at least 1, got {args.workers}")
     if args.short_side < 0:
@@ -748,14 +822,15 @@ def main(argv=None):
     try:
         check_args(args)
         require_av()
+        if (args.recipe or DATASET_DEFAULTS[args.dataset][0]) == "stft-ogm":
+            require_soxr()
         os.makedirs(args.out, exist_ok=True)
         failures, class_names, split_files = [], None, None  # failures: (clip, video, reason)
         index = index_videos(args.videos)
         flow = args.dataset == "ucf101" and tvl1_available()
         if args.dataset == "ucf101" and not flow:
             print("note: OpenCV's contrib module (cv2.optflow) is not installed, so no TV-L1 flow is written, only "
-                  "rgb/; pip install -r requirements-flow.txt (opencv-contrib-python-headless) and rerun to add "
-                  "flow/", file=sys.stderr)
+                  "rgb/; pip install -r requirements-flow.txt (opencv-contrib-python-headless) and rerun to add flow/", file=sys.stderr)
         if args.dataset == "ks":
             entries, class_names = plan_ks(args.videos, args.lists)
         elif args.dataset == "cremad":

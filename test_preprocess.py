@@ -18,6 +18,26 @@ fixtures/kaldi_fbank_ogm_ks.npz was made once, outside the project, with real to
     fbank_double = torchaudio.compliance.kaldi.fbank(torch.from_numpy(x)[None].double(), **kwargs)
     np.savez_compressed("fixtures/kaldi_fbank_ogm_ks.npz", waveform=x, fbank=fbank.numpy(),
                         fbank_double=fbank_double.float().numpy())
+
+fixtures/stft_ogm_librosa.npz was made once, outside the project, with librosa 0.11.0 (soxr 1.1.0; in a throwaway
+venv: pip install librosa resampy):
+
+    rng = np.random.default_rng(22050)
+    t = np.arange(16000) / 16000
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * (300 + 3500 * t) * t) \\
+        + 0.1 * np.sin(2 * np.pi * 7600 * t) + 0.03 * rng.standard_normal(16000)
+    pcm = np.round(x * 32767).astype(np.int16)  # a 16-bit WAV's samples
+    samples = librosa.resample(pcm.astype(np.float32) / 32768, orig_sr=16000, target_sr=22050)  # librosa.load(sr=22050)
+    r = np.tile(samples, 3)[:22050 * 3]  # OGM-GE's dataset/CramedDataset.py, CramedDataset.__getitem__
+    r[r > 1.] = 1.
+    r[r < -1.] = -1.
+    spectrogram = np.log(np.abs(librosa.stft(r, n_fft=512, hop_length=353, pad_mode="reflect")) + 1e-7)
+    np.savez_compressed("fixtures/stft_ogm_librosa.npz", pcm=pcm, spectrogram=spectrogram.astype(np.float16))
+
+(pad_mode="reflect": the default of the librosa of OGM-GE's time.) The same with res_type="kaiser_best" (resampy
+0.4.3, what librosa <= 0.9 used) differs from it by up to 2.34 mean absolute difference per row (rows above 7.5 kHz;
+up to 1.28 below, in spectral valleys; 0.63 over all rows); FFmpeg's default resampler, used before, by up to 8.5
+(39 rows above 1).
 """
 import csv
 import importlib.util
@@ -35,8 +55,9 @@ import preprocess
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None,
-                              reason="PyAV is not installed (pip install -r requirements-preprocess.txt)")
+PREPROCESS_MISSING = not all(importlib.util.find_spec(m) for m in ("av", "soxr"))
+needs_av = pytest.mark.skipif(PREPROCESS_MISSING, reason="PyAV or soxr is not installed (pip install -r "
+                                                         "requirements-preprocess.txt)")
 needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="scipy is not installed")
 
 
@@ -179,8 +200,8 @@ KS_CLIPS = {  # split -> class folder -> [(clip, seconds)]
 
 @pytest.fixture(scope="module")
 def ks_videos(tmp_path_factory):
-    if importlib.util.find_spec("av") is None:
-        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    if PREPROCESS_MISSING:
+        pytest.skip("PyAV or soxr is not installed (pip install -r requirements-preprocess.txt)")
     root = tmp_path_factory.mktemp("ks_videos")
     for split, classes in KS_CLIPS.items():
         for class_name, clips in classes.items():
@@ -335,8 +356,8 @@ CREMAD_ACTORS = ("1001", "1002", "1003", "1004", "1005", "1006")
 
 @pytest.fixture(scope="module")
 def cremad_videos(tmp_path_factory):
-    if importlib.util.find_spec("av") is None:
-        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    if PREPROCESS_MISSING:
+        pytest.skip("PyAV or soxr is not installed (pip install -r requirements-preprocess.txt)")
     root = tmp_path_factory.mktemp("cremad_videos")
     for actor in CREMAD_ACTORS:  # CREMA-D's own kind of file: Sorenson H.263 and MP3 in FLV
         for emotion in ("ANG", "NEU"):
@@ -347,7 +368,7 @@ def cremad_videos(tmp_path_factory):
 
 
 @needs_av
-def test_cremad_speaker_disjoint_split_middle_frames_and_recipe(cremad_videos, tmp_path, capsys):
+def test_cremad_speaker_disjoint_split_first_frames_and_recipe(cremad_videos, tmp_path, capsys):
     root = tmp_path / "root"
     out, _ = run_preprocess("cremad", "--videos", cremad_videos, "--out", root, "--workers", 1, capsys=capsys)
     assert out.startswith("cremad: 12 clips written, 0 skipped (already on disk), 1 failed")
@@ -360,8 +381,10 @@ def test_cremad_speaker_disjoint_split_middle_frames_and_recipe(cremad_videos, t
     run_preprocess("cremad", "--videos", cremad_videos, "--out", again, "--workers", 1)
     assert all(read_lines(again / f"{s}.csv") == read_lines(root / f"{s}.csv") for s in data.SPLITS)
     clip = lists["test"][0][0]
-    # the middle of each second: frames 15 and 45 at 30 fps (2.5 s: seconds 0 and 1 have middles before the end)
-    np.testing.assert_allclose(jpeg_levels(root / "visual" / clip), [grey_level(15), grey_level(45)], atol=2)
+    # the first frame of each second, as OGM-GE's data/CREMAD/video_preprocessing.py (video2frame_update) keeps:
+    # frames 0, 30 and 60 at 30 fps (2.5 s: three seconds begin)
+    np.testing.assert_allclose(jpeg_levels(root / "visual" / clip), [grey_level(0), grey_level(30), grey_level(60)],
+                               atol=2)
     spectrogram = np.load(root / "audio" / f"{clip}.npy")
     assert spectrogram.shape == (257, 188) and spectrogram.dtype == np.float32
     peak = spectrogram.mean(axis=1).argmax()  # bin width 22050 / 512 Hz
@@ -389,10 +412,62 @@ def test_cremad_lists_with_validation_held_out_by_speaker(cremad_videos, tmp_pat
     assert written["test"] == ["1006_IEO_ANG_HI,ANG"]
 
 
+@needs_av
+def test_stft_ogm_resamples_as_librosa_does_on_the_fixture():
+    """fixtures/stft_ogm_librosa.npz: 1 s of 16-bit audio at 16 kHz and OGM-GE's CREMA-D spectrogram of it as
+    librosa 0.11 computes it (librosa.load's resampling to 22,050 Hz, soxr_hq, then dataset/CramedDataset.py)."""
+    fixture = np.load(os.path.join(HERE, "fixtures", "stft_ogm_librosa.npz"))
+    waveform = fixture["pcm"].astype(np.float32) / 32768  # as a WAV's samples are read
+    ours = preprocess.stft_ogm_cremad(preprocess.resample(waveform, 16000, 22050))
+    assert ours.shape == fixture["spectrogram"].shape == (257, 188)
+    assert np.abs(ours - fixture["spectrogram"].astype(np.float32)).mean(axis=1).max() < 0.1  # 0.002 here
+    assert len(preprocess.resample(waveform[:1001], 16000, 22050)) == 1380  # ceil(1001 * 22050 / 16000)
+
+
+@needs_av
+def test_cremad_min_frames_tops_up_with_other_frames_in_time_order(tmp_path):
+    videos = tmp_path / "videos"
+    os.makedirs(videos)
+    make_video(str(videos / "1001_IEO_ANG_HI.flv"), 1.3, fps=30, codec="flv", audio_codec="libmp3lame",
+               audio_rate=22050)
+    for actor in ("1002", "1003", "1004"):  # four speakers: the fewest a three-way split takes
+        shutil.copy(videos / "1001_IEO_ANG_HI.flv", videos / f"{actor}_IEO_ANG_HI.flv")
+    levels = {}
+    for frames in (1, 3):
+        root = tmp_path / f"root{frames}"
+        run_preprocess("cremad", "--videos", videos, "--out", root, "--workers", 1, "--min-frames", frames)
+        levels[frames] = jpeg_levels(root / "visual" / "1001_IEO_ANG_HI")
+    # 1.3 s at 30 fps: frames 0 and 30 begin a second (OGM-GE's 2); PMR's min_save_frame=3 adds one at random
+    np.testing.assert_allclose(levels[1], [grey_level(0), grey_level(30)], atol=2)
+    assert len(levels[3]) == 3 and levels[3] == sorted(levels[3])
+    extra = [level for level in levels[3] if min(abs(level - np.array(levels[1]))) > 2]
+    assert len(extra) == 1 and min(abs(extra[0] - grey_level(i)) for i in range(1, 39) if i != 30) <= 2
+    assert jpeg_levels(tmp_path / "root3" / "visual" / "1002_IEO_ANG_HI") != levels[3]  # drawn per clip
+
+
+@needs_av
+def test_cremad_audio_from_the_wav_folder(cremad_videos, tmp_path, capsys):
+    wavs = tmp_path / "AudioWAV"
+    os.makedirs(wavs)
+    clips = sorted(os.path.splitext(name)[0] for name in os.listdir(cremad_videos) if name.startswith("100"))
+    for clip in clips[1:]:  # CREMA-D's own files: 16 kHz mono 16-bit PCM; the first clip has none
+        make_video(str(wavs / f"{clip}.wav"), 1, video=False, tone=1000.0, audio_codec="pcm_s16le", audio_rate=16000)
+    root = tmp_path / "root"
+    out, _ = run_preprocess("cremad", "--videos", cremad_videos, "--out", root, "--audio", wavs, "--workers", 1,
+                            "--recipe", "stft-pmr", capsys=capsys)
+    assert out.startswith("cremad: 11 clips written, 0 skipped (already on disk), 2 failed")
+    tone = np.round(16000 * np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000)) / 32768
+    np.testing.assert_allclose(np.load(root / "audio" / f"{clips[1]}.npy"), preprocess.stft_pmr(tone), atol=1e-4)
+    with open(root / "failures.csv") as f:
+        reasons = {row["clip"]: row["reason"] for row in csv.DictReader(f)}
+    assert reasons[clips[0]] == f"no audio file {wavs / clips[0]}.wav"
+    assert not os.path.exists(root / "visual" / clips[0])
+
+
 @pytest.fixture(scope="module")
 def ucf_videos(tmp_path_factory):
-    if importlib.util.find_spec("av") is None:
-        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    if PREPROCESS_MISSING:
+        pytest.skip("PyAV or soxr is not installed (pip install -r requirements-preprocess.txt)")
     root = tmp_path_factory.mktemp("ucf_videos")
     for class_name in ("Archery", "Bowling"):
         os.makedirs(root / class_name)
