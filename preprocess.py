@@ -27,7 +27,8 @@ written under ROOT (the lists name only the clips on disk):
           -> splits/classInd.txt, trainlist0k.txt, testlist0k.txt, rgb/<clip>/frame_00001.jpg ...,
              flow/u/<clip>/frame000001.jpg ..., flow/v/<clip>/frame000001.jpg ...
 
-Frames: 1 per second of video, saved as JPEG (quality 95, cv2.imencode's default, which OGM-GE's Kinetics-Sounds
+Frames: 1 per second of video, turned upright by the container's display rotation (a phone video stored on its
+side, with a display matrix saying so), saved as JPEG (quality 95, cv2.imencode's default, which OGM-GE's Kinetics-Sounds
 script used), downscaled so that the shorter side is at most --short-side (default 256; 0 keeps the decoded size;
 the readers resize to --image-size anyway). The frame kept for second k is the one on screen at time k + offset,
 measured from the first frame (the last frame for times past its end):
@@ -292,9 +293,16 @@ def read_audio(path):
         raise ClipError(f"{path}: cannot decode ({error.strerror or error})") from None
 
 
+def upright(image, rotation):
+    """An image [H, W, ...] as it is displayed: turned by the container's display rotation (PyAV's
+    VideoFrame.rotation, degrees counter-clockwise, read from the display matrix)."""
+    return np.ascontiguousarray(np.rot90(image, k=round(rotation / 90) % 4))
+
+
 def decode_clip(path, frame_offset, want_audio, want_flow, short_side, min_frames=1, seed=0):
     """Decode one video. Returns (frames, flow_pairs, audio):
-    frames: uint8 [H, W, 3] RGB arrays, one per second (see the module docstring for which frame), then topped up to min_frames with frames drawn at random (seed)
+    frames: uint8 [H, W, 3] RGB arrays upright (the container's display rotation applied), one per second (see
+    the module docstring for which frame), then topped up to min_frames with frames drawn at random (seed)
     among the others, all in time order;
     flow_pairs: per frame, two gray uint8 [H, W] frames to compute its flow from (it and the next decoded
     frame; for the last frame, the one before and it), when want_flow, else None;
@@ -323,9 +331,9 @@ def decode_clip(path, frame_offset, want_audio, want_flow, short_side, min_frame
             nonlocal last_kept
             if last_kept is None or last_kept[0] is not shown[0]:
                 size = dict(zip(("width", "height"), output_size(shown[0].width, shown[0].height, short_side)))
-                rgb = shown[0].to_ndarray(format="rgb24", interpolation="AREA", **size)
+                rgb = upright(shown[0].to_ndarray(format="rgb24", interpolation="AREA", **size), shown[0].rotation)
                 first, second = (shown, neighbour) if neighbour[1] >= shown[1] else (neighbour, shown)
-                pair = tuple(f[0].to_ndarray(format="gray", interpolation="AREA", **size)
+                pair = tuple(upright(f[0].to_ndarray(format="gray", interpolation="AREA", **size), f[0].rotation)
                              for f in (first, second)) if want_flow else None
                 last_kept = (shown[0], rgb, pair)
             frames.append(last_kept[1])

@@ -464,6 +464,29 @@ def test_cremad_audio_from_the_wav_folder(cremad_videos, tmp_path, capsys):
     assert not os.path.exists(root / "visual" / clips[0])
 
 
+@needs_av
+def test_a_rotated_video_is_saved_upright(tmp_path):
+    import av
+    path = str(tmp_path / "videos" / "train" / "c" / "phone.mp4")
+    os.makedirs(os.path.dirname(path))
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        if not hasattr(stream, "set_display_rotation"):
+            pytest.skip("this PyAV cannot write a display matrix (VideoStream.set_display_rotation)")
+        stream.set_display_rotation(90)  # stored landscape, shown portrait
+        for i in range(10):
+            image = np.zeros((48, 64, 3), np.uint8)
+            image[:, :16] = 255  # white on the left of the stored picture: at the bottom once turned 90 degrees
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    frames, _, _ = preprocess.decode_clip(path, 0, False, False, 0)
+    assert frames[0].shape == (64, 48, 3)
+    assert frames[0][-12:].mean() > 200 and frames[0][:40].mean() < 30
+
+
 @pytest.fixture(scope="module")
 def ucf_videos(tmp_path_factory):
     if PREPROCESS_MISSING:
