@@ -8,11 +8,12 @@ Decoding uses PyAV and the stft-ogm recipe's resampling soxr (`pip install -r re
 `av` wheel carries its own FFmpeg); TV-L1 flow for ucf101 uses OpenCV's contrib module where it is installed
 (requirements-flow.txt). None is needed by train.py or data.py.
 
-What is read (videos are found by name anywhere under --videos: .mp4, .mkv, .webm, .avi, .flv, .mov, ...) and
-written under ROOT (the lists name only the clips on disk):
+What is read (videos are found by name anywhere under --videos, symbolically linked folders included: .mp4,
+.mkv, .webm, .avi, .flv, .mov, ...) and written under ROOT (the lists name only the clips on disk):
   ks      --videos DIR/<split>/<class name>/<clip>.mp4 (split: train, test, and val, which is carved from train
-          where missing, as data.py carves it from OGM-GE's lists); labels number the sorted class names, written
-          to ROOT/ks_classes.txt. Or --lists with the authors' <split>_1fps_path.txt or OGM-GE's my_<split>.txt
+          where missing, as data.py carves it from OGM-GE's lists; videos in sub-folders of a class folder belong
+          to it; two videos of one name in one split stop the run before any work); labels number the sorted
+          class names, written to ROOT/ks_classes.txt. Or --lists with the authors' <split>_1fps_path.txt or OGM-GE's my_<split>.txt
           (and a ks_classes.txt, copied and checked against the labels, if there).
           -> ks_audio/<split>_1fps_path.txt ('ks_visual/<split>/<clip> <frames> <label>' per line),
              ks_audio/<split>/<clip>.npy, ks_visual/<split>/<clip>/frame_00001.jpg ...
@@ -501,9 +502,12 @@ def run_jobs(jobs, workers):
 # Finding the clips of each data set. An entry is (split, clip name, label, video path or None).
 
 def index_videos(folder):
-    """{file name without extension: [paths]} of the video files under `folder`, recursively."""
-    index = {}
-    for parent, _, names in os.walk(folder):
+    """{file name without extension: [paths]} of the video files under `folder`, recursively, through
+    symbolically linked folders too (each real folder once, so a link to a folder above cannot loop)."""
+    index, seen = {}, set()
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(parent))
+        folders[:] = sorted(f for f in folders if os.path.realpath(os.path.join(parent, f)) not in seen)
         for name in sorted(names):
             stem, extension = os.path.splitext(name)
             if extension.lower() in VIDEO_EXTENSIONS:
@@ -554,9 +558,14 @@ def plan_ks(videos, lists):
                         raise PreprocessError(f"{class_dir}: expected videos in class folders "
                                               f"{split_dir}/<class name>/, or lists given with --lists")
                     continue
-                found += [(split, class_name, os.path.splitext(name)[0], os.path.join(class_dir, name))
-                          for name in sorted(os.listdir(class_dir)) if name.lower().endswith(VIDEO_EXTENSIONS)]
+                found += [(split, class_name, clip, path) for clip, paths in index_videos(class_dir).items()
+                          for path in paths]  # sub-folders of a class folder belong to it
         require_splits({f[0] for f in found}, f"{videos} (expected {videos}/<split>/<class name>/<clip>.mp4)")
+        first = {}  # (split, clip) -> path
+        for split, _, clip, path in found:
+            if first.setdefault((split, clip), path) != path:
+                raise PreprocessError(f"two videos named {clip} in split {split}: {first[split, clip]} and {path}; "
+                                      f"clip names must be unique within a split (rename one, or give --lists)")
         class_names = sorted({f[1] for f in found})
         entries = [(split, clip, class_names.index(name), path) for split, name, clip, path in found]
     else:

@@ -487,6 +487,45 @@ def test_a_rotated_video_is_saved_upright(tmp_path):
     assert frames[0][-12:].mean() > 200 and frames[0][:40].mean() < 30
 
 
+@needs_av
+def test_clips_in_sub_folders_and_linked_folders_are_processed(ks_videos, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5", "s5"})
+    os.makedirs(videos / "train" / "singing" / "takes")
+    shutil.move(str(videos / "train" / "singing" / "s1.mp4"), videos / "train" / "singing" / "takes")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(videos / "test" / "playing drums"), elsewhere)
+    os.symlink(elsewhere, videos / "test" / "playing drums")
+    os.symlink(videos / "train" / "singing", videos / "train" / "singing" / "takes" / "loop")  # walked once
+    root = tmp_path / "root"
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 4 clips written")
+    assert "ks_visual/train/s1 3 1" in read_lines(root / "ks_audio" / "train_1fps_path.txt")
+    assert "ks_visual/test/d5 3 0" in read_lines(root / "ks_audio" / "test_1fps_path.txt")
+    lists = tmp_path / "lists"  # found by name under --videos, through the linked folder too
+    os.makedirs(lists)
+    for split, line in dict(train="x/s1 3 1", test="x/d5 3 0").items():
+        with open(lists / f"{split}_1fps_path.txt", "w") as f:
+            f.write(line + "\n")
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", tmp_path / "listed", "--lists", lists,
+                            "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 2 clips written, 0 skipped (already on disk), 0 failed")
+
+
+@needs_av
+def test_one_clip_name_in_two_class_folders_is_refused_before_any_work(ks_videos, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5"})
+    shutil.copy(videos / "train" / "playing drums" / "d1.mp4", videos / "train" / "singing")
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", videos, "--out", tmp_path / "root", "--workers", 1)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: two videos named d1 in split train: {videos / 'train' / 'playing drums' / 'd1.mp4'} "
+                          f"and {videos / 'train' / 'singing' / 'd1.mp4'}")
+    assert os.listdir(tmp_path / "root") == []
+
+
 @pytest.fixture(scope="module")
 def ucf_videos(tmp_path_factory):
     if PREPROCESS_MISSING:
