@@ -85,11 +85,14 @@ flow at 127.5), saved as grayscale JPEGs, one pair per RGB frame.
 Real data: clips run in --workers processes with a progress line on stderr; a clip is written under temporary
 names and renamed into place, so clips already written are skipped by a rerun and a killed run leaves no half
 clip; a clip that cannot be decoded, has no audio track (ks, cremad) or has no video frames is listed in
-ROOT/failures.csv with the reason, and the rest go on. The lists written name only the clips on disk.
+ROOT/failures.csv with the reason, and the rest go on. The lists written name only the clips on disk. An output
+that cannot be written (a read-only --out is found before any work; a full disk) stops the run with one line
+naming the path, and leaves no temporary file.
 """
 
 import argparse
 import csv
+import errno
 import fractions
 import math
 import multiprocessing
@@ -130,6 +133,18 @@ class PreprocessError(ValueError):
 
 class ClipError(Exception):
     """Why one clip cannot be pre-processed (it goes to failures.csv)."""
+
+
+class OutputError(PreprocessError):
+    """An output that cannot be written (no permission, a full disk): the run stops, nothing half-written."""
+
+
+def output_error(path, error):
+    """OutputError naming `path`, the system's reason and what is expected."""
+    expected = ("room on that disk: free some space and rerun the same command (clips written so far are kept)"
+                if error.errno == errno.ENOSPC else "a folder you can write to")
+    path = path.replace(PARTIAL, "")  # the output meant, not its temporary name
+    return OutputError(f"{path}: cannot write ({error.strerror or error}); expected {expected}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +447,8 @@ def clip_outputs(job):
 def process_clip(job):
     """Pre-process one clip. Returns (key, status, detail): ("written" | "skipped", number of frames) or
     ("failed", reason). A clip whose outputs all exist is skipped; outputs are written as <path>.partial and
-    renamed into place once all are written, so an interrupted clip leaves no final output half-written."""
+    renamed into place once all are written, so an interrupted clip leaves no final output half-written. An
+    output that cannot be written (a full disk, no permission) raises OutputError, its .partial files removed."""
     outputs = clip_outputs(job)
     for path in outputs:
         remove_path(path + PARTIAL)  # left by an interrupted run
@@ -453,15 +469,20 @@ def process_clip(job):
         raise
     except Exception as error:  # whatever else one file makes a decoder or converter raise: the run goes on
         return job["key"], "failed", f"{error.__class__.__name__}: {error}"
-    write_images(job["frames"] + PARTIAL, frames, "frame_{:05d}.jpg")
-    if job["flow"]:
-        for folder, channel in zip(job["flow"], (0, 1)):  # u, v
-            write_images(folder + PARTIAL, [flow[channel] for flow in flows], "frame{:06d}.jpg")
-    if job["spectrogram"]:
-        save_array(job["spectrogram"] + PARTIAL, spectrogram)
-    for path in outputs:
-        remove_path(path)  # an incomplete earlier attempt
-        os.rename(path + PARTIAL, path)
+    try:
+        write_images(job["frames"] + PARTIAL, frames, "frame_{:05d}.jpg")
+        if job["flow"]:
+            for folder, channel in zip(job["flow"], (0, 1)):  # u, v
+                write_images(folder + PARTIAL, [flow[channel] for flow in flows], "frame{:06d}.jpg")
+        if job["spectrogram"]:
+            save_array(job["spectrogram"] + PARTIAL, spectrogram)
+        for path in outputs:
+            remove_path(path)  # an incomplete earlier attempt
+            os.rename(path + PARTIAL, path)
+    except OSError as error:
+        for path in outputs:
+            remove_path(path + PARTIAL)
+        raise output_error(error.filename or job["frames"], error) from None
     return job["key"], "written", len(frames)
 
 
@@ -727,16 +748,40 @@ def make_jobs(dataset, entries, index, args, flow, failures):
                          flow=tuple(os.path.join(args.out, "flow", c, clip) for c in "uv") if flow else None))
     for job in jobs:
         for path in clip_outputs(job):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_folder(os.path.dirname(path))
     return jobs
 
 
+def make_folder(path):
+    """os.makedirs, or OutputError naming the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise output_error(path, error) from None
+
+
+def check_writable(out):
+    """Make --out and try a file in it, so that a read-only folder stops the run before any work."""
+    make_folder(out)
+    write_text(os.path.join(out, ".write-check"), lambda f: None)
+    os.remove(os.path.join(out, ".write-check"))
+
+
+def write_text(path, write):
+    """Write a text file whole: write(file) under a temporary name, then rename; OutputError if it cannot be
+    written (the temporary file removed)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + PARTIAL, "w", newline="") as f:
+            write(f)
+        os.replace(path + PARTIAL, path)
+    except OSError as error:
+        remove_path(path + PARTIAL)
+        raise output_error(path, error) from None
+
+
 def write_lines(path, lines):
-    """Write a text file whole (temporary name, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + PARTIAL, "w") as f:
-        f.writelines(f"{line}\n" for line in lines)
-    os.replace(path + PARTIAL, path)
+    write_text(path, lambda f: f.writelines(f"{line}\n" for line in lines))
 
 
 def write_lists(dataset, out, entries, done, class_names, split_files):
@@ -773,11 +818,7 @@ def write_failures(out, failures):
     if not failures:
         remove_path(path)
         return None
-    with open(path + PARTIAL, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["clip", "video", "reason"])
-        writer.writerows(sorted(failures))
-    os.replace(path + PARTIAL, path)
+    write_text(path, lambda f: csv.writer(f).writerows([["clip", "video", "reason"]] + sorted(failures)))
     return path
 
 
@@ -841,7 +882,7 @@ def main(argv=None):
         require_av()
         if (args.recipe or DATASET_DEFAULTS[args.dataset][0]) == "stft-ogm":
             require_soxr()
-        os.makedirs(args.out, exist_ok=True)
+        check_writable(args.out)
         failures, class_names, split_files = [], None, None  # failures: (clip, video, reason)
         index = index_videos(args.videos)
         flow = args.dataset == "ucf101" and tvl1_available()
@@ -857,17 +898,17 @@ def main(argv=None):
             entries = [(None, clip, None, None) for lines in split_files.values() for clip, _ in lines]
         jobs = make_jobs(args.dataset, entries, index, args, flow, failures)
         results = run_jobs(jobs, min(args.workers, max(1, len(jobs))))
+        done = {key: detail for key, (status, detail) in results.items() if status != "failed"}
+        failures += [(job["clip"], job["video"], results[job["key"]][1]) for job in jobs
+                     if results[job["key"]][0] == "failed"]
+        written = write_lists(args.dataset, args.out, entries, done, class_names, split_files)
+        failures_path = write_failures(args.out, failures)
     except (PreprocessError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: clips written so far are complete; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130)
-    done = {key: detail for key, (status, detail) in results.items() if status != "failed"}
-    failures += [(job["clip"], job["video"], results[job["key"]][1]) for job in jobs
-                 if results[job["key"]][0] == "failed"]
-    written = write_lists(args.dataset, args.out, entries, done, class_names, split_files)
-    failures_path = write_failures(args.out, failures)
     counts = {status: sum(s == status for s, _ in results.values()) for status in ("written", "skipped")}
     print(f"{args.dataset}: {counts['written']} clips written, {counts['skipped']} skipped (already on disk), "
           f"{len(failures)} failed" + (f" (listed in {failures_path})" if failures else ""))

@@ -40,6 +40,7 @@ up to 1.28 below, in spectral valleys; 0.63 over all rows); FFmpeg's default res
 (39 rows above 1).
 """
 import csv
+import errno
 import importlib.util
 import os
 import shutil
@@ -524,6 +525,41 @@ def test_one_clip_name_in_two_class_folders_is_refused_before_any_work(ks_videos
     assert err.startswith(f"error: two videos named d1 in split train: {videos / 'train' / 'playing drums' / 'd1.mp4'} "
                           f"and {videos / 'train' / 'singing' / 'd1.mp4'}")
     assert os.listdir(tmp_path / "root") == []
+
+
+@pytest.mark.parametrize("where", ["read-only", "full disk while writing a clip", "full disk while writing a list"])
+@needs_av
+def test_unwritable_out_ends_in_one_line_and_leaves_nothing_half_written(ks_videos, tmp_path, capsys, monkeypatch,
+                                                                         where):
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5"})
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).startswith(str(root)) and (where == "read-only" or str(path).endswith(".txt.partial")):
+            code = errno.EACCES if where == "read-only" else errno.ENOSPC
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    def full(path, array):
+        with real_open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(preprocess, "open", failing_open, raising=False)  # the checks run as any user, root too
+    if where == "full disk while writing a clip":
+        monkeypatch.setattr(preprocess, "save_array", full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1)
+    err = capsys.readouterr().err  # the progress lines, then one line
+    assert exit_info.value.code == 2 and err.count("error") == 1, err
+    err = err.splitlines(keepends=True)[-1]
+    if where == "read-only":
+        assert err == f"error: {root / '.write-check'}: cannot write (Permission denied); expected a folder you can write to\n"
+        assert not os.path.exists(root / "ks_visual")
+    else:
+        assert err.startswith(f"error: {root}") and "cannot write (No space left on device); expected room" in err
+    assert not any(name.endswith(preprocess.PARTIAL) for _, dirs, files in os.walk(root) for name in dirs + files)
 
 
 @pytest.fixture(scope="module")
