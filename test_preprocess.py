@@ -719,3 +719,29 @@ def test_train_one_epoch_on_the_ucf101_output(ucf_videos, tmp_path):
 def test_train_one_epoch_on_the_cremad_output(cremad_videos, tmp_path):
     run_preprocess("cremad", "--videos", cremad_videos, "--out", tmp_path / "root", "--workers", 1)
     train_one_epoch("cremad", tmp_path / "root", tmp_path / "run")
+
+
+@needs_av
+def test_cremad_videos_and_wav_folder_preprocess_and_train(tmp_path):
+    """CREMA-D as it is distributed: VideoFlash/*.flv and AudioWAV/*.wav (16 kHz mono PCM), through preprocess.py
+    with the references' frames and spectrogram, then two epochs of train.py."""
+    videos, wavs = tmp_path / "VideoFlash", tmp_path / "AudioWAV"
+    os.makedirs(videos)
+    os.makedirs(wavs)
+    make_video(str(videos / "1001_IEO_ANG_HI.flv"), 1.3, fps=30, size=(48, 32), codec="flv", audio_codec="libmp3lame",
+               audio_rate=22050)
+    make_video(str(wavs / "1001_IEO_ANG_HI.wav"), 1.3, video=False, audio_codec="pcm_s16le", audio_rate=16000)
+    for actor in ("1001", "1002", "1003", "1004"):
+        for emotion in ("ANG", "NEU"):
+            for folder, extension in ((videos, "flv"), (wavs, "wav")):
+                target = folder / f"{actor}_IEO_{emotion}_HI.{extension}"
+                if not target.exists():
+                    shutil.copy(folder / f"1001_IEO_ANG_HI.{extension}", target)
+    root = tmp_path / "root"
+    run_preprocess("cremad", "--videos", videos, "--audio", wavs, "--out", root, "--workers", 1)
+    assert len(os.listdir(root / "visual" / "1002_IEO_NEU_HI")) == 2  # 1.3 s: frames 0 and 30, as OGM-GE's script
+    assert np.load(root / "audio" / "1002_IEO_NEU_HI.npy").shape == (257, 188)
+    train.main(["--dataset", "cremad", "--data-root", str(root), "--epochs", "2", "--warmup", "1", "--batch-size", "2",
+                "--image-size", "32", "--gpu", "-1", "--workers", "0", "--out", str(tmp_path / "run")])
+    log = train.load_log(str(tmp_path / "run" / "log.jsonl"))
+    assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in log)
