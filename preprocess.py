@@ -41,10 +41,11 @@ measured from the first frame (the last frame for times past its end):
 A clip of D seconds gets one frame per second that starts before its end (offset 0: ceil(D); a 10 s clip gives
 frame_00001.jpg ... frame_00010.jpg; a 1.3 s CREMA-D clip 2), and at least one. The scripts count frames with
 fps = int(CAP_PROP_FPS): at 29.97 fps that keeps frames 0, 29, 58, ..., which drift 0.03 s a second earlier
-than the second they stand for (0.3 s after 10 s); we keep the frame on screen at each second (0, 30, 60, ...
-at 29.97 fps; the same frames at a whole rate). --min-frames N tops a clip up to N frames with others drawn at
-random (seeded by the clip name), all saved in time order, as PMR's video2frame_update(min_save_frame=3) does
-for CREMA-D (frame 0 repeated where the clip has fewer than N frames); the default, 1, is OGM-GE's.
+than the second they stand for (frame 290, 0.32 s early, for second 10); we keep the frame on screen at each
+second (frames 0, 29, 59, ..., 299 at 29.97 fps; the same frames as theirs at a whole rate). --min-frames N
+tops a clip up to N frames with others drawn at random (seeded by the clip name), all saved in time order, as
+PMR's video2frame_update(min_save_frame=3) does for CREMA-D (frame 0 repeated where the clip has fewer than N
+frames); the default, 1, is OGM-GE's.
 
 Audio: the first audio track (of DIR/<clip>.wav with --audio), decoded, averaged over its channels to mono and
 resampled to 16 kHz with FFmpeg's resampler, like the `ffmpeg -ar 16000` step of OGM-GE and PMR. (OGM-GE's Kinetics-Sounds wavs kept the source's

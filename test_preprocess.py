@@ -41,6 +41,7 @@ up to 1.28 below, in spectral valleys; 0.63 over all rows); FFmpeg's default res
 """
 import csv
 import errno
+import fractions
 import importlib.util
 import os
 import shutil
@@ -423,6 +424,17 @@ def test_stft_ogm_resamples_as_librosa_does_on_the_fixture():
     assert ours.shape == fixture["spectrogram"].shape == (257, 188)
     assert np.abs(ours - fixture["spectrogram"].astype(np.float32)).mean(axis=1).max() < 0.1  # 0.002 here
     assert len(preprocess.resample(waveform[:1001], 16000, 22050)) == 1380  # ceil(1001 * 22050 / 16000)
+
+
+@needs_av
+def test_at_29_97_fps_the_frame_on_screen_at_each_second_is_kept(tmp_path):
+    # OGM-GE's video2frame_update counts with int(fps) = 29 and keeps frames 0, 29, 58, ..., 290 (second 10 at
+    # 9.68 s); the frame on screen at 10 s is frame 299
+    make_video(str(tmp_path / "ntsc.mp4"), 10.2, fps=fractions.Fraction(30000, 1001), size=(32, 32), tone=None)
+    frames, _, _ = preprocess.decode_clip(str(tmp_path / "ntsc.mp4"), 0, False, False, 0)
+    expected = [grey_level(int(k * 30000 / 1001)) for k in range(11)]
+    assert expected[-1] != grey_level(290)
+    np.testing.assert_allclose([frame.mean() for frame in frames], expected, atol=2)
 
 
 @needs_av
