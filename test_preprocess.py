@@ -647,6 +647,11 @@ def test_ucf101_without_opencv_contrib_writes_rgb_and_says_so(ucf_videos, tmp_pa
                                                                                 "UCF-101 class index not found"),
     (["mmdebiased", "--videos", "{empty}", "--out", "{out}"], "preprocess.py: error: argument dataset: invalid"),
     (["ks", "--out", "{out}"], "preprocess.py: error: the following arguments are required: --videos"),
+    (["cremad", "--videos", "{empty}", "--out", "{out}", "--audio", "{missing}"],
+     "error: --audio {missing}: folder not found"),
+    (["ks", "--videos", "{empty}", "--out", "{out}", "--audio", "{empty}"], "error: --audio applies to cremad only"),
+    (["cremad", "--videos", "{empty}", "--out", "{out}", "--min-frames", "0"],
+     "error: --min-frames must be at least 1, got 0"),
 ])
 @needs_av
 def test_bad_flags_and_folders_give_one_line_and_exit_2(tmp_path, capsys, flags, message):
@@ -657,6 +662,16 @@ def test_bad_flags_and_folders_give_one_line_and_exit_2(tmp_path, capsys, flags,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(message.format(**names)), err
+
+
+@needs_av
+def test_stft_ogm_without_soxr_is_one_line_before_any_work(cremad_videos, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "soxr", None)  # import soxr fails
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("cremad", "--videos", cremad_videos, "--out", tmp_path / "out")
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        "error: recipe stft-ogm resamples with soxr, as librosa does: pip install -r requirements-preprocess.txt\n")
+    assert not os.path.exists(tmp_path / "out")
 
 
 @needs_av
