@@ -514,6 +514,14 @@ def run_jobs(jobs, workers):
                 print(f"\r{line}", end="\n" if done == len(jobs) else "", file=sys.stderr, flush=True)
             elif done % every == 0 or done == len(jobs):  # a log file: about 20 lines
                 print(line, file=sys.stderr, flush=True)
+    except OutputError:  # the disk is full: the other workers stop too, and no clip's temporary files stay
+        if workers > 1:
+            pool.terminate()
+            pool.join()
+        for job in jobs:
+            for path in clip_outputs(job):
+                remove_path(path + PARTIAL)
+        raise
     finally:
         if workers > 1:
             pool.terminate()

@@ -539,6 +539,29 @@ def test_one_clip_name_in_two_class_folders_is_refused_before_any_work(ks_videos
     assert os.listdir(tmp_path / "root") == []
 
 
+@needs_av
+def test_a_full_disk_removes_the_temporary_files_of_every_clip(ks_videos, tmp_path, capsys, monkeypatch):
+    """With several workers, the others may be writing clips when one finds the disk full: their temporary files
+    go too (here one process stands in for them: the second clip finds the first one's leftovers)."""
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5"})
+    calls = []
+
+    def interrupted_then_full(job):
+        calls.append(job)
+        if len(calls) == 1:  # as if a worker were stopped while writing the first clip
+            os.makedirs(job["frames"] + preprocess.PARTIAL)
+            return job["key"], "written", 0
+        raise preprocess.OutputError(f"{job['frames']}: cannot write (No space left on device); expected room")
+
+    monkeypatch.setattr(preprocess, "process_clip", interrupted_then_full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1)
+    assert exit_info.value.code == 2 and "No space left on device" in capsys.readouterr().err
+    assert len(calls) == 2 and os.path.isdir(root / "ks_visual")
+    assert not any(name.endswith(preprocess.PARTIAL) for _, dirs, files in os.walk(root) for name in dirs + files)
+
+
 @pytest.mark.parametrize("where", ["read-only", "full disk while writing a clip", "full disk while writing a list"])
 @needs_av
 def test_unwritable_out_ends_in_one_line_and_leaves_nothing_half_written(ks_videos, tmp_path, capsys, monkeypatch,
