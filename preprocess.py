@@ -13,8 +13,8 @@ What is read (videos are found by name anywhere under --videos, symbolically lin
   ks      --videos DIR/<split>/<class name>/<clip>.mp4 (split: train, test, and val, which is carved from train
           where missing, as data.py carves it from OGM-GE's lists; videos in sub-folders of a class folder belong
           to it; two videos of one name in one split stop the run before any work); labels number the sorted
-          class names, written to ROOT/ks_classes.txt. Or --lists with the authors' <split>_1fps_path.txt or OGM-GE's my_<split>.txt
-          (and a ks_classes.txt, copied and checked against the labels, if there).
+          class names, written to ROOT/ks_classes.txt. Or --lists with the authors' <split>_1fps_path.txt or
+          OGM-GE's my_<split>.txt (and a ks_classes.txt, copied and checked against the labels, if there).
           -> ks_audio/<split>_1fps_path.txt ('ks_visual/<split>/<clip> <frames> <label>' per line),
              ks_audio/<split>/<clip>.npy, ks_visual/<split>/<clip>/frame_00001.jpg ...
   cremad  <actor>_<sentence>_<EMO>_<level>.flv, split by speaker: 70 / 10 / 20 % of the actors, seed 2024. Or
@@ -29,10 +29,10 @@ What is read (videos are found by name anywhere under --videos, symbolically lin
              flow/u/<clip>/frame000001.jpg ..., flow/v/<clip>/frame000001.jpg ...
 
 Frames: 1 per second of video, turned upright by the container's display rotation (a phone video stored on its
-side, with a display matrix saying so), saved as JPEG (quality 95, cv2.imencode's default, which OGM-GE's Kinetics-Sounds
-script used), downscaled so that the shorter side is at most --short-side (default 256; 0 keeps the decoded size;
-the readers resize to --image-size anyway). The frame kept for second k is the one on screen at time k + offset,
-measured from the first frame (the last frame for times past its end):
+side, with a display matrix saying so), saved as JPEG (quality 95, cv2.imencode's default, which OGM-GE's
+Kinetics-Sounds script used), downscaled so that the shorter side is at most --short-side (default 256; 0 keeps
+the decoded size; the readers resize to --image-size anyway). The frame kept for second k is the one on screen
+at time k + offset, measured from the first frame (the last frame for times past its end):
     ks      offset 0    the first frame of each second, as OGM-GE's VGGSound / Kinetics-Sounds script keeps
                         (frame index divisible by the frame rate)
     cremad  offset 0    the first frame of each second, as OGM-GE's data/CREMAD/video_preprocessing.py
@@ -48,9 +48,9 @@ PMR's video2frame_update(min_save_frame=3) does for CREMA-D (frame 0 repeated wh
 frames); the default, 1, is OGM-GE's.
 
 Audio: the first audio track (of DIR/<clip>.wav with --audio), decoded, averaged over its channels to mono and
-resampled to 16 kHz with FFmpeg's resampler, like the `ffmpeg -ar 16000` step of OGM-GE and PMR. (OGM-GE's Kinetics-Sounds wavs kept the source's
-channels and torchaudio's fbank then read channel 0 only; we average the channels.) Spectrogram recipes, named
-by --recipe, as float32 .npy:
+resampled to 16 kHz with FFmpeg's resampler, like the `ffmpeg -ar 16000` step of OGM-GE and PMR. (OGM-GE's
+Kinetics-Sounds wavs kept the source's channels and torchaudio's fbank then read channel 0 only; we average the
+channels.) Spectrogram recipes, named by --recipe, as float32 .npy:
 
   fbank      (1024, 128), default for ks. OGM-GE's data/KineticSound/process_audio.py: waveform minus its mean,
              torchaudio.compliance.kaldi.fbank(htk_compat=True, sample_frequency=16000, use_energy=False,
@@ -72,8 +72,9 @@ by --recipe, as float32 .npy:
   stft-ogm   (257, 188), default for cremad. OGM-GE's dataset/CramedDataset.py (CramedDataset.__getitem__, on the
              fly there): the 16 kHz audio resampled to 22,050 Hz as librosa.load(sr=22050) does in librosa >=
              0.10 (soxr's 'soxr_hq', then cut or zero-padded to ceil(N * 22050 / 16000) samples; equal to
-             librosa 0.11 within 0.005 mean absolute difference per row on a committed fixture; the librosa of
-             OGM-GE's time used resampy's kaiser_best, which differs by up to 2.3 per row there), tiled and cut to 66,150 samples (3 s), clipped to [-1, 1], librosa.stft(n_fft=512, hop_length=353)
+             librosa 0.11 within 0.002 mean absolute difference per row on a committed fixture; the librosa of
+             OGM-GE's time used resampy's kaiser_best, which differs by up to 2.3 per row there), tiled and cut
+             to 66,150 samples (3 s), clipped to [-1, 1], librosa.stft(n_fft=512, hop_length=353)
              with librosa's defaults of its time (periodic Hann window, centred frames, reflect padding; librosa
              0.10 changed the padding to zeros), log(|S| + 1e-7), not normalised: 1 + 66150 // 353 = 188 frames.
 A clip shorter than a recipe's length is padded (fbank) or tiled (stft-*) as that recipe says; a longer one is cut.
@@ -304,7 +305,8 @@ def read_audio(path):
             if not container.streams.audio:
                 raise ClipError(f"{path}: no audio track")
             resampler = av.AudioResampler(format="fltp", rate=AUDIO_RATE)
-            chunks = [a for frame in container.decode(container.streams.audio[0]) for a in decoded_audio(resampler, frame)]
+            chunks = [chunk for frame in container.decode(container.streams.audio[0])
+                      for chunk in decoded_audio(resampler, frame)]
             return joined_audio(chunks + decoded_audio(resampler, None))
     except av.error.FFmpegError as error:
         raise ClipError(f"{path}: cannot decode ({error.strerror or error})") from None
@@ -897,7 +899,8 @@ def main(argv=None):
         flow = args.dataset == "ucf101" and tvl1_available()
         if args.dataset == "ucf101" and not flow:
             print("note: OpenCV's contrib module (cv2.optflow) is not installed, so no TV-L1 flow is written, only "
-                  "rgb/; pip install -r requirements-flow.txt (opencv-contrib-python-headless) and rerun to add flow/", file=sys.stderr)
+                  "rgb/; pip install -r requirements-flow.txt (opencv-contrib-python-headless) and rerun to add "
+                  "flow/", file=sys.stderr)
         if args.dataset == "ks":
             entries, class_names = plan_ks(args.videos, args.lists)
         elif args.dataset == "cremad":

@@ -590,7 +590,8 @@ def test_unwritable_out_ends_in_one_line_and_leaves_nothing_half_written(ks_vide
     assert exit_info.value.code == 2 and err.count("error") == 1, err
     err = err.splitlines(keepends=True)[-1]
     if where == "read-only":
-        assert err == f"error: {root / '.write-check'}: cannot write (Permission denied); expected a folder you can write to\n"
+        assert err == (f"error: {root / '.write-check'}: cannot write (Permission denied); expected a folder you "
+                       f"can write to\n")
         assert not os.path.exists(root / "ks_visual")
     else:
         assert err.startswith(f"error: {root}") and "cannot write (No space left on device); expected room" in err
