@@ -498,6 +498,12 @@ def test_a_rotated_video_is_saved_upright(tmp_path):
     frames, _, _ = preprocess.decode_clip(path, 0, False, False, 0)
     assert frames[0].shape == (64, 48, 3)
     assert frames[0][-12:].mean() > 200 and frames[0][:40].mean() < 30
+    if importlib.util.find_spec("cv2") is not None:  # OpenCV's FFmpeg reader turns frames upright by itself
+        import cv2
+        capture = cv2.VideoCapture(path)
+        _, bgr = capture.read()
+        capture.release()
+        assert np.abs(bgr[..., ::-1].astype(int) - frames[0]).mean() < 3
 
 
 @needs_av
