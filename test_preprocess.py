@@ -797,6 +797,24 @@ def test_cremad_videos_and_wav_folder_preprocess_and_train(tmp_path):
     root = tmp_path / "root"
     run_preprocess("cremad", "--videos", videos, "--audio", wavs, "--out", root, "--workers", 1)
     assert len(os.listdir(root / "visual" / "1002_IEO_NEU_HI")) == 2  # 1.3 s: frames 0 and 30, as OGM-GE's script
+    if importlib.util.find_spec("cv2") is not None:
+        # the frames OGM-GE's data/CREMAD/video_preprocessing.py (videoReader.video2frame_update) saves, read with
+        # OpenCV as there: those whose index count satisfies count % int(CAP_PROP_FPS) == 0
+        import cv2
+        capture = cv2.VideoCapture(str(videos / "1002_IEO_NEU_HI.flv"))
+        fps, theirs, count = int(capture.get(cv2.CAP_PROP_FPS)), [], 0
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            if count % fps == 0:
+                theirs.append(bgr[..., ::-1].astype(float))
+            count += 1
+        capture.release()
+        ours = [decode_jpeg(read_file(str(path))).permute(1, 2, 0).float().numpy()
+                for path in sorted((root / "visual" / "1002_IEO_NEU_HI").iterdir())]
+        assert len(ours) == len(theirs) == 2
+        assert all(np.abs(a - b).mean() < 3 for a, b in zip(ours, theirs))
     assert np.load(root / "audio" / "1002_IEO_NEU_HI.npy").shape == (257, 188)
     train.main(["--dataset", "cremad", "--data-root", str(root), "--epochs", "2", "--warmup", "1", "--batch-size", "2",
                 "--image-size", "32", "--gpu", "-1", "--workers", "0", "--out", str(tmp_path / "run")])
