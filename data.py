@@ -860,8 +860,9 @@ def build_cremad(root, split, augment=False, image_size=224, skip_missing=False)
         root/audio/<clip>.npy                     spectrogram, one shape for the whole set
         root/visual/<clip>/frame_00001.jpg ...    1 frame per second
     Modalities ("audio", "visual") as for KS; labels 0..5 for NEU, HAP, SAD, FEA, DIS, ANG (OGM-GE's order).
-    Clips last 2-5 s, so 2-5 frames: where a clip has fewer frames than the NUM_SEGMENTS segments, frames
-    repeat (frame_positions; 2 frames give frames 1, 1, 2)."""
+    Clips last about 1.3-5 s, so 2-5 frames (at least 3 with preprocess.py --min-frames 3, PMR's recipe): where a
+    clip has fewer frames than the NUM_SEGMENTS segments, frames repeat (frame_positions; 2 frames give frames
+    1, 1, 2)."""
     check_root("cremad", root)
     path = os.path.join(root, f"{split}.csv")
     entries = []

@@ -2,44 +2,55 @@
 Raw videos -> the on-disk layouts that data.py reads, for Kinetics-Sounds (ks), CREMA-D (cremad) and UCF-101
 (ucf101):
 
-    python preprocess.py DATASET --videos DIR --out ROOT [--lists DIR] [--workers N] [--recipe NAME]
+    python preprocess.py DATASET --videos DIR --out ROOT [--lists DIR] [--audio DIR] [--workers N] [--recipe NAME]
 
-Decoding uses PyAV (`pip install -r requirements-preprocess.txt`; the `av` wheel carries its own FFmpeg); TV-L1
-flow for ucf101 uses OpenCV's contrib module where it is installed. Neither is needed by train.py or data.py.
+Decoding uses PyAV and the stft-ogm recipe's resampling soxr (`pip install -r requirements-preprocess.txt`; the
+`av` wheel carries its own FFmpeg); TV-L1 flow for ucf101 uses OpenCV's contrib module where it is installed
+(requirements-flow.txt). None is needed by train.py or data.py.
 
-What is read (videos are found by name anywhere under --videos: .mp4, .mkv, .webm, .avi, .flv, .mov, ...) and
-written under ROOT (the lists name only the clips on disk):
+What is read (videos are found by name anywhere under --videos, symbolically linked folders included: .mp4,
+.mkv, .webm, .avi, .flv, .mov, ...) and written under ROOT (the lists name only the clips on disk):
   ks      --videos DIR/<split>/<class name>/<clip>.mp4 (split: train, test, and val, which is carved from train
-          where missing, as data.py carves it from OGM-GE's lists); labels number the sorted class names, written
-          to ROOT/ks_classes.txt. Or --lists with the authors' <split>_1fps_path.txt or OGM-GE's my_<split>.txt
-          (and a ks_classes.txt, copied and checked against the labels, if there).
+          where missing, as data.py carves it from OGM-GE's lists; videos in sub-folders of a class folder belong
+          to it; two videos of one name in one split stop the run before any work); labels number the sorted
+          class names, written to ROOT/ks_classes.txt. Or --lists with the authors' <split>_1fps_path.txt or
+          OGM-GE's my_<split>.txt (and a ks_classes.txt, copied and checked against the labels, if there).
           -> ks_audio/<split>_1fps_path.txt ('ks_visual/<split>/<clip> <frames> <label>' per line),
              ks_audio/<split>/<clip>.npy, ks_visual/<split>/<clip>/frame_00001.jpg ...
   cremad  <actor>_<sentence>_<EMO>_<level>.flv, split by speaker: 70 / 10 / 20 % of the actors, seed 2024. Or
           --lists with train.csv, test.csv and val.csv ('<clip>,<EMO>', OGM-GE's format; without val.csv, a
-          tenth of train's speakers is held out).
+          tenth of train's speakers is held out). --audio DIR: the audio of each clip is read from DIR/<clip>.wav
+          (CREMA-D's own AudioWAV folder, 16 kHz mono, which OGM-GE's and PMR's recipes read) instead of the
+          video's audio track.
           -> {train,val,test}.csv ('<clip>,<EMO>'), audio/<clip>.npy, visual/<clip>/frame_00001.jpg ...
   ucf101  v_<Class>_g<group>_c<clip>.avi; classes in sorted order and the official splits' rule (testlist0k:
           groups 1-7, 8-14, 15-21). Or --lists with the official classInd.txt, trainlist0k.txt, testlist0k.txt.
           -> splits/classInd.txt, trainlist0k.txt, testlist0k.txt, rgb/<clip>/frame_00001.jpg ...,
              flow/u/<clip>/frame000001.jpg ..., flow/v/<clip>/frame000001.jpg ...
 
-Frames: 1 per second of video, saved as JPEG (quality 95, cv2.imencode's default, which OGM-GE's Kinetics-Sounds
-script used), downscaled so that the shorter side is at most --short-side (default 256; 0 keeps the decoded size;
-the readers resize to --image-size anyway). The frame kept for second k is the one on screen at time k + offset,
-measured from the first frame (the last frame for times past its end):
+Frames: 1 per second of video, turned upright by the container's display rotation (a phone video stored on its
+side, with a display matrix saying so), saved as JPEG (quality 95, cv2.imencode's default, which OGM-GE's
+Kinetics-Sounds script used), downscaled so that the shorter side is at most --short-side (default 256; 0 keeps
+the decoded size; the readers resize to --image-size anyway). The frame kept for second k is the one on screen
+at time k + offset, measured from the first frame (the last frame for times past its end):
     ks      offset 0    the first frame of each second, as OGM-GE's VGGSound / Kinetics-Sounds script keeps
                         (frame index divisible by the frame rate)
-    cremad  offset 0.5  the middle of each second, as OGM-GE's AVE / CREMA-D script keeps (round((k + 0.5) fps))
+    cremad  offset 0    the first frame of each second, as OGM-GE's data/CREMAD/video_preprocessing.py
+                        (videoReader.video2frame_update: count % fps == 0) and PMR's script of the same name keep
     ucf101  offset 0.5  the middle of each second
 A clip of D seconds gets one frame per second that starts before its end (offset 0: ceil(D); a 10 s clip gives
-frame_00001.jpg ... frame_00010.jpg), and at least one. (OGM-GE's AVE / CREMA-D script forces 10 frames by
-repeating the last second; we do not.)
+frame_00001.jpg ... frame_00010.jpg; a 1.3 s CREMA-D clip 2), and at least one. The scripts count frames with
+fps = int(CAP_PROP_FPS): at 29.97 fps that keeps frames 0, 29, 58, ..., which drift 0.03 s a second earlier
+than the second they stand for (frame 290, 0.32 s early, for second 10); we keep the frame on screen at each
+second (frames 0, 29, 59, ..., 299 at 29.97 fps; the same frames as theirs at a whole rate). --min-frames N
+tops a clip up to N frames with others drawn at random (seeded by the clip name), all saved in time order, as
+PMR's video2frame_update(min_save_frame=3) does for CREMA-D (frame 0 repeated where the clip has fewer than N
+frames); the default, 1, is OGM-GE's.
 
-Audio: the first audio track, decoded, averaged over its channels to mono and resampled to 16 kHz with FFmpeg's
-resampler, like the `ffmpeg -ar 16000` step of OGM-GE and PMR. (OGM-GE's Kinetics-Sounds wavs kept the source's
-channels and torchaudio's fbank then read channel 0 only; we average the channels.) Spectrogram recipes, named
-by --recipe, as float32 .npy:
+Audio: the first audio track (of DIR/<clip>.wav with --audio), decoded, averaged over its channels to mono and
+resampled to 16 kHz with FFmpeg's resampler, like the `ffmpeg -ar 16000` step of OGM-GE and PMR. (OGM-GE's
+Kinetics-Sounds wavs kept the source's channels and torchaudio's fbank then read channel 0 only; we average the
+channels.) Spectrogram recipes, named by --recipe, as float32 .npy:
 
   fbank      (1024, 128), default for ks. OGM-GE's data/KineticSound/process_audio.py: waveform minus its mean,
              torchaudio.compliance.kaldi.fbank(htk_compat=True, sample_frequency=16000, use_energy=False,
@@ -58,14 +69,17 @@ by --recipe, as float32 .npy:
              librosa's default 22,050 Hz but still cuts 16000 * 10 samples, 7.3 s; its video_preprocessing.py
              loads at 16 kHz, which we follow. Both tile exactly 10 times, so clips under 1 s come out short
              and fail their shape assert; we tile as often as needed.)
-  stft-ogm   (257, 188), default for cremad. OGM-GE's dataset/CramedDataset.py (on the fly there): the 16 kHz
-             audio (its wavs come from `ffmpeg -ac 1 -ar 16000`) resampled to 22,050 Hz (librosa.load's sr),
-             tiled and cut to 66,150 samples (3 s), clipped to [-1, 1], librosa.stft(n_fft=512, hop_length=353)
+  stft-ogm   (257, 188), default for cremad. OGM-GE's dataset/CramedDataset.py (CramedDataset.__getitem__, on the
+             fly there): the 16 kHz audio resampled to 22,050 Hz as librosa.load(sr=22050) does in librosa >=
+             0.10 (soxr's 'soxr_hq', then cut or zero-padded to ceil(N * 22050 / 16000) samples; equal to
+             librosa 0.11 within 0.002 mean absolute difference per row on a committed fixture; the librosa of
+             OGM-GE's time used resampy's kaiser_best, which differs by up to 2.3 per row there), tiled and cut
+             to 66,150 samples (3 s), clipped to [-1, 1], librosa.stft(n_fft=512, hop_length=353)
              with librosa's defaults of its time (periodic Hann window, centred frames, reflect padding; librosa
              0.10 changed the padding to zeros), log(|S| + 1e-7), not normalised: 1 + 66150 // 353 = 188 frames.
 A clip shorter than a recipe's length is padded (fbank) or tiled (stft-*) as that recipe says; a longer one is cut.
 
-UCF-101 optical flow (where cv2.optflow exists, e.g. `pip install opencv-contrib-python-headless`): OpenCV's
+UCF-101 optical flow (where cv2.optflow exists: `pip install -r requirements-flow.txt`): OpenCV's
 Dual TV-L1 between each kept frame and the next decoded frame (the one before, for the last frame), on the
 grayscale frames at the saved size; u and v clipped to [-20, 20] pixels and mapped linearly to 0..255 (zero
 flow at 127.5), saved as grayscale JPEGs, one pair per RGB frame.
@@ -73,11 +87,14 @@ flow at 127.5), saved as grayscale JPEGs, one pair per RGB frame.
 Real data: clips run in --workers processes with a progress line on stderr; a clip is written under temporary
 names and renamed into place, so clips already written are skipped by a rerun and a killed run leaves no half
 clip; a clip that cannot be decoded, has no audio track (ks, cremad) or has no video frames is listed in
-ROOT/failures.csv with the reason, and the rest go on. The lists written name only the clips on disk.
+ROOT/failures.csv with the reason, and the rest go on. The lists written name only the clips on disk. An output
+that cannot be written (a read-only --out is found before any work; a full disk) stops the run with one line
+naming the path, and leaves no temporary file.
 """
 
 import argparse
 import csv
+import errno
 import fractions
 import math
 import multiprocessing
@@ -86,6 +103,7 @@ import re
 import shutil
 import sys
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -103,8 +121,7 @@ FLOW_BOUND = 20.0  # pixels; flow beyond is clipped before quantisation to 0..25
 KS_NORM_MEAN, KS_NORM_STD = -4.503877, 5.141276  # OGM-GE's Kinetics-Sounds fbank normalisation
 KS_FRAMES = 1024
 
-CREMAD_EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
-CREMAD_NAME = re.compile(r"^(\d+)_([A-Z]+)_(ANG|DIS|FEA|HAP|NEU|SAD)_([A-Z]+)$")  # actor_sentence_EMO_level
+CREMAD_NAME = re.compile(rf"^(\d+)_([A-Z]+)_({'|'.join(data.CREMAD_EMOTIONS)})_([A-Z]+)$")  # actor_sentence_EMO_level
 CREMAD_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test speakers, without --lists
 SPLIT_SEED = 2024  # speaker splits are fixed by this seed alone
 
@@ -118,6 +135,18 @@ class PreprocessError(ValueError):
 
 class ClipError(Exception):
     """Why one clip cannot be pre-processed (it goes to failures.csv)."""
+
+
+class OutputError(PreprocessError):
+    """An output that cannot be written (no permission, a full disk): the run stops, nothing half-written."""
+
+
+def output_error(path, error):
+    """OutputError naming `path`, the system's reason and what is expected."""
+    expected = ("room on that disk: free some space and rerun the same command (clips written so far are kept)"
+                if error.errno == errno.ENOSPC else "a folder you can write to")
+    path = path.replace(PARTIAL, "")  # the output meant, not its temporary name
+    return OutputError(f"{path}: cannot write ({error.strerror or error}); expected {expected}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +232,7 @@ RECIPES = {  # name -> (sample rate the recipe takes, function, output shape)
 }
 DATASET_DEFAULTS = {  # name -> (default recipe, which frame of each second: seconds after its start)
     "ks": ("fbank", fractions.Fraction(0)),
-    "cremad": ("stft-ogm", fractions.Fraction(1, 2)),
+    "cremad": ("stft-ogm", fractions.Fraction(0)),
     "ucf101": (None, fractions.Fraction(1, 2)),
 }
 
@@ -227,15 +256,24 @@ def tvl1_available():
     return hasattr(cv2, "optflow") and hasattr(cv2.optflow, "DualTVL1OpticalFlow_create")
 
 
+def require_soxr():
+    try:
+        import soxr
+    except ImportError:
+        raise PreprocessError("recipe stft-ogm resamples with soxr, as librosa does: pip install -r "
+                              "requirements-preprocess.txt") from None
+    return soxr
+
+
 def resample(waveform, rate_in, rate_out):
-    """float32 mono waveform at rate_in -> rate_out, with FFmpeg's resampler."""
+    """float32 mono waveform at rate_in -> rate_out as librosa.load(sr=rate_out) resamples it in librosa >= 0.10
+    (librosa.resample, res_type 'soxr_hq': soxr.resample(quality='soxr_hq'), then librosa.util.fix_length to
+    ceil(N * rate_out / rate_in) samples, zero-padded or cut)."""
     if rate_in == rate_out:
         return waveform
-    av = require_av()
-    frame = av.AudioFrame.from_ndarray(waveform[None, :].astype(np.float32), format="fltp", layout="mono")
-    frame.sample_rate = rate_in
-    resampler = av.AudioResampler(format="fltp", layout="mono", rate=rate_out)
-    return np.concatenate([f.to_ndarray()[0] for f in resampler.resample(frame) + resampler.resample(None)])
+    resampled = require_soxr().resample(waveform, rate_in, rate_out, quality="soxr_hq")
+    size = math.ceil(len(waveform) * rate_out / rate_in)
+    return np.pad(resampled[:size], (0, max(0, size - len(resampled))))
 
 
 def output_size(width, height, short_side):
@@ -246,9 +284,45 @@ def output_size(width, height, short_side):
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def decode_clip(path, frame_offset, want_audio, want_flow, short_side):
+def decoded_audio(resampler, frame):
+    """One decoded audio frame (None: flush the resampler) -> float32 mono arrays at AUDIO_RATE."""
+    return [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+
+
+def joined_audio(chunks):
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if len(audio) == 0:
+        raise ClipError("audio track holds no samples")
+    return audio.astype(np.float32, copy=False)
+
+
+def read_audio(path):
+    """The first audio track of an audio or video file (CREMA-D's AudioWAV/<clip>.wav): float32 [N], mono at
+    AUDIO_RATE. Raises ClipError with the reason."""
+    av = require_av()
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise ClipError(f"{path}: no audio track")
+            resampler = av.AudioResampler(format="fltp", rate=AUDIO_RATE)
+            chunks = [chunk for frame in container.decode(container.streams.audio[0])
+                      for chunk in decoded_audio(resampler, frame)]
+            return joined_audio(chunks + decoded_audio(resampler, None))
+    except av.error.FFmpegError as error:
+        raise ClipError(f"{path}: cannot decode ({error.strerror or error})") from None
+
+
+def upright(image, rotation):
+    """An image [H, W, ...] as it is displayed: turned by the container's display rotation (PyAV's
+    VideoFrame.rotation, degrees counter-clockwise, read from the display matrix)."""
+    return np.ascontiguousarray(np.rot90(image, k=round(rotation / 90) % 4))
+
+
+def decode_clip(path, frame_offset, want_audio, want_flow, short_side, min_frames=1, seed=0):
     """Decode one video. Returns (frames, flow_pairs, audio):
-    frames: uint8 [H, W, 3] RGB arrays, one per second (see the module docstring for which frame);
+    frames: uint8 [H, W, 3] RGB arrays upright (the container's display rotation applied), one per second (see
+    the module docstring for which frame), then topped up to min_frames with frames drawn at random (seed)
+    among the others, all in time order;
     flow_pairs: per frame, two gray uint8 [H, W] frames to compute its flow from (it and the next decoded
     frame; for the last frame, the one before and it), when want_flow, else None;
     audio: float32 [N] mono at AUDIO_RATE, when want_audio, else None. Raises ClipError with the reason."""
@@ -268,38 +342,42 @@ def decode_clip(path, frame_offset, want_audio, want_flow, short_side):
             streams.append(container.streams.audio[0])
             resampler = av.AudioResampler(format="fltp", rate=AUDIO_RATE)
         rate = video.average_rate
-        frames, pairs, audio = [], [], []
+        frames, pairs, kept, audio = [], [], [], []  # kept: the decoded index of each frame kept
+        decoded = []  # every decoded frame, only where a top-up may need them
         last_kept = None  # (frame, rgb, pair) of the frame kept last, converted once however often it is kept
 
-        def keep(shown, neighbour):  # shown, neighbour: (frame, seconds since the first frame)
+        def keep(shown, neighbour):  # shown, neighbour: (frame, seconds since the first frame, decoded index)
             nonlocal last_kept
             if last_kept is None or last_kept[0] is not shown[0]:
                 size = dict(zip(("width", "height"), output_size(shown[0].width, shown[0].height, short_side)))
-                rgb = shown[0].to_ndarray(format="rgb24", interpolation="AREA", **size)
+                rgb = upright(shown[0].to_ndarray(format="rgb24", interpolation="AREA", **size), shown[0].rotation)
                 first, second = (shown, neighbour) if neighbour[1] >= shown[1] else (neighbour, shown)
-                pair = tuple(f[0].to_ndarray(format="gray", interpolation="AREA", **size)
+                pair = tuple(upright(f[0].to_ndarray(format="gray", interpolation="AREA", **size), f[0].rotation)
                              for f in (first, second)) if want_flow else None
                 last_kept = (shown[0], rgb, pair)
             frames.append(last_kept[1])
             pairs.append(last_kept[2])
+            kept.append(shown[2])
 
         start, count, second = None, 0, 0
-        before = previous = None  # the last two decoded frames, as (frame, seconds since the first frame)
+        before = previous = None  # the last two decoded frames, as (frame, seconds since the first frame, index)
         try:
             for packet in container.demux(streams):
                 for frame in packet.decode():
                     if packet.stream.type == "audio":
-                        audio += [f.to_ndarray().mean(axis=0) for f in resampler.resample(frame)]
+                        audio += decoded_audio(resampler, frame)
                         continue
                     t = frame.pts * frame.time_base if frame.pts is not None else count / rate  # exact Fractions
                     start = t if start is None else start
-                    current = (frame, t - start)
+                    current = (frame, t - start, count)
                     while previous is not None and second + frame_offset < current[1]:
                         keep(previous, current)  # previous is on screen at that time
                         second += 1
                     before, previous, count = previous, current, count + 1
+                    if min_frames > 1:
+                        decoded.append(current)
             if want_audio:
-                audio += [f.to_ndarray().mean(axis=0) for f in resampler.resample(None)]
+                audio += decoded_audio(resampler, None)
         except av.error.FFmpegError as error:
             raise ClipError(f"cannot decode ({error.strerror or error})") from None
         if previous is None:
@@ -311,12 +389,15 @@ def decode_clip(path, frame_offset, want_audio, want_flow, short_side):
         while second + frame_offset < end or not frames:
             keep(previous, before if before is not None else previous)
             second += 1
-    if not want_audio:
-        return frames, pairs, None
-    audio = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-    if len(audio) == 0:
-        raise ClipError("audio track holds no samples")
-    return frames, pairs, audio.astype(np.float32, copy=False)
+        # PMR's data/CREMAD/video_preprocessing.py, videoReader.video2frame_update(min_save_frame=3): frames drawn
+        # at random among the others until there are min_frames; frame 0 again where the clip has too few
+        others = [i for i in range(count) if i not in kept]
+        extra = np.random.default_rng(seed).permutation(others)[:max(0, min_frames - len(frames))].tolist()
+        for i in extra + [0] * (min_frames - len(frames) - len(extra)):
+            keep(decoded[i], decoded[i + 1] if i + 1 < count else decoded[max(0, i - 1)])
+    order = sorted(range(len(frames)), key=kept.__getitem__)  # time order (stable: repeats stay together)
+    frames, pairs = [frames[k] for k in order], [pairs[k] for k in order]
+    return frames, pairs, joined_audio(audio) if want_audio else None
 
 
 def tvl1_flow(first, second):
@@ -369,32 +450,42 @@ def clip_outputs(job):
 def process_clip(job):
     """Pre-process one clip. Returns (key, status, detail): ("written" | "skipped", number of frames) or
     ("failed", reason). A clip whose outputs all exist is skipped; outputs are written as <path>.partial and
-    renamed into place once all are written, so an interrupted clip leaves no final output half-written."""
+    renamed into place once all are written, so an interrupted clip leaves no final output half-written. An
+    output that cannot be written (a full disk, no permission) raises OutputError, its .partial files removed."""
     outputs = clip_outputs(job)
     for path in outputs:
         remove_path(path + PARTIAL)  # left by an interrupted run
     if all(os.path.exists(path) for path in outputs):
         return job["key"], "skipped", count_jpegs(job["frames"])
     try:
-        frames, pairs, audio = decode_clip(job["video"], job["frame_offset"], job["spectrogram"] is not None,
-                                           job["flow"] is not None, job["short_side"])
+        frames, pairs, audio = decode_clip(job["video"], job["frame_offset"],
+                                           job["spectrogram"] is not None and job["audio"] is None,
+                                           job["flow"] is not None, job["short_side"], job["min_frames"],
+                                           zlib.crc32(job["clip"].encode()))
         flows = [tvl1_flow(*pair) for pair in pairs] if job["flow"] else None
         if job["spectrogram"]:
             rate, recipe, _ = RECIPES[job["recipe"]]
-            spectrogram = recipe(resample(audio, AUDIO_RATE, rate))
+            spectrogram = recipe(resample(read_audio(job["audio"]) if job["audio"] else audio, AUDIO_RATE, rate))
     except ClipError as error:
         return job["key"], "failed", str(error)
+    except PreprocessError:
+        raise
     except Exception as error:  # whatever else one file makes a decoder or converter raise: the run goes on
         return job["key"], "failed", f"{error.__class__.__name__}: {error}"
-    write_images(job["frames"] + PARTIAL, frames, "frame_{:05d}.jpg")
-    if job["flow"]:
-        for folder, channel in zip(job["flow"], (0, 1)):  # u, v
-            write_images(folder + PARTIAL, [flow[channel] for flow in flows], "frame{:06d}.jpg")
-    if job["spectrogram"]:
-        save_array(job["spectrogram"] + PARTIAL, spectrogram)
-    for path in outputs:
-        remove_path(path)  # an incomplete earlier attempt
-        os.rename(path + PARTIAL, path)
+    try:
+        write_images(job["frames"] + PARTIAL, frames, "frame_{:05d}.jpg")
+        if job["flow"]:
+            for folder, channel in zip(job["flow"], (0, 1)):  # u, v
+                write_images(folder + PARTIAL, [flow[channel] for flow in flows], "frame{:06d}.jpg")
+        if job["spectrogram"]:
+            save_array(job["spectrogram"] + PARTIAL, spectrogram)
+        for path in outputs:
+            remove_path(path)  # an incomplete earlier attempt
+            os.rename(path + PARTIAL, path)
+    except OSError as error:
+        for path in outputs:
+            remove_path(path + PARTIAL)
+        raise output_error(error.filename or job["frames"], error) from None
     return job["key"], "written", len(frames)
 
 
@@ -425,6 +516,14 @@ def run_jobs(jobs, workers):
                 print(f"\r{line}", end="\n" if done == len(jobs) else "", file=sys.stderr, flush=True)
             elif done % every == 0 or done == len(jobs):  # a log file: about 20 lines
                 print(line, file=sys.stderr, flush=True)
+    except OutputError:  # the disk is full: the other workers stop too, and no clip's temporary files stay
+        if workers > 1:
+            pool.terminate()
+            pool.join()
+        for job in jobs:
+            for path in clip_outputs(job):
+                remove_path(path + PARTIAL)
+        raise
     finally:
         if workers > 1:
             pool.terminate()
@@ -435,9 +534,12 @@ def run_jobs(jobs, workers):
 # Finding the clips of each data set. An entry is (split, clip name, label, video path or None).
 
 def index_videos(folder):
-    """{file name without extension: [paths]} of the video files under `folder`, recursively."""
-    index = {}
-    for parent, _, names in os.walk(folder):
+    """{file name without extension: [paths]} of the video files under `folder`, recursively, through
+    symbolically linked folders too (each real folder once, so a link to a folder above cannot loop)."""
+    index, seen = {}, set()
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(parent))
+        folders[:] = sorted(f for f in folders if os.path.realpath(os.path.join(parent, f)) not in seen)
         for name in sorted(names):
             stem, extension = os.path.splitext(name)
             if extension.lower() in VIDEO_EXTENSIONS:
@@ -488,9 +590,14 @@ def plan_ks(videos, lists):
                         raise PreprocessError(f"{class_dir}: expected videos in class folders "
                                               f"{split_dir}/<class name>/, or lists given with --lists")
                     continue
-                found += [(split, class_name, os.path.splitext(name)[0], os.path.join(class_dir, name))
-                          for name in sorted(os.listdir(class_dir)) if name.lower().endswith(VIDEO_EXTENSIONS)]
+                found += [(split, class_name, clip, path) for clip, paths in index_videos(class_dir).items()
+                          for path in paths]  # sub-folders of a class folder belong to it
         require_splits({f[0] for f in found}, f"{videos} (expected {videos}/<split>/<class name>/<clip>.mp4)")
+        first = {}  # (split, clip) -> path
+        for split, _, clip, path in found:
+            if first.setdefault((split, clip), path) != path:
+                raise PreprocessError(f"two videos named {clip} in split {split}: {first[split, clip]} and {path}; "
+                                      f"clip names must be unique within a split (rename one, or give --lists)")
         class_names = sorted({f[1] for f in found})
         entries = [(split, clip, class_names.index(name), path) for split, name, clip, path in found]
     else:
@@ -530,9 +637,9 @@ def read_cremad_list(path):
     entries = []
     for number, line in data.read_text_lines(path, "CREMA-D list"):
         fields = line.lstrip("\ufeff").split(",")
-        if len(fields) != 2 or fields[1] not in CREMAD_EMOTIONS or not fields[0]:
+        if len(fields) != 2 or fields[1] not in data.CREMAD_EMOTIONS or not fields[0]:
             raise PreprocessError(f"{path}:{number}: expected '<clip>,<EMO>' with EMO one of "
-                                  f"{', '.join(CREMAD_EMOTIONS)}, got {line!r}")
+                                  f"{', '.join(data.CREMAD_EMOTIONS)}, got {line!r}")
         entries.append(tuple(fields))
     return entries
 
@@ -641,22 +748,51 @@ def make_jobs(dataset, entries, index, args, flow, failures):
         if re.search(r"\s", clip):
             failures.append((clip, video, "clip name contains white space, which the lists cannot hold"))
             continue
+        audio = os.path.join(args.audio, f"{clip}.wav") if args.audio else None
+        if audio and not os.path.isfile(audio):
+            failures.append((clip, video, f"no audio file {audio}"))
+            continue
         jobs.append(dict(key=frames, clip=clip, video=video, recipe=recipe, frame_offset=DATASET_DEFAULTS[dataset][1],
+                         audio=audio, min_frames=args.min_frames,
                          short_side=args.short_side, frames=os.path.join(args.out, frames),
                          spectrogram=os.path.join(args.out, spectrogram) if spectrogram else None,
                          flow=tuple(os.path.join(args.out, "flow", c, clip) for c in "uv") if flow else None))
     for job in jobs:
         for path in clip_outputs(job):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_folder(os.path.dirname(path))
     return jobs
 
 
+def make_folder(path):
+    """os.makedirs, or OutputError naming the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise output_error(path, error) from None
+
+
+def check_writable(out):
+    """Make --out and try a file in it, so that a read-only folder stops the run before any work."""
+    make_folder(out)
+    write_text(os.path.join(out, ".write-check"), lambda f: None)
+    os.remove(os.path.join(out, ".write-check"))
+
+
+def write_text(path, write):
+    """Write a text file whole: write(file) under a temporary name, then rename; OutputError if it cannot be
+    written (the temporary file removed)."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + PARTIAL, "w", newline="") as f:
+            write(f)
+        os.replace(path + PARTIAL, path)
+    except OSError as error:
+        remove_path(path + PARTIAL)
+        raise output_error(path, error) from None
+
+
 def write_lines(path, lines):
-    """Write a text file whole (temporary name, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + PARTIAL, "w") as f:
-        f.writelines(f"{line}\n" for line in lines)
-    os.replace(path + PARTIAL, path)
+    write_text(path, lambda f: f.writelines(f"{line}\n" for line in lines))
 
 
 def write_lists(dataset, out, entries, done, class_names, split_files):
@@ -693,11 +829,7 @@ def write_failures(out, failures):
     if not failures:
         remove_path(path)
         return None
-    with open(path + PARTIAL, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["clip", "video", "reason"])
-        writer.writerows(sorted(failures))
-    os.replace(path + PARTIAL, path)
+    write_text(path, lambda f: csv.writer(f).writerows([["clip", "video", "reason"]] + sorted(failures)))
     return path
 
 
@@ -723,6 +855,11 @@ def get_args_parser():
     parser.add_argument("--workers", type=int, default=cpus, help=f"processes (default: the {cpus} CPUs available)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                         help="spectrogram recipe (default: fbank for ks, stft-ogm for cremad; ucf101 has none)")
+    parser.add_argument("--audio", default=None, help="cremad: folder of the data set's own audio, "
+                        "AudioWAV/<clip>.wav, which OGM-GE's and PMR's recipes read (default: the videos' audio track)")
+    parser.add_argument("--min-frames", type=int, default=1, help="top a clip's frames up to this many with frames "
+                        "drawn at random among the others (PMR's CREMA-D script uses 3; default 1: one per second "
+                        "only, as OGM-GE's)")
     parser.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE,
                         help=f"downscale frames whose shorter side exceeds this (default {DEFAULT_SHORT_SIDE}); "
                              f"0 keeps the decoded size")
@@ -733,6 +870,12 @@ def check_args(args):
     for flag, folder in (("--videos", args.videos), ("--lists", args.lists)):
         if folder is not None and not os.path.isdir(folder):
             raise PreprocessError(f"{flag} {folder}: folder not found")
+    if args.audio is not None and not os.path.isdir(args.audio):
+        raise PreprocessError(f"--audio {args.audio}: folder not found")
+    if args.audio is not None and args.dataset != "cremad":
+        raise PreprocessError("--audio applies to cremad only (CREMA-D's AudioWAV folder)")
+    if args.min_frames < 1:
+        raise PreprocessError(f"--min-frames must be at least 1, got {args.min_frames}")
     if args.workers < 1:
         raise PreprocessError(f"--workers must be at least 1, got {args.workers}")
     if args.short_side < 0:
@@ -748,13 +891,16 @@ def main(argv=None):
     try:
         check_args(args)
         require_av()
-        os.makedirs(args.out, exist_ok=True)
+        if (args.recipe or DATASET_DEFAULTS[args.dataset][0]) == "stft-ogm":
+            require_soxr()
+        check_writable(args.out)
         failures, class_names, split_files = [], None, None  # failures: (clip, video, reason)
         index = index_videos(args.videos)
         flow = args.dataset == "ucf101" and tvl1_available()
         if args.dataset == "ucf101" and not flow:
             print("note: OpenCV's contrib module (cv2.optflow) is not installed, so no TV-L1 flow is written, only "
-                  "rgb/; pip install opencv-contrib-python-headless and rerun to add flow/", file=sys.stderr)
+                  "rgb/; pip install -r requirements-flow.txt (opencv-contrib-python-headless) and rerun to add "
+                  "flow/", file=sys.stderr)
         if args.dataset == "ks":
             entries, class_names = plan_ks(args.videos, args.lists)
         elif args.dataset == "cremad":
@@ -764,17 +910,17 @@ def main(argv=None):
             entries = [(None, clip, None, None) for lines in split_files.values() for clip, _ in lines]
         jobs = make_jobs(args.dataset, entries, index, args, flow, failures)
         results = run_jobs(jobs, min(args.workers, max(1, len(jobs))))
+        done = {key: detail for key, (status, detail) in results.items() if status != "failed"}
+        failures += [(job["clip"], job["video"], results[job["key"]][1]) for job in jobs
+                     if results[job["key"]][0] == "failed"]
+        written = write_lists(args.dataset, args.out, entries, done, class_names, split_files)
+        failures_path = write_failures(args.out, failures)
     except (PreprocessError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: clips written so far are complete; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130)
-    done = {key: detail for key, (status, detail) in results.items() if status != "failed"}
-    failures += [(job["clip"], job["video"], results[job["key"]][1]) for job in jobs
-                 if results[job["key"]][0] == "failed"]
-    written = write_lists(args.dataset, args.out, entries, done, class_names, split_files)
-    failures_path = write_failures(args.out, failures)
     counts = {status: sum(s == status for s, _ in results.values()) for status in ("written", "skipped")}
     print(f"{args.dataset}: {counts['written']} clips written, {counts['skipped']} skipped (already on disk), "
           f"{len(failures)} failed" + (f" (listed in {failures_path})" if failures else ""))

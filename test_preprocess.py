@@ -18,8 +18,30 @@ fixtures/kaldi_fbank_ogm_ks.npz was made once, outside the project, with real to
     fbank_double = torchaudio.compliance.kaldi.fbank(torch.from_numpy(x)[None].double(), **kwargs)
     np.savez_compressed("fixtures/kaldi_fbank_ogm_ks.npz", waveform=x, fbank=fbank.numpy(),
                         fbank_double=fbank_double.float().numpy())
+
+fixtures/stft_ogm_librosa.npz was made once, outside the project, with librosa 0.11.0 (soxr 1.1.0; in a throwaway
+venv: pip install librosa resampy):
+
+    rng = np.random.default_rng(22050)
+    t = np.arange(16000) / 16000
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * (300 + 3500 * t) * t) \\
+        + 0.1 * np.sin(2 * np.pi * 7600 * t) + 0.03 * rng.standard_normal(16000)
+    pcm = np.round(x * 32767).astype(np.int16)  # a 16-bit WAV's samples
+    samples = librosa.resample(pcm.astype(np.float32) / 32768, orig_sr=16000, target_sr=22050)  # librosa.load(sr=22050)
+    r = np.tile(samples, 3)[:22050 * 3]  # OGM-GE's dataset/CramedDataset.py, CramedDataset.__getitem__
+    r[r > 1.] = 1.
+    r[r < -1.] = -1.
+    spectrogram = np.log(np.abs(librosa.stft(r, n_fft=512, hop_length=353, pad_mode="reflect")) + 1e-7)
+    np.savez_compressed("fixtures/stft_ogm_librosa.npz", pcm=pcm, spectrogram=spectrogram.astype(np.float16))
+
+(pad_mode="reflect": the default of the librosa of OGM-GE's time.) The same with res_type="kaiser_best" (resampy
+0.4.3, what librosa <= 0.9 used) differs from it by up to 2.34 mean absolute difference per row (rows above 7.5 kHz;
+up to 1.28 below, in spectral valleys; 0.63 over all rows); FFmpeg's default resampler, used before, by up to 8.5
+(39 rows above 1).
 """
 import csv
+import errno
+import fractions
 import importlib.util
 import os
 import shutil
@@ -35,8 +57,9 @@ import preprocess
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None,
-                              reason="PyAV is not installed (pip install -r requirements-preprocess.txt)")
+PREPROCESS_MISSING = not all(importlib.util.find_spec(m) for m in ("av", "soxr"))
+needs_av = pytest.mark.skipif(PREPROCESS_MISSING, reason="PyAV or soxr is not installed (pip install -r "
+                                                         "requirements-preprocess.txt)")
 needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="scipy is not installed")
 
 
@@ -179,8 +202,8 @@ KS_CLIPS = {  # split -> class folder -> [(clip, seconds)]
 
 @pytest.fixture(scope="module")
 def ks_videos(tmp_path_factory):
-    if importlib.util.find_spec("av") is None:
-        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    if PREPROCESS_MISSING:
+        pytest.skip("PyAV or soxr is not installed (pip install -r requirements-preprocess.txt)")
     root = tmp_path_factory.mktemp("ks_videos")
     for split, classes in KS_CLIPS.items():
         for class_name, clips in classes.items():
@@ -335,8 +358,8 @@ CREMAD_ACTORS = ("1001", "1002", "1003", "1004", "1005", "1006")
 
 @pytest.fixture(scope="module")
 def cremad_videos(tmp_path_factory):
-    if importlib.util.find_spec("av") is None:
-        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    if PREPROCESS_MISSING:
+        pytest.skip("PyAV or soxr is not installed (pip install -r requirements-preprocess.txt)")
     root = tmp_path_factory.mktemp("cremad_videos")
     for actor in CREMAD_ACTORS:  # CREMA-D's own kind of file: Sorenson H.263 and MP3 in FLV
         for emotion in ("ANG", "NEU"):
@@ -347,7 +370,7 @@ def cremad_videos(tmp_path_factory):
 
 
 @needs_av
-def test_cremad_speaker_disjoint_split_middle_frames_and_recipe(cremad_videos, tmp_path, capsys):
+def test_cremad_speaker_disjoint_split_first_frames_and_recipe(cremad_videos, tmp_path, capsys):
     root = tmp_path / "root"
     out, _ = run_preprocess("cremad", "--videos", cremad_videos, "--out", root, "--workers", 1, capsys=capsys)
     assert out.startswith("cremad: 12 clips written, 0 skipped (already on disk), 1 failed")
@@ -360,14 +383,17 @@ def test_cremad_speaker_disjoint_split_middle_frames_and_recipe(cremad_videos, t
     run_preprocess("cremad", "--videos", cremad_videos, "--out", again, "--workers", 1)
     assert all(read_lines(again / f"{s}.csv") == read_lines(root / f"{s}.csv") for s in data.SPLITS)
     clip = lists["test"][0][0]
-    # the middle of each second: frames 15 and 45 at 30 fps (2.5 s: seconds 0 and 1 have middles before the end)
-    np.testing.assert_allclose(jpeg_levels(root / "visual" / clip), [grey_level(15), grey_level(45)], atol=2)
+    # the first frame of each second, as OGM-GE's data/CREMAD/video_preprocessing.py (video2frame_update) keeps:
+    # frames 0, 30 and 60 at 30 fps (2.5 s: three seconds begin)
+    np.testing.assert_allclose(jpeg_levels(root / "visual" / clip), [grey_level(0), grey_level(30), grey_level(60)],
+                               atol=2)
     spectrogram = np.load(root / "audio" / f"{clip}.npy")
     assert spectrogram.shape == (257, 188) and spectrogram.dtype == np.float32
     peak = spectrogram.mean(axis=1).argmax()  # bin width 22050 / 512 Hz
     assert abs(peak - 440 / (22050 / 512)) <= 1
     with open(root / "failures.csv") as f:
         assert [row["reason"] for row in csv.DictReader(f)] == ["name is not <actor>_<sentence>_<EMO>_<level>"]
+    assert "CREMAD_EMOTIONS" not in vars(preprocess)  # one list of emotions, data.py's (OGM-GE's label order)
 
 
 @needs_av
@@ -388,10 +414,200 @@ def test_cremad_lists_with_validation_held_out_by_speaker(cremad_videos, tmp_pat
     assert written["test"] == ["1006_IEO_ANG_HI,ANG"]
 
 
+@needs_av
+def test_stft_ogm_resamples_as_librosa_does_on_the_fixture():
+    """fixtures/stft_ogm_librosa.npz: 1 s of 16-bit audio at 16 kHz and OGM-GE's CREMA-D spectrogram of it as
+    librosa 0.11 computes it (librosa.load's resampling to 22,050 Hz, soxr_hq, then dataset/CramedDataset.py)."""
+    fixture = np.load(os.path.join(HERE, "fixtures", "stft_ogm_librosa.npz"))
+    waveform = fixture["pcm"].astype(np.float32) / 32768  # as a WAV's samples are read
+    ours = preprocess.stft_ogm_cremad(preprocess.resample(waveform, 16000, 22050))
+    assert ours.shape == fixture["spectrogram"].shape == (257, 188)
+    assert np.abs(ours - fixture["spectrogram"].astype(np.float32)).mean(axis=1).max() < 0.1  # 0.002 here
+    assert len(preprocess.resample(waveform[:1001], 16000, 22050)) == 1380  # ceil(1001 * 22050 / 16000)
+
+
+@needs_av
+def test_at_29_97_fps_the_frame_on_screen_at_each_second_is_kept(tmp_path):
+    # OGM-GE's video2frame_update counts with int(fps) = 29 and keeps frames 0, 29, 58, ..., 290 (second 10 at
+    # 9.68 s); the frame on screen at 10 s is frame 299
+    make_video(str(tmp_path / "ntsc.mp4"), 10.2, fps=fractions.Fraction(30000, 1001), size=(32, 32), tone=None)
+    frames, _, _ = preprocess.decode_clip(str(tmp_path / "ntsc.mp4"), 0, False, False, 0)
+    expected = [grey_level(int(k * 30000 / 1001)) for k in range(11)]
+    assert expected[-1] != grey_level(290)
+    np.testing.assert_allclose([frame.mean() for frame in frames], expected, atol=2)
+
+
+@needs_av
+def test_cremad_min_frames_tops_up_with_other_frames_in_time_order(tmp_path):
+    videos = tmp_path / "videos"
+    os.makedirs(videos)
+    make_video(str(videos / "1001_IEO_ANG_HI.flv"), 1.3, fps=30, codec="flv", audio_codec="libmp3lame",
+               audio_rate=22050)
+    for actor in ("1002", "1003", "1004"):  # four speakers: the fewest a three-way split takes
+        shutil.copy(videos / "1001_IEO_ANG_HI.flv", videos / f"{actor}_IEO_ANG_HI.flv")
+    levels = {}
+    for frames in (1, 3):
+        root = tmp_path / f"root{frames}"
+        run_preprocess("cremad", "--videos", videos, "--out", root, "--workers", 1, "--min-frames", frames)
+        levels[frames] = jpeg_levels(root / "visual" / "1001_IEO_ANG_HI")
+    # 1.3 s at 30 fps: frames 0 and 30 begin a second (OGM-GE's 2); PMR's min_save_frame=3 adds one at random
+    np.testing.assert_allclose(levels[1], [grey_level(0), grey_level(30)], atol=2)
+    assert len(levels[3]) == 3 and levels[3] == sorted(levels[3])
+    extra = [level for level in levels[3] if min(abs(level - np.array(levels[1]))) > 2]
+    assert len(extra) == 1 and min(abs(extra[0] - grey_level(i)) for i in range(1, 39) if i != 30) <= 2
+    assert jpeg_levels(tmp_path / "root3" / "visual" / "1002_IEO_ANG_HI") != levels[3]  # drawn per clip
+
+
+@needs_av
+def test_cremad_audio_from_the_wav_folder(cremad_videos, tmp_path, capsys):
+    wavs = tmp_path / "AudioWAV"
+    os.makedirs(wavs)
+    clips = sorted(os.path.splitext(name)[0] for name in os.listdir(cremad_videos) if name.startswith("100"))
+    for clip in clips[1:]:  # CREMA-D's own files: 16 kHz mono 16-bit PCM; the first clip has none
+        make_video(str(wavs / f"{clip}.wav"), 1, video=False, tone=1000.0, audio_codec="pcm_s16le", audio_rate=16000)
+    root = tmp_path / "root"
+    out, _ = run_preprocess("cremad", "--videos", cremad_videos, "--out", root, "--audio", wavs, "--workers", 1,
+                            "--recipe", "stft-pmr", capsys=capsys)
+    assert out.startswith("cremad: 11 clips written, 0 skipped (already on disk), 2 failed")
+    tone = np.round(16000 * np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000)) / 32768
+    np.testing.assert_allclose(np.load(root / "audio" / f"{clips[1]}.npy"), preprocess.stft_pmr(tone), atol=1e-4)
+    with open(root / "failures.csv") as f:
+        reasons = {row["clip"]: row["reason"] for row in csv.DictReader(f)}
+    assert reasons[clips[0]] == f"no audio file {wavs / clips[0]}.wav"
+    assert not os.path.exists(root / "visual" / clips[0])
+
+
+@needs_av
+def test_a_rotated_video_is_saved_upright(tmp_path):
+    import av
+    path = str(tmp_path / "videos" / "train" / "c" / "phone.mp4")
+    os.makedirs(os.path.dirname(path))
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        if not hasattr(stream, "set_display_rotation"):
+            pytest.skip("this PyAV cannot write a display matrix (VideoStream.set_display_rotation)")
+        stream.set_display_rotation(90)  # stored landscape, shown portrait
+        for i in range(10):
+            image = np.zeros((48, 64, 3), np.uint8)
+            image[:, :16] = 255  # white on the left of the stored picture: at the bottom once turned 90 degrees
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    frames, _, _ = preprocess.decode_clip(path, 0, False, False, 0)
+    assert frames[0].shape == (64, 48, 3)
+    assert frames[0][-12:].mean() > 200 and frames[0][:40].mean() < 30
+    if importlib.util.find_spec("cv2") is not None:  # OpenCV's FFmpeg reader turns frames upright by itself
+        import cv2
+        capture = cv2.VideoCapture(path)
+        _, bgr = capture.read()
+        capture.release()
+        assert np.abs(bgr[..., ::-1].astype(int) - frames[0]).mean() < 3
+
+
+@needs_av
+def test_clips_in_sub_folders_and_linked_folders_are_processed(ks_videos, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5", "s5"})
+    os.makedirs(videos / "train" / "singing" / "takes")
+    shutil.move(str(videos / "train" / "singing" / "s1.mp4"), videos / "train" / "singing" / "takes")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(videos / "test" / "playing drums"), elsewhere)
+    os.symlink(elsewhere, videos / "test" / "playing drums")
+    os.symlink(videos / "train" / "singing", videos / "train" / "singing" / "takes" / "loop")  # walked once
+    root = tmp_path / "root"
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 4 clips written")
+    assert "ks_visual/train/s1 3 1" in read_lines(root / "ks_audio" / "train_1fps_path.txt")
+    assert "ks_visual/test/d5 3 0" in read_lines(root / "ks_audio" / "test_1fps_path.txt")
+    lists = tmp_path / "lists"  # found by name under --videos, through the linked folder too
+    os.makedirs(lists)
+    for split, line in dict(train="x/s1 3 1", test="x/d5 3 0").items():
+        with open(lists / f"{split}_1fps_path.txt", "w") as f:
+            f.write(line + "\n")
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", tmp_path / "listed", "--lists", lists,
+                            "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 2 clips written, 0 skipped (already on disk), 0 failed")
+
+
+@needs_av
+def test_one_clip_name_in_two_class_folders_is_refused_before_any_work(ks_videos, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5"})
+    shutil.copy(videos / "train" / "playing drums" / "d1.mp4", videos / "train" / "singing")
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", videos, "--out", tmp_path / "root", "--workers", 1)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: two videos named d1 in split train: {videos / 'train' / 'playing drums' / 'd1.mp4'} "
+                          f"and {videos / 'train' / 'singing' / 'd1.mp4'}")
+    assert os.listdir(tmp_path / "root") == []
+
+
+@needs_av
+def test_a_full_disk_removes_the_temporary_files_of_every_clip(ks_videos, tmp_path, capsys, monkeypatch):
+    """With several workers, the others may be writing clips when one finds the disk full: their temporary files
+    go too (here one process stands in for them: the second clip finds the first one's leftovers)."""
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5"})
+    calls = []
+
+    def interrupted_then_full(job):
+        calls.append(job)
+        if len(calls) == 1:  # as if a worker were stopped while writing the first clip
+            os.makedirs(job["frames"] + preprocess.PARTIAL)
+            return job["key"], "written", 0
+        raise preprocess.OutputError(f"{job['frames']}: cannot write (No space left on device); expected room")
+
+    monkeypatch.setattr(preprocess, "process_clip", interrupted_then_full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1)
+    assert exit_info.value.code == 2 and "No space left on device" in capsys.readouterr().err
+    assert len(calls) == 2 and os.path.isdir(root / "ks_visual")
+    assert not any(name.endswith(preprocess.PARTIAL) for _, dirs, files in os.walk(root) for name in dirs + files)
+
+
+@pytest.mark.parametrize("where", ["read-only", "full disk while writing a clip", "full disk while writing a list"])
+@needs_av
+def test_unwritable_out_ends_in_one_line_and_leaves_nothing_half_written(ks_videos, tmp_path, capsys, monkeypatch,
+                                                                         where):
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5"})
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).startswith(str(root)) and (where == "read-only" or str(path).endswith(".txt.partial")):
+            code = errno.EACCES if where == "read-only" else errno.ENOSPC
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    def full(path, array):
+        with real_open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(preprocess, "open", failing_open, raising=False)  # the checks run as any user, root too
+    if where == "full disk while writing a clip":
+        monkeypatch.setattr(preprocess, "save_array", full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1)
+    err = capsys.readouterr().err  # the progress lines, then one line
+    assert exit_info.value.code == 2 and err.count("error") == 1, err
+    err = err.splitlines(keepends=True)[-1]
+    if where == "read-only":
+        assert err == (f"error: {root / '.write-check'}: cannot write (Permission denied); expected a folder you "
+                       f"can write to\n")
+        assert not os.path.exists(root / "ks_visual")
+    else:
+        assert err.startswith(f"error: {root}") and "cannot write (No space left on device); expected room" in err
+    assert not any(name.endswith(preprocess.PARTIAL) for _, dirs, files in os.walk(root) for name in dirs + files)
+
+
 @pytest.fixture(scope="module")
 def ucf_videos(tmp_path_factory):
-    if importlib.util.find_spec("av") is None:
-        pytest.skip("PyAV is not installed (pip install -r requirements-preprocess.txt)")
+    if PREPROCESS_MISSING:
+        pytest.skip("PyAV or soxr is not installed (pip install -r requirements-preprocess.txt)")
     root = tmp_path_factory.mktemp("ucf_videos")
     for class_name in ("Archery", "Bowling"):
         os.makedirs(root / class_name)
@@ -461,6 +677,11 @@ def test_ucf101_without_opencv_contrib_writes_rgb_and_says_so(ucf_videos, tmp_pa
                                                                                 "UCF-101 class index not found"),
     (["mmdebiased", "--videos", "{empty}", "--out", "{out}"], "preprocess.py: error: argument dataset: invalid"),
     (["ks", "--out", "{out}"], "preprocess.py: error: the following arguments are required: --videos"),
+    (["cremad", "--videos", "{empty}", "--out", "{out}", "--audio", "{missing}"],
+     "error: --audio {missing}: folder not found"),
+    (["ks", "--videos", "{empty}", "--out", "{out}", "--audio", "{empty}"], "error: --audio applies to cremad only"),
+    (["cremad", "--videos", "{empty}", "--out", "{out}", "--min-frames", "0"],
+     "error: --min-frames must be at least 1, got 0"),
 ])
 @needs_av
 def test_bad_flags_and_folders_give_one_line_and_exit_2(tmp_path, capsys, flags, message):
@@ -471,6 +692,16 @@ def test_bad_flags_and_folders_give_one_line_and_exit_2(tmp_path, capsys, flags,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(message.format(**names)), err
+
+
+@needs_av
+def test_stft_ogm_without_soxr_is_one_line_before_any_work(cremad_videos, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "soxr", None)  # import soxr fails
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("cremad", "--videos", cremad_videos, "--out", tmp_path / "out")
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        "error: recipe stft-ogm resamples with soxr, as librosa does: pip install -r requirements-preprocess.txt\n")
+    assert not os.path.exists(tmp_path / "out")
 
 
 @needs_av
@@ -545,3 +776,47 @@ def test_train_one_epoch_on_the_ucf101_output(ucf_videos, tmp_path):
 def test_train_one_epoch_on_the_cremad_output(cremad_videos, tmp_path):
     run_preprocess("cremad", "--videos", cremad_videos, "--out", tmp_path / "root", "--workers", 1)
     train_one_epoch("cremad", tmp_path / "root", tmp_path / "run")
+
+
+@needs_av
+def test_cremad_videos_and_wav_folder_preprocess_and_train(tmp_path):
+    """CREMA-D as it is distributed: VideoFlash/*.flv and AudioWAV/*.wav (16 kHz mono PCM), through preprocess.py
+    with the references' frames and spectrogram, then two epochs of train.py."""
+    videos, wavs = tmp_path / "VideoFlash", tmp_path / "AudioWAV"
+    os.makedirs(videos)
+    os.makedirs(wavs)
+    make_video(str(videos / "1001_IEO_ANG_HI.flv"), 1.3, fps=30, size=(48, 32), codec="flv", audio_codec="libmp3lame",
+               audio_rate=22050)
+    make_video(str(wavs / "1001_IEO_ANG_HI.wav"), 1.3, video=False, audio_codec="pcm_s16le", audio_rate=16000)
+    for actor in ("1001", "1002", "1003", "1004"):
+        for emotion in ("ANG", "NEU"):
+            for folder, extension in ((videos, "flv"), (wavs, "wav")):
+                target = folder / f"{actor}_IEO_{emotion}_HI.{extension}"
+                if not target.exists():
+                    shutil.copy(folder / f"1001_IEO_ANG_HI.{extension}", target)
+    root = tmp_path / "root"
+    run_preprocess("cremad", "--videos", videos, "--audio", wavs, "--out", root, "--workers", 1)
+    assert len(os.listdir(root / "visual" / "1002_IEO_NEU_HI")) == 2  # 1.3 s: frames 0 and 30, as OGM-GE's script
+    if importlib.util.find_spec("cv2") is not None:
+        # the frames OGM-GE's data/CREMAD/video_preprocessing.py (videoReader.video2frame_update) saves, read with
+        # OpenCV as there: those whose index count satisfies count % int(CAP_PROP_FPS) == 0
+        import cv2
+        capture = cv2.VideoCapture(str(videos / "1002_IEO_NEU_HI.flv"))
+        fps, theirs, count = int(capture.get(cv2.CAP_PROP_FPS)), [], 0
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            if count % fps == 0:
+                theirs.append(bgr[..., ::-1].astype(float))
+            count += 1
+        capture.release()
+        ours = [decode_jpeg(read_file(str(path))).permute(1, 2, 0).float().numpy()
+                for path in sorted((root / "visual" / "1002_IEO_NEU_HI").iterdir())]
+        assert len(ours) == len(theirs) == 2
+        assert all(np.abs(a - b).mean() < 3 for a, b in zip(ours, theirs))
+    assert np.load(root / "audio" / "1002_IEO_NEU_HI.npy").shape == (257, 188)
+    train.main(["--dataset", "cremad", "--data-root", str(root), "--epochs", "2", "--warmup", "1", "--batch-size", "2",
+                "--image-size", "32", "--gpu", "-1", "--workers", "0", "--out", str(tmp_path / "run")])
+    log = train.load_log(str(tmp_path / "run" / "log.jsonl"))
+    assert [record["epoch"] for record in log] == [0, 1] and all(np.isfinite(r["train_loss"]) for r in log)
