@@ -326,6 +326,7 @@ class Greedy(Method):
     only), so the classifier itself is unchanged."""
 
     name = "greedy"
+    some_parameters_idle = True  # a replaced gate leaves its excitation layer without a gradient
 
     def __init__(self, model, epsilon, window, **schedule):
         super().__init__(**schedule)

@@ -66,6 +66,7 @@ class Method:
     `last_epoch` (None: to the end); before, the phase is "warmup", after, "joint". With `valuation` (an
     OfflineValuation; --track-phi), every epoch values the whole training set for the log, and plans nothing."""
     name = "baseline"
+    some_parameters_idle = False  # whether a step may leave some parameters without a gradient (DDP must know)
 
     def __init__(self, warmup=0, last_epoch=None, valuation=None):
         self.warmup, self.last_epoch, self.valuation = warmup, last_epoch, valuation

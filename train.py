@@ -612,7 +612,7 @@ def training_step(args, model, method, device):
         step = torch.nn.SyncBatchNorm.convert_sync_batchnorm(step)
     # with feature masking an encoder skips a batch that holds none of its modality: its weights get no gradient.
     # Inputs stay where the step puts them (no device_ids): a sample's index stays on the CPU with the online table.
-    return DistributedDataParallel(step, find_unused_parameters=args.mask == "feature")
+    return DistributedDataParallel(step, find_unused_parameters=args.mask == "feature" or method.some_parameters_idle)
 
 
 def epoch_loader(train_set, copies, args, generator, device):
