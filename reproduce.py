@@ -304,7 +304,7 @@ def pick_examples(setting, cells):
 def confidence_of(run_dir, ids, split="test"):
     """phi, OGM-GE's confidence per modality (the true-class softmax of each modality's response, the summand of
     its score) and the prediction of the samples `ids` under a run's validation-chosen checkpoint."""
-    result, dataset = train.evaluate_checkpoint(os.path.join(run_dir, "best.pt"), split)
+    result, dataset = train.evaluate_checkpoint(os.path.join(run_dir, "best.pt"), split, confidence=True)
     row = {dataset.sample_ids[index]: k for k, index in enumerate(result["index"].tolist())}
     return {sample_id: dict(phi=result["phi"][row[sample_id]].tolist(),
                             ogm_score=result["ogm_score"][row[sample_id]].tolist(),

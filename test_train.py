@@ -156,6 +156,19 @@ def test_eval_only_reproduces_the_logged_validation_accuracy(synthetic_runs):
     assert not os.path.exists(os.path.join(out, "valuation_val.csv"))
 
 
+def test_ogm_confidence_is_read_only_where_it_is_written(synthetic_runs, monkeypatch):
+    """--eval-only writes OGM-GE's confidence; other evaluations of a checkpoint (reproduce.py, sweep.py) do not read
+    it, and the pass that does reads the split once, phi and confidence together."""
+    out, _, _ = synthetic_runs["sample"]
+    reads = []
+    original = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda *args, **kwargs: reads.append(1) or original(*args, **kwargs))
+    result, _ = train.evaluate_checkpoint(os.path.join(out, "best.pt"), "val")
+    assert "ogm_score" not in result and len(reads) == 1
+    result, _ = train.evaluate_checkpoint(os.path.join(out, "best.pt"), "val", confidence=True)
+    assert result["ogm_score"].shape == result["phi"].shape and len(reads) == 2
+
+
 @pytest.mark.parametrize("dataset, epochs, optimizer", [("mfeat", 40, "sgd"), ("ks", 60, "sgd"), ("synthetic", 6, "adam")])
 def test_help_shows_the_defaults_of_the_data_set_given(capsys, dataset, epochs, optimizer):
     with pytest.raises(SystemExit) as exit_info:

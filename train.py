@@ -751,11 +751,11 @@ def train(args, given=()):
     return test_best(model, splits, out, loader_kwargs, device, args, log)
 
 
-def evaluate_checkpoint(path, split="test", args=None, given=()):
-    """One pass of a saved model over `split`: (the pass, as engine.valuation_pass returns it, with phi [N, n], OGM-GE's
-    per-sample confidence ogm_score [N, n] and the checkpoint's epoch added; the data set). Flags `given` in `args`
-    may replace EVAL_OVERRIDES settings (another --data-root, say); any other given flag must agree with the
-    checkpoint."""
+def evaluate_checkpoint(path, split="test", args=None, given=(), confidence=False):
+    """One pass of a saved model over `split`: (the pass, as engine.valuation_pass returns it, with phi [N, n] and the
+    checkpoint's epoch added, and with `confidence` OGM-GE's per-sample confidence ogm_score [N, n], read in the same
+    pass; the data set). Flags `given` in `args` may replace EVAL_OVERRIDES settings (another --data-root, say); any
+    other given flag must agree with the checkpoint."""
     checkpoint = load_checkpoint(path)
     saved = checkpoint_args(checkpoint, args, given, EVAL_OVERRIDES)
     device = engine.setup_distributed(saved.gpu)
@@ -764,12 +764,13 @@ def evaluate_checkpoint(path, split="test", args=None, given=()):
     check_config(checkpoint, model_config(saved, dataset), path)
     model = build_model(saved, dataset).to(device)
     model.load_state_dict(checkpoint["model"])
+    valuation = engine.coalition_reader()
 
-    def read_batch(model, inputs, target):  # Figure 4: phi's pass and OGM-GE's confidence in one read
+    def read_batch(model, inputs, target):  # Figure 4: OGM-GE's confidence beside phi, from the same read
         return dict(valuation(model, inputs, target), **comparators.read_confidence(model, inputs, target))
 
-    valuation = engine.coalition_reader()
-    result = engine.evaluate(model, dataset, read_batch, loader_settings(saved, device), device, saved.amp)
+    result = engine.evaluate(model, dataset, read_batch if confidence else valuation, loader_settings(saved, device),
+                             device, saved.amp)
     result["prediction"] = result["scores"].argmax(1)
     result["phi"] = engine.contributions(result)
     result["epoch"] = checkpoint["epoch"]
@@ -782,7 +783,7 @@ def eval_only(args, given=()):
     keeps both."""
     if args.resume is None:
         raise TrainingError("--eval-only needs --resume CHECKPOINT (RUN_DIR/best.pt or last.pt)")
-    result, dataset = evaluate_checkpoint(args.resume, args.eval_split, args, given)
+    result, dataset = evaluate_checkpoint(args.resume, args.eval_split, args, given, confidence=True)
     scores = engine.metrics(result)
     out = os.path.dirname(os.path.abspath(args.resume))
     name = f"{args.eval_split}_{os.path.splitext(os.path.basename(args.resume))[0]}"
