@@ -600,10 +600,14 @@ def pass_over(model, dataset, loader_kwargs, device, amp=False):
     each process reads its shard (DistributedSampler, in order: process r takes items r, r + W, ...) and the
     shards are gathered, without the items the sampler repeats to even them out."""
     rank, world_size = world()
+    # a DataLoader draws its workers' base seed from its generator when iterated, from torch's global one if it
+    # has none: an evaluation pass must not move the global generator that training draws from (augmentation,
+    # OGM-GE's noise), or valuing only to log (--track-phi) would change the training that follows
+    own = torch.Generator()
     if world_size == 1:
-        return run_pass(model, DataLoader(dataset, shuffle=False, **loader_kwargs), device, amp)
+        return run_pass(model, DataLoader(dataset, shuffle=False, generator=own, **loader_kwargs), device, amp)
     shard = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    part = run_pass(model, DataLoader(dataset, sampler=shard, **loader_kwargs), device, amp)
+    part = run_pass(model, DataLoader(dataset, sampler=shard, generator=own, **loader_kwargs), device, amp)
     parts = [None] * world_size
     dist.all_gather_object(parts, part)
     return {key: torch.stack([p[key] for p in parts], 1).flatten(0, 1)[:len(dataset)] for key in part}
