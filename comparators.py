@@ -17,13 +17,15 @@ logs and checkpoints of the other modes. A method is one object (build) that tra
 
 state_dict() / load_state_dict() hold every running statistic, so a resumed run continues exactly; summary() is
 what the epoch's log record shows. A method acts in the epochs after the warm-up (--warmup, as every mode) up to
---modulation-ends; greedy and gblending also measure during the warm-up, as their official code does from epoch 0.
+--modulation-ends; greedy, agm and gblending also measure during the warm-up, as their official code does from its
+first epoch.
 
 Uni-modal responses go through the classifier's mask, so a method works with every fusion it is meaningful for.
 The response of modality m to a batch is its Shapley value in the game whose value of a coalition C is the logits
 from C alone, v(C) = f(x masked to C), v(empty) = 0 (unimodal_responses). For two modalities this is
 (f(a, v) - f(0, v) + f(a, 0)) / 2, AGM's mono-modal response; for concatenation it equals W_a a + b / 2, the weight
-slice plus half the bias that OGM-GE's code reads (test_comparators checks both). Late fusion with feature masking
+slice plus half the bias that OGM-GE's code reads (test_comparators checks both); for sum fusion OGM-GE's code reads
+each branch with its own bias, and so does OGMGE (branch_responses). Late fusion with feature masking
 runs only the fusion head per coalition, on the features of the training forward itself; any other classifier runs
 one forward per coalition.
 
@@ -42,8 +44,11 @@ import shapley_mm
 
 METHODS = ("ogm-ge", "greedy", "pmr", "agm", "gblending")
 REQUIRED_FUSION = {"greedy": "mmtm"}  # a method that needs one fusion; the others take every fusion
-AGM_CLIP = 5.0  # AGM's code: clip the gradient norm at 5 when a fusion-head gradient leaves [-5, 5]
-AGM_CAP = 7.0  # AGM's code: the exponent of a coefficient is at most alpha * 7
+# AGM's code, (cap, clip): a coefficient's exponent is at most alpha * cap, and every gradient is clipped to norm
+# `clip` when a gradient of the output layer's weight leaves [-clip, clip]. Two modalities: run/CREMAD_main.py,
+# train (cap 10, lines 151-152; clip 1, lines 233-243); more: run/URFunny_main.py, train (cap 7, lines 128-130;
+# clip 5, lines 203-207).
+AGM_LIMITS_TWO, AGM_LIMITS_MORE = (10.0, 1.0), (7.0, 5.0)
 
 
 def add_arguments(parser, number):
@@ -63,8 +68,8 @@ def add_arguments(parser, number):
                    help="PMR: share of the previous prototypes in each update (default: %(default)s)")
     g.add_argument("--pmr-fraction", type=number(float, 0.0, 1.0, low_open=True), default=0.1,
                    help="PMR: fraction of the training set the prototypes are computed from (default: %(default)s)")
-    g.add_argument("--agm-alpha", type=number(float, 0.0), default=0.1,
-                   help="AGM: alpha in exp(alpha * (eta - r)) (default: %(default)s)")
+    g.add_argument("--agm-alpha", type=number(float, 0.0), default=1.0,
+                   help="AGM: alpha in exp(alpha * (eta - r)) (default: %(default)s, AGM's utils/config.py)")
     g.add_argument("--super-epoch", type=number(int, 2), default=10,
                    help="G-Blending: epochs between two estimates of the loss weights (default: %(default)s)")
 
@@ -189,8 +194,8 @@ def confidence_pass(model, loader, device):
 
 
 def encoder_weights(model, m):
-    """The weight matrices and kernels (dim >= 2) of modality m's encoder, whose gradients OGM-GE and AGM change;
-    biases and BatchNorm's affine parameters are left alone."""
+    """The weight matrices and kernels (dim >= 2) of modality m's encoder, whose gradients OGM-GE changes; biases
+    and BatchNorm's affine parameters are left alone."""
     return [p for p in model.encoders[m].parameters() if p.dim() >= 2 and p.grad is not None]
 
 
@@ -221,9 +226,10 @@ def ogm_ge_step(model, coefficients):
 
 
 class ResponseModulation:
-    """What OGM-GE and AGM share: per batch, the modalities' Shapley responses (unimodal_responses) give one
-    coefficient per modality (coefficients_from, the method's rule), and modulate changes each encoder's gradients
-    by it after backward. The coefficients' mean over an epoch is logged."""
+    """What OGM-GE and AGM share: per batch, the modalities' responses give one coefficient per modality
+    (coefficients_from, the method's rule) that changes the gradients (OGM-GE: each encoder's after backward, in
+    modulate; AGM: the gradient through each response, in its loss). The coefficients' mean over the epoch's
+    modulated steps is logged."""
 
     def __init__(self, num_modalities):
         self.active = False
@@ -237,11 +243,14 @@ class ResponseModulation:
     def loss(self, model, inputs, target):
         logits, features = joint_forward(model, inputs)
         if self.active:
-            responses = unimodal_responses(model, inputs, features)  # [n, B, K]
-            self.coefficients = self.coefficients_from(true_class_probability(responses, target).cpu())
-            self.coefficient_sums += self.coefficients
-            self.steps += 1
+            self.record(unimodal_responses(model, inputs, features), target)
         return F.cross_entropy(logits.float(), target)
+
+    def record(self, responses, target):
+        """The step's coefficients from the responses [n, B, K], added to the epoch's sums."""
+        self.coefficients = self.coefficients_from(true_class_probability(responses, target).cpu())
+        self.coefficient_sums += self.coefficients
+        self.steps += 1
 
     def end_epoch(self, epoch):
         pass
@@ -250,13 +259,34 @@ class ResponseModulation:
         return dict(mean_coefficient=(self.coefficient_sums / max(self.steps, 1)).tolist())
 
 
+def branch_responses(model, features):
+    """[n, B, K]: each branch's own logits, fc_m(f_m) with its own bias, for sum fusion (models.SumFusion), where
+    OGM-GE's code takes out_a = a W_x^T + b_x (main.py, train_epoch, fusion_method 'sum', lines 82-86); the
+    Shapley response would give each branch half of every bias instead."""
+    return torch.stack([fc(feature) for fc, feature in zip(model.head.fcs, features)])
+
+
+def sums_branches(model):
+    """Whether the model is late fusion by a sum of per-modality classifiers (--fusion sum)."""
+    return isinstance(model, models.LateFusionClassifier) and isinstance(model.head, models.SumFusion)
+
+
 class OGMGE(ResponseModulation):
     """OGM-GE: per batch, the scores s_m of the modalities' responses (Eq. 9), the coefficients k_m
-    (ogm_coefficients), and the change of the encoders' gradients (ogm_ge_step). No state between batches."""
+    (ogm_coefficients), and the change of the encoders' gradients (ogm_ge_step). No state between batches. The
+    response is the Shapley response, except for sum fusion: each branch's own output (branch_responses)."""
 
     def __init__(self, num_modalities, alpha):
         super().__init__(num_modalities)
         self.alpha = alpha
+
+    def loss(self, model, inputs, target):
+        if not (self.active and sums_branches(model)):
+            return super().loss(model, inputs, target)
+        features = model.encode(inputs)  # LateFusionClassifier.forward, keeping the features
+        with torch.no_grad():
+            self.record(branch_responses(model, features), target)
+        return F.cross_entropy(model.fuse(features).float(), target)
 
     def coefficients_from(self, probability):  # [n, B], the true-class softmax of each response
         return ogm_coefficients(probability.sum(1), self.alpha)  # s_m, Eq. 9
@@ -470,24 +500,62 @@ class PMR:
 # AGM (Li et al., "Boosting Multi-modal Model Performance with Adaptive Gradient Modulation", ICCV 2023)
 
 
+def agm_limits(n):
+    """(cap, clip) of AGM's code for n modalities: AGM_LIMITS_TWO for two, AGM_LIMITS_MORE for more."""
+    return AGM_LIMITS_TWO if n == 2 else AGM_LIMITS_MORE
+
+
 def agm_coefficients(losses, running_losses, alpha):
     """AGM's coefficients (Sec. 3.3, as its code computes them): with s_m the batch's cross-entropy of modality m's
     Shapley response and s-hat_m its running mean over the previous steps,
 
-        r_m = exp(n / (n - 1) * (s_m - mean s)),   eta_m = exp(n / (n - 1) * (s-hat_m - mean s-hat)),
-        k_m = exp(alpha * min(eta_m - r_m, 7)).
+        r_m = exp(n / (n - 1) * (mean s - s_m)),   eta_m = exp(n / (n - 1) * (mean s-hat - s-hat_m)),
+        k_m = exp(alpha * min(eta_m - r_m, cap)),
 
-    losses, running_losses: [n]; returns k [n]."""
+    cap from agm_limits(n). A modality whose loss is above its share of the history (r_m < eta_m) gets k_m > 1.
+    Two modalities: r_a = exp(s_v - s_a) (run/CREMAD_main.py, train, lines 145-152); n: run/URFunny_main.py,
+    train, lines 117-130. losses, running_losses: [n]; returns k [n]."""
     n = len(losses)
-    ratio = torch.exp(n / (n - 1) * (losses - losses.mean()))
-    target_ratio = torch.exp(n / (n - 1) * (running_losses - running_losses.mean()))
-    return torch.exp(alpha * torch.clamp(target_ratio - ratio, max=AGM_CAP))
+    cap, _ = agm_limits(n)
+    ratio = torch.exp(n / (n - 1) * (losses.mean() - losses))
+    target_ratio = torch.exp(n / (n - 1) * (running_losses.mean() - running_losses))
+    return torch.exp(alpha * torch.clamp(target_ratio - ratio, max=cap))
+
+
+def agm_game_logits(model, inputs, logits, features):
+    """The logits [2**n - 1, B, K] of the non-empty coalitions laid out as shapley_mm.coalitions(n)[1:], with
+    gradient: N is the training forward's `logits`, as AGM's GradMod.forward (model/CREMAD_net.py) takes
+    total_out in train mode; the others come from coalition_logits, in eval mode where no features are shared (as
+    its padded forwards run, with gradient)."""
+    members = shapley_mm.coalitions(model.num_modalities).to(logits.device)[1:-1]  # every coalition but N
+    with evaluating(model) if features is None else contextlib.nullcontext():
+        partial = coalition_logits(model, inputs, features, members)
+    return torch.cat([partial, logits[None]])
+
+
+def agm_modulated_logits(responses, coefficients):
+    """sum_m phi_m [B, K] from responses [n, B, K], with the gradient that reaches phi_m multiplied by k_m: AGM's
+    loss CE(m_a + m_v) with the backward hooks (hooka, hookv) that scale each mono-modal response's gradient by its
+    coefficient (model/CREMAD_net.py, GradMod). The value is sum_m phi_m = f(N); the gradient of every parameter
+    (encoder weights, biases, BatchNorm, the fusion head) is sum_m k_m * dCE/dout * dphi_m/dtheta."""
+    k = coefficients.to(responses)[:, None, None]
+    return (k * responses + (1 - k) * responses.detach()).sum(0)
+
+
+def output_layer_weights(model):
+    """The weight matrices of the layers that output the logits (one per modality for sum and decision fusion),
+    whose gradient range decides AGM's clip (its code reads fusion_module.fc_out.weight, or head.fc.weight)."""
+    head = model.head
+    layers = head.fcs if hasattr(head, "fcs") else [getattr(head, "fc", head)]
+    return [layer.weight for layer in layers]
 
 
 class AGM(ResponseModulation):
-    """AGM: per batch, the losses of the modalities' Shapley responses, the coefficients (agm_coefficients) that
-    multiply the gradients of each encoder's weights, the running mean of the losses (over every step since the
-    method started), and a gradient-norm clip at 5 when a fusion-head gradient leaves [-5, 5]."""
+    """AGM: every step, from the first (the warm-up included, as its code keeps the running scores from epoch 1),
+    the cross-entropies s_m of the modalities' Shapley responses and their running mean; in the epochs the method
+    acts, the coefficients (agm_coefficients) scale the gradient through each response (agm_modulated_logits), and
+    every gradient is clipped to norm `clip` when an output-layer weight gradient leaves [-clip, clip]
+    (agm_limits)."""
 
     def __init__(self, num_modalities, alpha):
         super().__init__(num_modalities)
@@ -497,19 +565,28 @@ class AGM(ResponseModulation):
     def coefficients_from(self, probability):  # [n, B], the true-class softmax of each response
         losses = (-probability.clamp(min=1e-8).log()).mean(1).double()  # [n]; AGM's code: a probability >= 1e-8
         coefficients = agm_coefficients(losses, self.running_losses, self.alpha)
-        self.running_steps += 1
+        self.running_steps += 1  # AGM's code: train_score * (iteration - 1) / iteration + score / iteration
         self.running_losses += (losses - self.running_losses) / self.running_steps
         return coefficients
+
+    def loss(self, model, inputs, target):
+        logits, features = joint_forward(model, inputs)
+        with torch.set_grad_enabled(self.active):  # measured only, without gradient, where the method does not act
+            responses = shapley_responses(agm_game_logits(model, inputs, logits, features))  # [n, B, K]
+        coefficients = self.coefficients_from(true_class_probability(responses.detach(), target).cpu())
+        if not self.active:
+            return F.cross_entropy(logits.float(), target)
+        self.coefficients = coefficients
+        self.coefficient_sums += coefficients
+        self.steps += 1
+        return F.cross_entropy(agm_modulated_logits(responses, coefficients).float(), target)
 
     def modulate(self, model):
         if not self.active:
             return
-        for m, coefficient in enumerate(self.coefficients.tolist()):
-            for p in encoder_weights(model, m):
-                p.grad.mul_(coefficient)
-        head = [p.grad for p in model.head.parameters() if p.grad is not None]
-        if any(g.abs().max() > AGM_CLIP for g in head):
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=AGM_CLIP)
+        _, clip = agm_limits(len(self.coefficients))
+        if any(w.grad is not None and w.grad.abs().max() > clip for w in output_layer_weights(model)):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=clip)
 
     def state_dict(self):
         return dict(running_losses=self.running_losses.clone(), running_steps=self.running_steps)

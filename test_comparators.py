@@ -1,6 +1,7 @@
 """Tests of comparators.py: each method's update against a step computed by hand on a toy model, the uni-modal
 responses against the official weight-slice and masked-forward forms, every mode end to end with two and three
 modalities, exact resume, the refusals, and the OGM-GE columns of --eval-only."""
+import copy
 import csv
 import math
 import os
@@ -88,6 +89,40 @@ def test_ogm_coefficients_by_hand():
     assert torch.allclose(k, torch.tensor([1 - math.tanh(1.0), 1.0, 1.0]))
 
 
+@pytest.mark.parametrize("mask_mode", ["feature", "input"])
+def test_ogm_with_sum_fusion_reads_each_branch_with_its_own_bias(mask_mode):
+    """OGM-GE_CVPR2022 main.py, train_epoch: for fusion_method 'sum', out_a = a fc_x.weight^T + fc_x.bias and
+    out_v = v fc_y.weight^T + fc_y.bias (lines 82-86), s = sum of the true-class softmax, ratio_v = s_v / s_a,
+    and the dominant modality's coefficient 1 - tanh(alpha * ratio) (lines 105-124)."""
+    model = toy_model("sum", mask_mode=mask_mode).train()
+    with torch.no_grad():
+        model.head.fcs[0].bias.copy_(torch.tensor([2.0, -2.0, 0.0, 1.0]))
+        model.head.fcs[1].bias.copy_(torch.tensor([-1.0, 0.0, 3.0, 0.0]))
+    reference = copy.deepcopy(model)
+    inputs, target = toy_batch()
+    ogm = comparators.OGMGE(2, alpha=0.5)
+    ogm.start_epoch(0, active=True)
+    loss = ogm.loss(model, inputs, target)
+    with torch.no_grad():
+        a, v = reference.encode(inputs)
+        fc_x, fc_y = reference.head.fcs
+        out_a = torch.mm(a, fc_x.weight.T) + fc_x.bias
+        out_v = torch.mm(v, fc_y.weight.T) + fc_y.bias
+        score_a = sum(out_a.softmax(1)[i][target[i]] for i in range(6)).item()
+        score_v = sum(out_v.softmax(1)[i][target[i]] for i in range(6)).item()
+        ratio_v = score_v / score_a
+        if ratio_v > 1:
+            official = [1.0, 1 - math.tanh(0.5 * ratio_v)]
+        else:
+            official = [1 - math.tanh(0.5 / ratio_v), 1.0]
+        shapley = comparators.ogm_coefficients(comparators.true_class_probability(
+            comparators.unimodal_responses(reference, inputs, [a, v] if mask_mode == "feature" else None),
+            target).sum(1), 0.5)
+    assert ogm.coefficients.tolist() == pytest.approx(official, rel=1e-5)
+    assert (ogm.coefficients - shapley).abs().max() > 1e-3  # half of each bias would decide otherwise
+    assert torch.allclose(loss, F.cross_entropy(reference(inputs), target), atol=1e-6)
+
+
 def test_ogm_ge_step_scales_and_adds_noise_with_the_gradient_std():
     model = toy_model()
     for p in model.parameters():
@@ -132,35 +167,147 @@ def test_pmr_prototypes_and_added_loss_by_hand():
     assert torch.allclose(loss, expected, atol=1e-5)
 
 
-def test_agm_coefficients_by_hand():
-    k = comparators.agm_coefficients(torch.tensor([1.0, 2.0], dtype=torch.float64),
-                                     torch.tensor([0.5, 0.5], dtype=torch.float64), alpha=0.1)
-    r = [math.exp(2 * (1.0 - 1.5)), math.exp(2 * (2.0 - 1.5))]  # n / (n - 1) = 2; eta = exp(0) = 1
-    assert torch.allclose(k, torch.tensor([math.exp(0.1 * (1 - r[0])), math.exp(0.1 * (1 - r[1]))],
-                                          dtype=torch.float64))
-    k = comparators.agm_coefficients(torch.tensor([0.0, 0.0], dtype=torch.float64),
-                                     torch.tensor([10.0, 0.0], dtype=torch.float64), alpha=0.1)
-    assert math.isclose(k[0].item(), math.exp(0.1 * 7))  # eta_0 = e^10: the exponent is capped at alpha * 7
+def official_agm_coefficients_two(score_a, score_v, train_score_a, train_score_v, alpha):
+    """AGM_ICCV2023 run/CREMAD_main.py, train, lines 145-152, as written there."""
+    ratio_a = math.exp(score_v - score_a)
+    ratio_v = math.exp(score_a - score_v)
+    optimal_ratio_a = math.exp(train_score_v - train_score_a)
+    optimal_ratio_v = math.exp(train_score_a - train_score_v)
+    return [math.exp(alpha * min(optimal_ratio_a - ratio_a, 10)), math.exp(alpha * min(optimal_ratio_v - ratio_v, 10))]
 
 
-def test_agm_step_scales_encoder_weights_and_keeps_a_running_mean():
+def official_agm_coefficients_three(scores, train_scores, alpha):
+    """AGM_ICCV2023 run/URFunny_main.py, train, lines 117-130, as written there (one modality per entry)."""
+    mean_score = sum(scores) / 3
+    ratios = [math.exp((mean_score - s) * 3 / 2) for s in scores]
+    optimal_mean_score = sum(train_scores) / 3
+    optimal_ratios = [math.exp((optimal_mean_score - s) * 3 / 2) for s in train_scores]
+    return [math.exp(alpha * min(o - r, 7)) for o, r in zip(optimal_ratios, ratios)]
+
+
+@pytest.mark.parametrize("scores, running, alpha", [
+    ([1.2, 0.8], [1.0, 1.0], 0.1),  # the modality behind its history (s_a > s-hat_a) is boosted: [1.034, 0.952]
+    ([0.3, 2.0], [1.5, 0.2], 1.0),
+    ([0.0, 0.0], [10.0, 0.0], 0.1),  # eta_v = e^10: the exponent is capped at alpha * 10 for two modalities
+])
+def test_agm_coefficients_follow_the_official_two_modality_script(scores, running, alpha):
+    k = comparators.agm_coefficients(torch.tensor(scores, dtype=torch.float64),
+                                     torch.tensor(running, dtype=torch.float64), alpha)
+    assert k.tolist() == pytest.approx(official_agm_coefficients_two(*scores, *running, alpha), rel=1e-12)
+
+
+def test_agm_coefficients_of_the_example_boost_the_modality_behind_its_history():
+    k = comparators.agm_coefficients(torch.tensor([1.2, 0.8], dtype=torch.float64),
+                                     torch.tensor([1.0, 1.0], dtype=torch.float64), 0.1)
+    assert k.tolist() == pytest.approx([math.exp(0.1 * (1 - math.exp(-0.4))), math.exp(0.1 * (1 - math.exp(0.4)))])
+    assert round(k[0].item(), 3) == 1.034 and round(k[1].item(), 3) == 0.952
+
+
+@pytest.mark.parametrize("scores, running", [
+    ([0.5, 1.0, 2.0], [1.0, 1.0, 1.0]),
+    ([1.0, 1.0, 1.0], [0.0, 0.0, 9.0]),  # optimal ratios e^4.5 for the first two: capped at 7 for three modalities
+])
+def test_agm_coefficients_follow_the_official_three_modality_script(scores, running):
+    k = comparators.agm_coefficients(torch.tensor(scores, dtype=torch.float64),
+                                     torch.tensor(running, dtype=torch.float64), 0.5)
+    assert k.tolist() == pytest.approx(official_agm_coefficients_three(scores, running, 0.5), rel=1e-12)
+
+
+def official_score(out, label):
+    """AGM_ICCV2023 run/CREMAD_main.py, train, lines 130-143: the mean of -log softmax(out)[k][label[k]], a
+    probability below 1e-8 counted as 1e-8."""
+    total = 0.0
+    for k in range(out.size(0)):
+        p = out.softmax(1)[k][label[k]]
+        total += -math.log(max(p.item(), 1e-8))
+    return total / out.size(0)
+
+
+@pytest.mark.parametrize("mask_mode", ["feature", "input"])
+def test_agm_step_is_the_official_hooked_backward(mask_mode):
+    """One step against AGM's GradMod (model/CREMAD_net.py): total_out from the training forward, the padded
+    forwards (eval mode, with gradient, where the model zeroes inputs), m_a = (total - pad_audio + pad_visual) / 2,
+    backward hooks multiplying the gradient of m_a and m_v by their coefficients, loss CE(m_a + m_v); and the
+    running scores' update of run/CREMAD_main.py, lines 154-155. Every parameter's gradient must agree: encoder
+    weights, biases, BatchNorm and the fusion head alike."""
+    model = toy_model(mask_mode=mask_mode).train()
+    reference = copy.deepcopy(model)
+    inputs, target = toy_batch()
+    agm = comparators.AGM(2, alpha=1.0)
+    agm.running_losses, agm.running_steps = torch.tensor([1.1, 1.6], dtype=torch.float64), 3
+    agm.start_epoch(0, active=True)
+    loss = agm.loss(model, inputs, target)
+    loss.backward()
+
+    keep = lambda a, v: torch.tensor([[a, v]], dtype=torch.bool).expand(6, -1)
+    if mask_mode == "feature":  # the harness's coalitions: the head on the training forward's features
+        features = reference.encode(inputs)
+        total_out = reference.fuse(features)
+        pad_visual_out, pad_audio_out = reference.fuse(features, keep(1, 0)), reference.fuse(features, keep(0, 1))
+    else:  # GradMod.forward: the padded forwards in eval mode
+        total_out = reference(inputs)
+        reference.eval()
+        pad_visual_out, pad_audio_out = reference(inputs, keep(1, 0)), reference(inputs, keep(0, 1))
+        reference.train()
+    out_a = 0.5 * (total_out - pad_audio_out + pad_visual_out)
+    out_v = 0.5 * (total_out - pad_visual_out + pad_audio_out)
+    score_a, score_v = official_score(out_a, target), official_score(out_v, target)
+    coeff_a, coeff_v = official_agm_coefficients_two(score_a, score_v, 1.1, 1.6, alpha=1.0)
+    out_a.register_hook(lambda g: g * coeff_a)  # hooka / hookv
+    out_v.register_hook(lambda g: g * coeff_v)
+    official_loss = F.cross_entropy(out_a + out_v, target)
+    official_loss.backward()
+
+    assert agm.coefficients.tolist() == pytest.approx([coeff_a, coeff_v], rel=1e-5)
+    assert abs(coeff_a - 1) > 0.05 and abs(coeff_v - 1) > 0.05  # the step does modulate
+    assert torch.allclose(loss, official_loss, atol=1e-6)
+    iteration = 4
+    running = [1.1 * (iteration - 1) / iteration + score_a / iteration,
+               1.6 * (iteration - 1) / iteration + score_v / iteration]
+    assert agm.running_losses.tolist() == pytest.approx(running, rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+def test_agm_measures_without_acting_outside_its_epochs():
+    """AGM's code updates the running scores at every step of training from epoch 1 (run/CREMAD_main.py, lines
+    154-155) whether or not it modulates: the warm-up's steps enter the running mean, and its loss is plain CE."""
     model = toy_model().train()
     inputs, target = toy_batch()
-    agm = comparators.AGM(2, alpha=0.1)
-    agm.start_epoch(0, active=True)
-    agm.loss(model, inputs, target)
+    agm = comparators.AGM(2, alpha=1.0)
+    agm.start_epoch(0, active=False)
+    loss = agm.loss(model, inputs, target)
     with torch.no_grad():
-        _, features = comparators.joint_forward(model, inputs)
-        p = comparators.true_class_probability(comparators.unimodal_responses(model, inputs, features), target)
-        losses = (-p.clamp(min=1e-8).log()).mean(1).double()
-    assert torch.allclose(agm.running_losses, losses)  # the first step's mean is its own loss
-    assert torch.allclose(agm.coefficients, comparators.agm_coefficients(losses, torch.zeros(2, dtype=torch.float64), 0.1))
-    for q in model.parameters():
-        q.grad = torch.full_like(q, 0.01)
+        features = model.encode(inputs)
+        keep = lambda a, v: torch.tensor([[a, v]], dtype=torch.bool).expand(6, -1)
+        total, pad_visual, pad_audio = model.fuse(features), model.fuse(features, keep(1, 0)), model.fuse(features, keep(0, 1))
+        scores = [official_score(0.5 * (total - pad_audio + pad_visual), target),
+                  official_score(0.5 * (total - pad_visual + pad_audio), target)]
+    assert torch.allclose(loss, F.cross_entropy(model(inputs), target), atol=1e-6)
+    assert agm.running_steps == 1 and agm.running_losses.tolist() == pytest.approx(scores, rel=1e-6)
+    assert agm.summary() == dict(mean_coefficient=[0.0, 0.0])
+
+
+@pytest.mark.parametrize("n, head_grad, clipped", [(2, 0.9, False), (2, 1.5, True), (3, 4.0, False), (3, 6.0, True)])
+def test_agm_clip_follows_the_official_scripts(n, head_grad, clipped):
+    """run/CREMAD_main.py, lines 233-243 (two modalities): when the fusion head's weight gradient leaves [-1, 1],
+    clip_grad_norm_(model.parameters(), 1.0); run/URFunny_main.py, lines 203-207 (three): the same at 5."""
+    model = toy_model(n=n)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    model.head.fc.weight.grad.fill_(head_grad)
+    before = [p.grad.clone() for p in model.parameters()]
+    agm = comparators.AGM(n, alpha=1.0)
+    agm.active = True
     agm.modulate(model)
-    weight = model.encoders[1].stages.layer1[0].weight
-    assert torch.allclose(weight.grad, torch.full_like(weight, 0.01) * agm.coefficients[1].float())
-    assert torch.equal(model.encoders[1].stages.layer1[0].bias.grad, torch.full((256,), 0.01))
+    max_norm = 1.0 if n == 2 else 5.0
+    total_norm = math.sqrt(sum((g.double() ** 2).sum().item() for g in before))
+    scale = min(1.0, max_norm / (total_norm + 1e-6)) if clipped else 1.0  # torch's clip_grad_norm_
+    assert total_norm > max_norm  # a clip by norm alone would change these gradients
+    for p, g in zip(model.parameters(), before):
+        assert torch.allclose(p.grad, g * scale)
 
 
 def test_gblending_weights_from_given_losses():
@@ -247,18 +394,32 @@ def test_every_comparator_runs_two_epochs(tmp_path, mode, data, modalities):
     assert checkpoint["method"] is not None
 
 
-def test_gblending_resume_is_exact(tmp_path):
-    flags = MFEAT + ["--mode", "gblending", "--warmup", "1", "--super-epoch", "2"]
-    _, straight = run_train(tmp_path / "straight", *flags, "--epochs", "4")
-    run_train(tmp_path / "resumed", *flags, "--epochs", "2")
-    train.main(["--resume", str(tmp_path / "resumed" / "last.pt"), "--epochs", "4"])
+def straight_and_resumed(tmp_path, flags, stop, epochs):
+    """The log of a run of `epochs` epochs, after checking that one stopped after `stop` epochs and resumed
+    writes the same log and the same final weights."""
+    _, straight = run_train(tmp_path / "straight", *flags, "--epochs", str(epochs))
+    run_train(tmp_path / "resumed", *flags, "--epochs", str(stop))
+    train.main(["--resume", str(tmp_path / "resumed" / "last.pt"), "--epochs", str(epochs)])
     resumed = [{k: v for k, v in r.items() if k not in ("seconds", "valuation_seconds")}
                for r in train.load_log(tmp_path / "resumed" / "log.jsonl")]
     assert resumed == straight
-    assert straight[3]["method"]["weights"] != straight[2]["method"]["weights"]  # re-estimated at epoch 3
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    return straight
+
+
+def test_gblending_resume_is_exact(tmp_path):
+    flags = MFEAT + ["--mode", "gblending", "--warmup", "1", "--super-epoch", "2"]
+    straight = straight_and_resumed(tmp_path, flags, stop=2, epochs=4)
+    assert straight[3]["method"]["weights"] != straight[2]["method"]["weights"]  # re-estimated at epoch 3
+
+
+def test_agm_resume_is_exact(tmp_path):
+    """AGM's running scores, kept from the warm-up's first step on, travel in the checkpoint."""
+    straight = straight_and_resumed(tmp_path, MFEAT + ["--mode", "agm", "--warmup", "1"], stop=2, epochs=3)
+    assert [r["phase"] for r in straight] == ["warmup", "agm", "agm"]
+    assert all(k != 1.0 for r in straight[1:] for k in r["method"]["mean_coefficient"])
 
 
 @pytest.mark.parametrize("flags, message", [
