@@ -213,15 +213,15 @@ def build_mfeat_npz(csv_dir, out_path):
 
 class MfeatDataset(Dataset):
     """UCI Multiple Features: one "vector" modality per chosen view, in the order given.
-    The split is stratified 60/20/20 per class from a fixed seed; each view is standardised with the
-    train split's mean and std (features with zero std are only centred).
+    The split is stratified 60/20/20 per class from `split_seed` (fixed by default, whatever the run's seed); each
+    view is standardised with the train split's mean and std (features with zero std are only centred).
 
     degrade > 0 builds sample-level imbalance at dataset-level balance (like MM-Debiased): in every sample one
     view, drawn uniformly, is blended with Gaussian noise, x <- (1 - s) x + s noise, at a per-sample strength
-    s ~ U(0, degrade). The draw is fixed for the data set (its own seed, not the run's), so every split and run
+    s ~ U(0, degrade). The draw is fixed for the data set (seeded by split_seed, not the run's seed), so every run
     sees the same corruption; `degraded_view` and `degrade_strength` record it per sample."""
 
-    def __init__(self, split, views=MFEAT_DEFAULT_VIEWS, path=MFEAT_PATH, degrade=0.0):
+    def __init__(self, split, views=MFEAT_DEFAULT_VIEWS, path=MFEAT_PATH, degrade=0.0, split_seed=MFEAT_SPLIT_SEED):
         check_split(split)
         if isinstance(views, str):
             views = tuple(v for v in views.split(",") if v)
@@ -237,7 +237,7 @@ class MfeatDataset(Dataset):
                 raise DataError(f"{path}: arrays {missing} missing (expected labels and the views {MFEAT_VIEWS})")
             all_labels = torch.from_numpy(archive["labels"]).long()
             all_features = [torch.from_numpy(archive[v]).float() for v in views]
-        parts = stratified_split(all_labels, MFEAT_FRACTIONS, MFEAT_SPLIT_SEED)
+        parts = stratified_split(all_labels, MFEAT_FRACTIONS, split_seed)
         train_rows, rows = parts[0], parts[SPLITS.index(split)]
         self.features = []  # one [N, D_view] tensor per view
         for x in all_features:
@@ -246,7 +246,7 @@ class MfeatDataset(Dataset):
             self.features.append((x[rows] - mean) / std)
         if not 0.0 <= degrade <= 1.0:
             raise ValueError(f"degrade must be in [0, 1], got {degrade}")
-        generator = torch.Generator().manual_seed(MFEAT_SPLIT_SEED + 1)
+        generator = torch.Generator().manual_seed(split_seed + 1)
         num_all = len(all_labels)
         self.degraded_view = torch.randint(len(views), (num_all,), generator=generator)[rows]  # [N]
         self.degrade_strength = (degrade * torch.rand(num_all, generator=generator))[rows]  # [N]
@@ -270,6 +270,64 @@ class MfeatDataset(Dataset):
 
     def __getitem__(self, i):
         return tuple(x[i] for x in self.features), self.labels[i].item(), i
+
+
+# ----------------------------------------------------------------------------------------------
+# mfeat with one weak view per sample: a sample-level benchmark (the paper's MM-Debiased setting, Table 2)
+
+MFEAT_SAMPLE_LEVEL_VIEWS = ("fac", "pix")  # each tells all ten digits alone (about 97 % on validation, no 6/9 mix-up)
+
+
+def balanced_weak_views(labels, num_views, generator):
+    """Which view is the weak one of each sample, weak [N] long: within every class the samples, in an order drawn
+    from `generator`, take the views in turn, so each view is weak in an equal share of every class (to one
+    sample): balanced over the data set, and which view is weak varies from sample to sample."""
+    weak = torch.empty(len(labels), dtype=torch.long)
+    for label in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        weak[members] = torch.arange(len(members)) % num_views
+    return weak
+
+
+def weaken(x, signal, noise):
+    """A standardised view x [N, D] that keeps the share `signal` of its values: signal * x + sqrt(1 - signal^2) *
+    noise, noise [N, D] standard normal, so that every feature keeps unit variance and only the information drops."""
+    return signal * x + (1.0 - signal ** 2) ** 0.5 * noise
+
+
+class MfeatWeakViewDataset(MfeatDataset):
+    """Sample-level imbalance at dataset-level balance on real data (like MM-Debiased, Sec. 4.3): in every sample
+    one of the views, `degraded_view` [N] (balanced_weak_views, drawn per split from split_seed), is weakened to
+    `weak_signal` of its signal (weaken), the others are left as they are. Each view alone is then about as accurate
+    as the other over the set, while per sample one is much better; the weak view still carries the class (it is
+    less informative, not noise). The training split (augment=True) draws the weak view's noise anew every time a
+    sample is read, so no model can learn one fixed corruption of a training sample and the training-set valuation
+    keeps finding the weak views; evaluation (train_eval, val, test: augment False) reads one fixed draw.
+    `degrade_strength` [N] is 1 - weak_signal for every sample (what pick_examples in reproduce.py reads)."""
+
+    def __init__(self, split, views=MFEAT_SAMPLE_LEVEL_VIEWS, path=MFEAT_PATH, weak_signal=0.2,
+                 split_seed=MFEAT_SPLIT_SEED, augment=False):
+        super().__init__(split, views=views, path=path, split_seed=split_seed)
+        if len(self.features) < 2 or not 0.0 < weak_signal < 1.0:
+            raise ValueError(f"a weak view per sample needs two or more views and weak_signal in (0, 1), got "
+                             f"{len(self.features)} views and {weak_signal}")
+        generator = torch.Generator().manual_seed(split_seed + 2 + SPLITS.index(split))
+        self.degraded_view = balanced_weak_views(self.labels, len(self.features), generator)
+        self.degrade_strength = torch.full((len(self.labels),), 1.0 - weak_signal)
+        self.weak_signal, self.augment = weak_signal, augment
+        self.clean = self.features  # the views before weakening, re-weakened per read in training
+        self.features = [torch.where((self.degraded_view == v).unsqueeze(1),
+                                     weaken(x, weak_signal, torch.randn(x.shape, generator=generator)), x)
+                         for v, x in enumerate(self.clean)]
+
+    def __getitem__(self, i):
+        if not self.augment:
+            return super().__getitem__(i)
+        weak = int(self.degraded_view[i])
+        inputs = tuple(weaken(x[i], self.weak_signal, torch.randn(x.shape[1])) if v == weak else x[i]
+                       for v, x in enumerate(self.clean))  # torch's global generator, as the videos' augmentation
+        return inputs, self.labels[i].item(), i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -895,7 +953,14 @@ def build_dataset(name, split, *, root=None, split_file=None, list_dir=None, vie
         raise ValueError(f"views applies to mfeat only, not to {name}")
     if name == "mfeat":
         path = MFEAT_PATH if root is None else os.path.join(root, "mfeat.npz")
-        return MfeatDataset(split, views=MFEAT_DEFAULT_VIEWS if views is None else views, path=path, **options)
+        views = MFEAT_DEFAULT_VIEWS if views is None else views
+        weak_signal = options.pop("weak_signal", 0.0)
+        if weak_signal > 0:  # the sample-level benchmark (MfeatWeakViewDataset)
+            if options.pop("degrade", 0.0) > 0:
+                raise ValueError("degrade and weak_signal are two ways to degrade mfeat: give one")
+            return MfeatWeakViewDataset(split, views=views, path=path, weak_signal=weak_signal, augment=augment,
+                                        **options)
+        return MfeatDataset(split, views=views, path=path, **options)
     if name == "synthetic":
         return SyntheticDataset(split, seed=seed, **options)
     if list_dir is not None and name != "ks":

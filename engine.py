@@ -221,8 +221,12 @@ def evaluate(model, dataset, read_batch, loader_kwargs, device, amp=False):
     model.eval()
     rank, world_size = world()
     shard = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False) if world_size > 1 else None
+    # a DataLoader draws its workers' base seed when iterated, from torch's global generator if it has none of its
+    # own: a pass must not move the generator that training draws from (reads, OGM-GE's noise), or valuing only for
+    # the log (--track-phi) would change the training that follows
+    loader = DataLoader(dataset, sampler=shard, shuffle=False, generator=torch.Generator(), **loader_kwargs)
     parts = {}
-    for inputs, target, index in DataLoader(dataset, sampler=shard, shuffle=False, **loader_kwargs):
+    for inputs, target, index in loader:
         inputs, target = to_device(inputs, device), target.to(device)  # the one device move
         with autocast(device, amp):
             rows = read_batch(model, inputs, target)

@@ -4,6 +4,7 @@ The paper's numbers need GPUs and Kinetics-scale data; this script shows the sam
 
     python reproduce.py                                            # the grid below; writes results/
     python reproduce.py --settings sample-level --modes naive --seeds 3   # re-run one cell, merged into results/
+    python reproduce.py --table2 --jobs 2                          # Table 2 and Figure 1 with power (see table2)
 
 Two settings, built deterministically from the real mfeat views (data.MfeatDataset; the split is fixed):
   dataset-level  views fac (216 profile correlations, 97.8 % val accuracy alone) + fou (76 Fourier coefficients,
@@ -41,11 +42,19 @@ Everything but the wall-time columns is reproduced exactly by a second run with 
 
 The views, the degradation and the training settings were chosen on the validation split by sweep.py (its
 tables: results/sweep.md).
+
+--table2 tests the paper's central claim (Sec. 4.3, Table 2, Figure 1) on dataset-level and on
+sample-level-weak-view (views fac + pix, in every sample one of them, known and balanced per class, weakened to a
+fifth of its signal: data.MfeatWeakViewDataset): every method's main knob tuned on validation alike (KNOBS), then
+20 (seed, split seed) pairs per cell, paired differences with 95 % CIs, exact sign-flip tests with Holm's
+correction per table, and the decision rule of README applied (decide, claim_verdict); tuning.json holds the tuning.
 """
 import argparse
 import contextlib
 import io
 import json
+import math
+import multiprocessing
 import os
 import sys
 import time
@@ -57,6 +66,7 @@ import comparators
 import data
 import engine
 import models
+import shapley_mm
 import train
 
 SETTINGS = {
@@ -65,6 +75,12 @@ SETTINGS = {
     "sample-level": dict(views="fou,zer", degrade=0.6,
                          about="sample-level imbalance at dataset-level balance: two similar views, one of them "
                                "degraded per sample (like MM-Debiased)"),
+    # the sample-level benchmark of Table 2 (data.MfeatWeakViewDataset): two views that each tell all ten digits,
+    # one of them per sample (half the samples of each class each) keeping a fifth of its signal
+    "sample-level-weak-view": dict(views="fac,pix", degrade=0.0, weak_signal=0.2,
+                                   about="sample-level imbalance at dataset-level balance: two strong views, and in "
+                                         "every sample one of them, known, weakened to a fifth of its signal (like "
+                                         "MM-Debiased)"),
 }
 TRAINING = dict(epochs=30, warmup=2, lr=0.03, batch_size=128)  # chosen by sweep.py on validation
 SEEDS = (0, 1, 2, 3, 4)
@@ -109,11 +125,18 @@ def train_quietly(stdout_path, **settings):
         return train.train(args)
 
 
-def cell_settings(setting, fusion, mode, seed, training, runs_dir, valuation="offline"):
-    """train.py's settings (underscored) of one cell's run, its run directory under `runs_dir` included."""
-    out = os.path.join(runs_dir, setting, f"{fusion}-{mode}{'-online' if valuation == 'online' else ''}-s{seed}")
-    return dict(views=SETTINGS[setting]["views"].split(","), mfeat_degrade=SETTINGS[setting]["degrade"], mode=mode,
-                fusion=fusion, seed=seed, valuation=valuation, track_phi=True, out=out, **training)
+def cell_settings(setting, fusion, mode, seed, training, runs_dir, valuation="offline", split_seed=data.MFEAT_SPLIT_SEED,
+                  knobs=None, study="grid", track_phi=True):
+    """train.py's settings (underscored) of one cell's run, its run directory under `runs_dir` included (a study
+    other than the grid: in a folder of its own, named with the split seed and the knobs too)."""
+    knobs = knobs or {}
+    name = f"{fusion}-{mode}{'-online' if valuation == 'online' else ''}-s{seed}"
+    if study != "grid":
+        name = os.path.join(study, name + f"-split{split_seed}" + "".join(f"-{k}{v}" for k, v in knobs.items()))
+    return dict(views=SETTINGS[setting]["views"].split(","), mfeat_degrade=SETTINGS[setting]["degrade"],
+                mfeat_weak_signal=SETTINGS[setting].get("weak_signal", 0.0), split_seed=split_seed, mode=mode,
+                fusion=fusion, seed=seed, valuation=valuation, track_phi=track_phi,
+                out=os.path.join(runs_dir, setting, name), **dict(training, **knobs))
 
 
 def check_grid(runs, training, runs_dir):
@@ -141,9 +164,14 @@ def valuation_of(run_dir, split="test"):
             list(dataset.modalities))
 
 
-def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline"):
-    """Train one cell, value its test split, and return its record."""
-    settings = cell_settings(setting, fusion, mode, seed, training, runs_dir, valuation)
+def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline", split_seed=data.MFEAT_SPLIT_SEED,
+             knobs=None, study="grid", track_phi=True):
+    """Train one cell, value its test split, and return its record. split_seed, knobs (train.py settings of the
+    method, e.g. the tuned ones of Table 2) and study (which grid the run belongs to) go into the record; on the
+    weak-view setting the record also holds weak_view_measures."""
+    knobs = knobs or {}
+    settings = cell_settings(setting, fusion, mode, seed, training, runs_dir, valuation, split_seed, knobs, study,
+                             track_phi)
     out = settings["out"]
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
@@ -162,7 +190,7 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline
         phi = np.load(os.path.join(out, "contributions", f"epoch_{record['epoch']:03d}.npz"))["phi"].astype(float)
         train_mean_phi.append(np.round(phi.mean(0), 4).tolist())  # [n]; 4 decimals keep results.json small
         train_std_phi.append(np.round(phi.std(0), 4).tolist())
-    return dict(
+    record = dict(
         setting=setting, views=SETTINGS[setting]["views"], degrade=SETTINGS[setting]["degrade"], mode=mode,
         fusion=fusion, valuation=valuation, seed=seed, modalities=results["modalities"],
         best_epoch=results["best_epoch"],
@@ -177,17 +205,23 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline
         method_seconds=sum(r["seconds"] for r in log) - sum(r["valuation_seconds"] for r in log if r not in method),
         valuation_seconds=sum(r["valuation_seconds"] for r in method),
         wall_seconds=wall_seconds, run_dir=out)
+    if study != "grid":
+        record.update(study=study, split_seed=split_seed, knobs=knobs)
+    if "weak_signal" in SETTINGS[setting]:
+        record.update(weak_view_measures(out, setting, split_seed))
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
 # aggregation
 
 
-def group(records, valuation="offline"):
-    """(setting, fusion, mode) -> that cell's records valued by `valuation`, sorted by seed."""
+def group(records, valuation="offline", study="grid"):
+    """(setting, fusion, mode) -> that cell's records of `study` valued by `valuation`, sorted by seed (records from
+    before online valuation: offline; from before studies: the grid)."""
     cells = {}
     for record in sorted(records, key=lambda r: r["seed"]):
-        if record.get("valuation", "offline") == valuation:  # records from before online valuation: offline
+        if record.get("valuation", "offline") == valuation and record.get("study", "grid") == study:
             cells.setdefault((record["setting"], record["fusion"], record["mode"]), []).append(record)
     return cells
 
@@ -435,6 +469,338 @@ def write_feature_figure(out, study):
 
 
 # ----------------------------------------------------------------------------------------------
+# Table 2 and Figure 1 with power: tuned methods, (seed, split) pairs, paired tests, a rule fixed in advance
+
+
+TABLE2_SETTINGS = ("dataset-level", "sample-level-weak-view")
+TABLE2_MODES = ("baseline", "sample", "modality") + comparators.METHODS  # greedy on mmtm, against mmtm's baseline
+TABLE2_TRAINING = dict(TRAINING, epochs=20)  # 20 epochs: the grid's 360 runs fit 45 minutes on 2 CPU cores
+TABLE2_PAIRS = tuple((k, 1000 + k) for k in range(20))  # (seed, split seed): weights, order and split all vary
+TUNING_PAIRS = ((100, 1100), (101, 1101))  # the tuning's own pairs, none of the grid's
+# each method's main knob (a train.py setting) and its candidates, three each, the default among them
+KNOBS = {"sample": ("warmup", (1, 2, 4)), "modality": ("warmup", (1, 2, 4)),
+         "ogm-ge": ("ogm_alpha", (0.1, 0.3, 0.8)), "pmr": ("pmr_alpha", (1.0, 2.0, 3.0)),
+         "agm": ("agm_alpha", (0.1, 0.5, 1.0)), "greedy": ("greedy_epsilon", (0.005, 0.01, 0.05)),
+         "gblending": ("super_epoch", (5, 10, 15))}
+DATASET_LEVEL_METHODS = ("ogm-ge", "greedy", "pmr", "agm")  # the methods the paper says barely help (Sec. 4.3)
+CLAIM_COMPARISONS = ("sample - baseline",) + tuple(f"sample - {m} (gains)" for m in DATASET_LEVEL_METHODS)
+ALPHA = 0.05  # the family-wise error rate of each table (Holm)
+TEST_UNIT = 1 / 400  # one sample of mfeat's test split (20 % of 200 per class): accuracy differences are multiples
+
+
+def weak_view_measures(run_dir, setting, split_seed):
+    """What shows that the weak-view benchmark is what it claims, from one run: below_one[e], the share of training
+    samples with a contribution below 1 among those valued before epoch e (the only ones Eq. 10 copies; None where
+    nothing was valued); weak_copy_share[e], the share of the copies Eq. 10 gives those values that keep each
+    sample's known weak view; alone_weak / alone_strong [n], the test accuracy of each view alone on the test
+    samples where it is the weak / the strong view."""
+    spec = SETTINGS[setting]
+    train_set = data.build_dataset("mfeat", "train", views=spec["views"].split(","), weak_signal=spec["weak_signal"],
+                                   split_seed=split_seed)
+    below_one, weak_copy_share = [], []
+    for epoch in range(len(train.load_log(os.path.join(run_dir, "log.jsonl")))):
+        path = os.path.join(run_dir, "contributions", f"epoch_{epoch:03d}.npz")
+        if not os.path.exists(path):
+            below_one.append(None)
+            weak_copy_share.append(None)
+            continue
+        with np.load(path) as values:
+            phi, index = values["phi"].astype(float), values["index"]
+        below_one.append(share_below_one(phi))
+        weak_copy_share.append(share_of_copies_on_weak_view(phi, train_set.degraded_view[index].numpy()))
+    result, test_set = train.evaluate_checkpoint(os.path.join(run_dir, "best.pt"))
+    alone = alone_accuracy_by_weak_view(result["correct"].numpy(), test_set.degraded_view[result["index"]].numpy())
+    return dict(below_one=below_one, weak_copy_share=weak_copy_share, alone_weak=alone[:, 0].tolist(),
+                alone_strong=alone[:, 1].tolist())
+
+
+def share_below_one(phi):
+    """The share of samples, phi [N, n], with some modality's contribution below 1 (those Eq. 10 gives copies)."""
+    return float((phi < 1).any(1).mean())
+
+
+def share_of_copies_on_weak_view(phi, weak):
+    """The share of the uni-modal copies Eq. 10 gives the contributions phi [N, n] that keep each sample's weak view
+    weak [N]; None without copies."""
+    copies = shapley_mm.sample_level_copies(torch.as_tensor(phi)).numpy()  # [N, n]
+    total = copies.sum()
+    return float(copies[np.arange(len(weak)), weak].sum() / total) if total else None
+
+
+def alone_accuracy_by_weak_view(correct, weak):
+    """[n, 2]: the accuracy of each modality alone (coalition 2**i of correct [N, 2**n], shapley_mm.coalitions) on
+    the samples whose weak view it is (column 0) and on the others (column 1); nan where there are none."""
+    n = correct.shape[1].bit_length() - 1
+    out = np.full((n, 2), np.nan)
+    for i in range(n):
+        alone = correct[:, 1 << i]
+        for column, where in enumerate((weak == i, weak != i)):
+            if where.any():
+                out[i, column] = alone[where].mean()
+    return out
+
+
+def sign_flip_p_value(diffs, unit):
+    """Two-sided exact paired permutation test: the share of the 2**n sign assignments of the differences whose
+    |sum| is at least the observed |sum|. diffs must be multiples of `unit` (accuracy differences on a test split of
+    N samples: 1 / N); the distribution of the sum is counted exactly over integers, so any n is cheap."""
+    steps = np.rint(np.asarray(diffs, dtype=float) / unit).astype(np.int64)
+    if not np.allclose(steps * unit, diffs, atol=1e-6 * unit + 1e-12):
+        raise ValueError(f"differences are not multiples of {unit}")
+    size = int(np.abs(steps).sum())
+    counts = np.zeros(2 * size + 1)  # counts[s + size]: sign assignments so far with sum s
+    counts[size] = 1.0
+    for d in np.abs(steps):
+        counts = (np.roll(counts, d) + np.roll(counts, -d)) if d else 2 * counts  # no wrap: |sum| <= size
+    sums = np.arange(-size, size + 1)
+    return float(counts[np.abs(sums) >= abs(steps.sum())].sum() / 2.0 ** len(steps))
+
+
+def holm(p_values):
+    """Holm's step-down adjusted p-values, in the order given: the k-th smallest p times (m - k + 1), made
+    non-decreasing, capped at 1."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out
+
+
+def t_quantile(q, dof):
+    """The q-quantile (q > 0.5) of Student's t with `dof` degrees of freedom: its density integrated numerically
+    (trapezoids on a fine grid) and inverted by interpolation."""
+    x = np.linspace(0.0, 60.0, 600001)
+    log_c = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+    density = np.exp(log_c - (dof + 1) / 2 * np.log1p(x ** 2 / dof))
+    cdf = 0.5 + np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2 * np.diff(x))])
+    return float(np.interp(q, cdf, x))
+
+
+def paired_summary(diffs, unit):
+    """Mean, 95 % t confidence interval, exact sign-flip p-value and pair counts of paired differences."""
+    diffs = np.asarray(diffs, dtype=float)
+    mean = diffs.mean()
+    half = t_quantile(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else np.nan
+    return dict(mean=float(mean), low=float(mean - half), high=float(mean + half), n=len(diffs),
+                p=sign_flip_p_value(diffs, unit), higher=int((diffs > 1e-9).sum()), lower=int((diffs < -1e-9).sum()))
+
+
+def decide(summary):
+    """The rule written in README before the runs: held where the Holm-adjusted p is below ALPHA and the mean
+    difference positive, against where it is below ALPHA and the mean negative, else undecided."""
+    if summary["p_holm"] >= ALPHA:
+        return "undecided"
+    return "held" if summary["mean"] > 0 else "against"
+
+
+def table2_comparisons(cells, setting, unit=TEST_UNIT):
+    """Every comparison of one setting's Table 2, Holm-corrected together: each method minus its fusion's baseline,
+    then `sample`'s gain minus each other compared method's gain (accuracies as fractions, paired by pair: the
+    record's seed names its pair)."""
+    gain = {}
+    for key in compared_cells(cells, setting):
+        base = {r["seed"]: r["test_acc"] for r in cells.get(baseline_of(key), [])}
+        if key[2] != "baseline":
+            gain[key[2]] = {r["seed"]: r["test_acc"] - base[r["seed"]] for r in cells[key] if r["seed"] in base}
+    found = {f"{method} - baseline": list(g.values()) for method, g in gain.items()}
+    for method in gain:
+        if "sample" in gain and method not in ("sample", "modality"):
+            common = sorted(gain["sample"].keys() & gain[method].keys())
+            found[f"sample - {method} (gains)"] = [gain["sample"][s] - gain[method][s] for s in common]
+    summaries = {name: paired_summary(d, unit) for name, d in found.items() if len(d) > 1}
+    for summary, p in zip(summaries.values(), holm([s["p"] for s in summaries.values()])):
+        summary["p_holm"] = float(p)
+        summary["decision"] = decide(summary)
+    return summaries
+
+
+def claim_verdict(summaries):
+    """The paper's claim on one setting (Sec. 4.3, Figure 1): held when every CLAIM_COMPARISONS is held, against when
+    any is against, else undecided."""
+    decisions = [summaries[name]["decision"] for name in CLAIM_COMPARISONS if name in summaries]
+    if len(decisions) < len(CLAIM_COMPARISONS):
+        return "undecided (not every comparison ran)"
+    return "against" if "against" in decisions else "held" if set(decisions) == {"held"} else "undecided"
+
+
+def choose_knobs(records, setting):
+    """{method: {knob: value}}: the candidate of KNOBS with the highest mean validation accuracy over the tuning
+    pairs (ties: the candidate listed first)."""
+    chosen = {}
+    for method, (knob, candidates) in KNOBS.items():
+        runs = [r for r in records if r["setting"] == setting and r["mode"] == method]
+        means = [np.mean([r["val_acc"] for r in runs if r["knobs"][knob] == value] or [-1.0]) for value in candidates]
+        chosen[method] = {knob: candidates[int(np.argmax(means))]}
+    return chosen
+
+
+def pair_tasks(settings, cells_of, pairs, training, runs_dir, study, knobs_of):
+    """The run_cell calls of a study: (setting, fusion, mode, seed, training, runs_dir, valuation, split seed,
+    knobs, study, track_phi) per cell and pair; phi is tracked where the contributions per epoch are shown."""
+    return [(setting, comparators.REQUIRED_FUSION.get(mode, "concat") if fusion is None else fusion, mode, seed,
+             training, runs_dir, "offline", split_seed, knobs, study, mode in ("baseline", "sample"))
+            for setting in settings for fusion, mode, knobs in cells_of(setting, knobs_of)
+            for seed, split_seed in pairs]
+
+
+def tuning_cells(setting, knobs_of):
+    return [(None, method, {knob: value}) for method, (knob, candidates) in KNOBS.items() for value in candidates]
+
+
+def table2_cells(setting, knobs_of):
+    cells = [(None, mode, knobs_of[setting].get(mode, {})) for mode in TABLE2_MODES]
+    return cells + [("mmtm", "baseline", {})]  # greedy's baseline
+
+
+def run_task(task):
+    torch.set_num_threads(1)  # in a worker process too: the same seeds give the same numbers
+    return run_cell(*task)
+
+
+def run_tasks(tasks, jobs):
+    """The records of run_cell over `tasks`, in order, `jobs` processes at a time."""
+    start, records = time.perf_counter(), []
+    with multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap(run_task, tasks) if pool is not None else map(run_task, tasks)
+        for k, record in enumerate(results, start=1):
+            records.append(record)
+            print(f"[{k}/{len(tasks)}] {record['setting']} {record['fusion']} {record['mode']} {record['knobs']} "
+                  f"seed {record['seed']} split {record['split_seed']}: val {100 * record['val_acc']:.2f} "
+                  f"test {100 * record['test_acc']:.2f} ({time.perf_counter() - start:.0f}s in all)", flush=True)
+    return records, time.perf_counter() - start
+
+
+def table2(out, runs_dir, jobs=1, pairs=TABLE2_PAIRS, tuning_pairs=TUNING_PAIRS, settings=TABLE2_SETTINGS,
+           training=TABLE2_TRAINING):
+    """Table 2 and Figure 1 with power: tune every method's knob on validation (KNOBS over tuning_pairs, unless
+    out/tuning.json holds that tuning already), then run every method with its chosen value on `pairs`; the records
+    join results.json as study "table2" (replacing the 5-seed compared-method runs of the grid), the tuning goes to
+    tuning.json, and results.md is written again with the tables, tests and verdicts."""
+    torch.set_num_threads(1)
+    os.makedirs(out, exist_ok=True)
+    tuning_path = os.path.join(out, "tuning.json")
+    spec = dict(pairs=[list(p) for p in tuning_pairs], training=training, knobs={m: [k, list(v)] for m, (k, v) in
+                                                                                  KNOBS.items()})
+    tuning = None
+    if os.path.exists(tuning_path):
+        with open(tuning_path) as f:
+            tuning = json.load(f)
+        if tuning["spec"] != spec or set(settings) - set(tuning["chosen"]):
+            tuning = None
+    if tuning is None:
+        tasks = pair_tasks(settings, tuning_cells, tuning_pairs, training, runs_dir, "tuning", None)
+        tuned, seconds = run_tasks(tasks, jobs)
+        tuning = dict(spec=spec, chosen={s: choose_knobs(tuned, s) for s in settings}, seconds=seconds,
+                      runs=[{k: r[k] for k in ("setting", "mode", "knobs", "seed", "split_seed", "val_acc")}
+                            for r in tuned])
+        with open(tuning_path, "w") as f:
+            json.dump(tuning, f, indent=1)
+    print(f"chosen on validation: {tuning['chosen']}")
+    tasks = pair_tasks(settings, table2_cells, pairs, training, runs_dir, "table2", tuning["chosen"])
+    records, seconds = run_tasks(tasks, jobs)
+    json_path = os.path.join(out, "results.json")
+    previous = dict(training=TRAINING, settings=SETTINGS, records=[], examples={}, features=None)
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            previous = json.load(f)
+    kept = [r for r in previous["records"] if r.get("study", "grid") != "table2"
+            and not (r.get("study", "grid") == "grid" and r["mode"] in comparators.METHODS)]
+    previous.update(records=kept + records, table2=dict(seconds=seconds, jobs=jobs, training=training,
+                                                         pairs=[list(p) for p in pairs]))
+    with open(json_path, "w") as f:
+        json.dump(previous, f)
+    write_markdown(os.path.join(out, "results.md"), previous["records"], previous["examples"], previous["training"],
+                   write_figures(out, previous["records"], previous["examples"], previous["training"]),
+                   previous.get("features"), table2_info=previous["table2"], tuning=tuning)
+    print(f"Table 2 grid: {len(records)} runs in {seconds / 60:.1f} min ({jobs} processes): {json_path}")
+    return records
+
+
+def table2_lines(records, info, tuning):
+    """Table 2 and Figure 1 of the study "table2" as Markdown lines: per setting the methods, every comparison with
+    its 95 % CI, exact sign-flip p and Holm-adjusted p, the rule applied, the verdict on the paper's claim, and on the
+    weak-view setting what shows the benchmark is what it claims; then the tuning."""
+    cells = group(records, study="table2")
+    training = info["training"]
+    lines = ["## Table 2 and Figure 1: tuned methods, (seed, split) pairs, paired tests", "",
+             f"Written by `python reproduce.py --table2`. {len(info['pairs'])} (seed, split seed) pairs per cell "
+             f"(the split, the weights and the order all change from pair to pair); {training['epochs']} epochs, "
+             f"SGD lr {training['lr']}, batch {training['batch_size']}, warm-up {training['warmup']} unless tuned; "
+             f"each method with the value of its main knob chosen on validation (below). Accuracies in % on the test "
+             f"split, checkpoint chosen on validation. Comparisons: paired differences in points over the pairs, "
+             f"mean and 95 % t confidence interval, the exact two-sided sign-flip permutation p-value, and that "
+             f"p Holm-adjusted over every comparison of the setting's table; decision (README, fixed before the "
+             f"runs): *held* where the adjusted p < {ALPHA} and the mean > 0, *against* where < {ALPHA} and < 0, "
+             f"else *undecided*. The paper's claim (Sec. 4.3, Figure 1) holds on a setting when "
+             f"{', '.join(CLAIM_COMPARISONS)} are all held, goes against it when any is against, and is undecided "
+             f"otherwise. The grid took {info['seconds'] / 60:.1f} min with {info['jobs']} processes on this "
+             f"machine.", ""]
+    for setting in SETTINGS:
+        if not any(key[0] == setting for key in cells):
+            continue
+        summaries = table2_comparisons(cells, setting)
+        chosen = tuning["chosen"].get(setting, {}) if tuning else {}
+        lines += [f"### {setting}: views {' + '.join(SETTINGS[setting]['views'].split(','))}", "",
+                  "Knobs chosen on validation: " + ", ".join(f"{m} {k.replace('_', '-')} {v}" for m, knob in
+                                                              chosen.items() for k, v in knob.items()) + ".", ""]
+        lines += comparison_table(cells, setting) + [""]
+        rows = [[name, f"{100 * s['mean']:+.2f}", f"[{100 * s['low']:+.2f}, {100 * s['high']:+.2f}]",
+                 f"{s['higher']} / {s['lower']} of {s['n']}", f"{s['p']:.4f}", f"{s['p_holm']:.4f}", s["decision"]]
+                for name, s in summaries.items()]
+        lines += ["Figure 1 analogue and the paired tests (gain: test accuracy minus the same fusion's baseline; "
+                  "greedy runs on mmtm, against the mmtm baseline):", ""]
+        lines += table(["comparison", "mean (points)", "95 % CI", "higher / lower", "p", "p (Holm)", "decision"],
+                       rows) + [""]
+        lines += [f"**The paper's claim on this setting: {claim_verdict(summaries)}.**", ""]
+        if "weak_signal" in SETTINGS[setting]:
+            lines += weak_view_lines(cells, setting, training) + [""]
+    if tuning:
+        lines += ["### Tuning", "", f"Each method's main knob, {len(next(iter(KNOBS.values()))[1])} candidates each, "
+                  f"every candidate run on the same {len(tuning['spec']['pairs'])} (seed, split seed) pairs "
+                  f"{', '.join(map(str, map(tuple, tuning['spec']['pairs'])))} (none of the grid's); chosen by the "
+                  f"mean validation accuracy (ties: the first listed). Mean validation accuracy per candidate:", ""]
+        rows = []
+        for setting, chosen in tuning["chosen"].items():
+            for method, (knob, candidates) in KNOBS.items():
+                means = [np.mean([r["val_acc"] for r in tuning["runs"] if r["setting"] == setting and r["mode"] ==
+                                  method and r["knobs"][knob] == value]) for value in candidates]
+                rows.append([setting, method, knob.replace("_", "-"),
+                             ", ".join(f"{v}: {100 * m:.2f}" for v, m in zip(candidates, means)),
+                             chosen[method][knob]])
+        lines += table(["setting", "method", "knob", "candidates (mean val acc)", "chosen"], rows) + [""]
+    return lines
+
+
+def weak_view_lines(cells, setting, training):
+    """What shows that the weak-view setting is what it claims (weak_view_measures, mean over the pairs)."""
+    lines = []
+    base = cells.get((setting, "concat", "baseline"), [])
+    sample = cells.get((setting, "concat", "sample"), [])
+    if not base:
+        return lines
+    modalities = base[0]["modalities"]
+    rows = [[f"{m} alone", percent([r["test_acc_per_modality"][i] for r in base]),
+             percent([r["alone_strong"][i] for r in base]), percent([r["alone_weak"][i] for r in base])]
+            for i, m in enumerate(modalities)]
+    lines += ["What the benchmark is, measured: the baseline's accuracy of each view alone on all test samples "
+              "(dataset-level balance), on those where it is the strong view and on those where it is the known weak "
+              "view (per-sample imbalance; the weak view keeps signal: chance is 10 %):", ""]
+    lines += table(["view", "all test samples", "where strong", "where weak"], rows) + [""]
+    columns = epoch_columns(training["epochs"], training["warmup"])
+    rows = []
+    for mode, runs in (("baseline", base), ("sample", sample)):
+        for label, key in (("share of samples with a phi below 1", "below_one"),
+                           ("share of Eq. 10's copies on the weak view", "weak_copy_share")):
+            values = [[r[key][e] for r in runs if r[key][e] is not None] for e in columns]
+            rows.append([mode, label] + [f"{100 * np.mean(v):.1f}" if v else "-" for v in values])
+    lines += ["Per epoch, over the training set valued before it (mean over the pairs, %): the samples Eq. 10 would "
+              "copy, and how many of its copies keep the sample's known weak view (50 % is chance):", ""]
+    lines += table(["model", "measure"] + [f"epoch {e}" for e in columns], rows)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # the Markdown report
 
 
@@ -518,8 +884,8 @@ def weak_view(cells, setting):
 
 
 def comparison_table(cells, setting):
-    """Table 2 analogue: accuracy, mAP, the weak view alone, trained samples and time relative to the same
-    fusion's baseline."""
+    """Table 2 analogue: accuracy, mAP, the weak view alone and trained samples relative to the same fusion's
+    baseline (no wall time: it depends on the machine's load, and these tables are reproduced exactly)."""
     keys = compared_cells(cells, setting)
     weak = weak_view(cells, setting)
     modalities = cells[keys[0]][0]["modalities"]
@@ -528,13 +894,12 @@ def comparison_table(cells, setting):
         runs = cells[key]
         base = {r["seed"]: r for r in cells.get(baseline_of(key), [])}
         samples = [r["train_samples"] / base[r["seed"]]["train_samples"] for r in runs if r["seed"] in base]
-        seconds = [r["method_seconds"] / base[r["seed"]]["method_seconds"] for r in runs if r["seed"] in base]
         rows.append([key[2], key[1], len(runs), percent([r["test_acc"] for r in runs]),
                      percent([r["test_map"] for r in runs]),
                      percent([r["test_acc_per_modality"][weak] for r in runs]),
-                     f"{np.mean(samples):.2f}x" if samples else "-", f"{np.mean(seconds):.2f}x" if seconds else "-"])
-    return table(["method", "fusion", "seeds", "test acc", "test mAP", f"{modalities[weak]} (weak) alone",
-                  "trained samples", "time"], rows)
+                     f"{np.mean(samples):.2f}x" if samples else "-"])
+    return table(["method", "fusion", "pairs", "test acc", "test mAP", f"{modalities[weak]} (weak) alone",
+                  "trained samples"], rows)
 
 
 def gains(cells, setting):
@@ -546,25 +911,6 @@ def gains(cells, setting):
             if len(diffs):
                 found[key[2]] = 100 * diffs
     return found
-
-
-def gains_table(cells, setting):
-    rows = [[method, f"{np.mean(d):+.2f} ± {np.std(d, ddof=1) if len(d) > 1 else 0.0:.2f}",
-             " ".join(f"{x:+.2f}" for x in d), f"{int((d > 1e-9).sum())} / {len(d)}"]
-            for method, d in gains(cells, setting).items()]
-    return table(["method", "gain over baseline (points)", "per seed", "seeds above baseline"], rows)
-
-
-def comparison_claims(cells, setting):
-    """The paper's claim on sample-level imbalance (Sec. 4.3, Table 2 on MM-Debiased): the dataset-level methods
-    do not beat the baseline, while the sample-level method does; seed by seed."""
-    lines = []
-    for method, d in gains(cells, setting).items():
-        expected = "above" if method == "sample" else "not above"
-        held = [x > 1e-9 for x in d] if method == "sample" else [x <= 1e-9 for x in d]
-        lines.append(f"- {method}: expected {expected} the baseline; holds in {sum(held)} of {len(d)} seeds "
-                     f"(gains {', '.join(f'{x:+.2f}' for x in d)}; mean {np.mean(d):+.2f})")
-    return lines
 
 
 def claims(cells, setting):
@@ -670,9 +1016,9 @@ def online_section(records, setting):
     return table(header, rows) + [""] + lines
 
 
-def write_markdown(path, records, examples, training, figures, features=None):
+def write_markdown(path, records, examples, training, figures, features=None, table2_info=None, tuning=None):
     cells = group(records)
-    seeds = sorted({r["seed"] for r in records})
+    seeds = sorted({r["seed"] for runs in cells.values() for r in runs})
     lines = ["# Sample-level modality valuation on UCI Multiple Features (CPU reproduction)", "",
              f"Written by `python reproduce.py` (reproduce.py explains the settings and the validation sweep that "
              f"chose them). Training: {training['epochs']} epochs, warm-up {training['warmup']}, SGD lr "
@@ -708,15 +1054,8 @@ def write_markdown(path, records, examples, training, figures, features=None):
             lines += feature_lines(features) + [""]
         lines += ["The paper's claims on these runs (paired by seed, concat unless named):", ""]
         lines += claims(cells, setting) + [""]
-        if len(compared_cells(cells, setting)) > 2:
-            lines += ["Table 2 analogue: the compared methods (each on its main fusion; greedy on mmtm, against the "
-                      "mmtm baseline); *trained samples* and *time* relative to the same fusion's baseline:", ""]
-            lines += comparison_table(cells, setting) + [""]
-            lines += ["Figure 1 analogue: test accuracy gain over the same fusion's baseline, paired by seed:", ""]
-            lines += gains_table(cells, setting) + [""]
-            lines += ["The paper's claim on sample-level imbalance (the dataset-level methods do not beat the baseline, "
-                      "`sample` does), seed by seed:", ""]
-            lines += comparison_claims(cells, setting) + [""]
+    if table2_info is not None:
+        lines += table2_lines(records, table2_info, tuning)
     online = [setting for setting in SETTINGS if any(key[0] == setting for key in group(records, "online"))]
     if online:
         lines += ["## Online valuation", "", "Concatenation fusion; `sample` and `modality` valued offline (the "
@@ -795,16 +1134,19 @@ def write_figures(out, records, examples, training):
             names.append(f"valuation_examples_{setting}.png")
             fig.savefig(os.path.join(out, names[-1]), dpi=120)
             plt.close(fig)
-    found = {setting: gains(cells, setting) for setting in SETTINGS}
-    if sum(len(g) for g in found.values()) > 2:  # Figure 1 analogue: gain per method and setting, seed spread
-        fig, axes = plt.subplots(1, len(SETTINGS), figsize=(11, 3.8), sharey=True)
+    pairs = group(records, study="table2")
+    found = {setting: gains(pairs, setting) for setting in TABLE2_SETTINGS if any(k[0] == setting for k in pairs)}
+    if sum(len(g) for g in found.values()) > 2:  # Figure 1 analogue: gain per method and setting, 95 % CI
+        fig, axes = plt.subplots(1, len(found), figsize=(11, 3.8), sharey=True)
         for ax, (setting, per_method) in zip(np.atleast_1d(axes), found.items()):
             for k, (method, d) in enumerate(per_method.items()):
-                ax.bar(k, np.mean(d), yerr=np.std(d, ddof=1) if len(d) > 1 else 0, color=f"C{k}", alpha=0.6)
-                ax.plot([k] * len(d), d, "k.", markersize=4)
+                summary = paired_summary(d / 100, TEST_UNIT)
+                ax.bar(k, np.mean(d), yerr=[[100 * (summary["mean"] - summary["low"])],
+                                            [100 * (summary["high"] - summary["mean"])]], color=f"C{k}", alpha=0.6)
+                ax.plot([k] * len(d), d, "k.", markersize=3)
             ax.axhline(0, color="grey", linewidth=0.5)
             ax.set_xticks(range(len(per_method)), list(per_method), rotation=45, fontsize=8)
-            ax.set_title(f"{setting}: test acc gain over baseline", fontsize=9)
+            ax.set_title(f"{setting}: test acc gain over baseline (95 % CI)", fontsize=9)
         np.atleast_1d(axes)[0].set_ylabel("points")
         fig.tight_layout()
         names.append("gains.png")
@@ -829,7 +1171,8 @@ def load_previous(path, training, overwrite=False):
     except (ValueError, KeyError, TypeError) as error:  # a cut file, another file's JSON, not UTF-8
         raise train.TrainingError(f"{path} is not a results.json of reproduce.py ({error.__class__.__name__}: "
                                   f"{error}); move it away, or pass --overwrite to replace it")
-    if previous.get("training") != training or previous.get("settings") != SETTINGS:
+    if previous.get("training") != training or any(SETTINGS.get(name) != spec  # settings added since: kept
+                                                   for name, spec in previous.get("settings", {}).items()):
         differs = (f"training {previous.get('training')}, this run {training}" if previous.get("training") != training
                    else "the settings of reproduce.SETTINGS")
         raise train.TrainingError(f"{path} holds {len(records)} runs made with other settings ({differs}); pass "
@@ -854,8 +1197,10 @@ def save_results(path, training, records, examples, features):
 
 
 def run_key(record):
-    """What identifies a run: its cell, valuation and seed (records from before online valuation: offline)."""
-    return record["setting"], record["fusion"], record["mode"], record.get("valuation", "offline"), record["seed"]
+    """What identifies a run: its study, cell, valuation, seed and split seed (records from before online valuation:
+    offline; from before split seeds: the fixed split)."""
+    return (record.get("study", "grid"), record["setting"], record["fusion"], record["mode"],
+            record.get("valuation", "offline"), record["seed"], record.get("split_seed", data.MFEAT_SPLIT_SEED))
 
 
 def reproduce(settings, modes, fusions, seeds, out, runs_dir, training, valuations=VALUATIONS, overwrite=False):
@@ -937,7 +1282,16 @@ def main(argv=None):
                         help="total epochs (quick checks only)")
     parser.add_argument("--warmup", type=train.number(int, 0), default=TRAINING["warmup"],
                         help="warm-up epochs (quick checks only)")
+    parser.add_argument("--table2", action="store_true",
+                        help=f"instead of the grid: Table 2 and Figure 1 with power ({', '.join(TABLE2_MODES)} on "
+                             f"{' and '.join(TABLE2_SETTINGS)}, each knob tuned on validation first, "
+                             f"{len(TABLE2_PAIRS)} (seed, split) pairs, paired tests; see table2)")
+    parser.add_argument("--jobs", type=train.number(int, 1), default=1, help="--table2: runs at a time, one process each")
     args = parser.parse_args(argv)
+    if args.table2:
+        if args.jobs < 1:
+            parser.error(f"--jobs must be at least 1, got {args.jobs}")
+        return table2(args.out, args.runs_dir, args.jobs)
     try:
         settings = comma_list(args.settings, tuple(SETTINGS), "--settings")
         modes = comma_list(args.modes, train.MODES, "--modes")

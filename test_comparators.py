@@ -484,10 +484,10 @@ def test_reproduce_tables_pair_each_method_with_its_own_baseline():
     assert list(found) == ["sample", "pmr", "greedy"]
     assert found["sample"] == pytest.approx([1.0, 2.0]) and found["pmr"] == pytest.approx([-1.0, 0.0])
     assert found["greedy"] == pytest.approx([5.0, 0.0])  # against the mmtm baseline, not concat's
-    lines = reproduce.comparison_claims(cells, "sample-level")
-    assert lines[0].startswith("- sample: expected above the baseline; holds in 2 of 2 seeds")
-    assert lines[1].startswith("- pmr: expected not above the baseline; holds in 2 of 2 seeds")
-    assert lines[2].startswith("- greedy: expected not above the baseline; holds in 1 of 2 seeds")
+    found = reproduce.table2_comparisons(cells, "sample-level")
+    assert found["greedy - baseline"]["mean"] == pytest.approx(0.025)  # against the mmtm baseline
+    assert found["sample - greedy (gains)"]["mean"] == pytest.approx(0.015 - 0.025)
+    assert found["sample - pmr (gains)"]["mean"] == pytest.approx(0.015 + 0.005)
     rows = reproduce.comparison_table(cells, "sample-level")
     assert "fou (weak) alone" in rows[0]  # the view weaker under the concat baseline
-    assert rows[-1].startswith("| greedy | mmtm | 2 | 72.50 ± 3.54 |") and rows[-1].endswith("| 1.00x | 1.50x |")
+    assert rows[-1].startswith("| greedy | mmtm | 2 | 72.50 ± 3.54 |") and rows[-1].endswith("| 1.00x |")

@@ -1,6 +1,7 @@
 """Tests for data.py: the bundled mfeat set, the synthetic generator, the re-sampled epoch D^rs, and the
 KS / MM-Debiased / UCF-101 / CREMA-D readers on tiny fixture trees (writers in conftest.py) in tmp_path."""
 
+import functools
 import json
 
 import numpy as np
@@ -124,6 +125,65 @@ def test_mfeat_degrade_corrupts_one_view_per_sample_at_its_strength():
 
 # ----------------------------------------------------------------------------------------------
 # synthetic
+
+# ----------------------------------------------------------------------------------------------
+# the sample-level benchmark: one known weak view per sample
+
+
+@functools.lru_cache(maxsize=None)
+def weak_view_splits(weak_signal=0.2, split_seed=data.MFEAT_SPLIT_SEED):
+    return data.build_splits("mfeat", views=("fac", "pix"), weak_signal=weak_signal, split_seed=split_seed)
+
+
+def test_weak_view_is_balanced_per_class_and_varies_from_sample_to_sample():
+    for split, dataset in weak_view_splits().items():
+        for label in range(10):
+            weak = dataset.degraded_view[dataset.labels == label]
+            assert abs(int((weak == 0).sum()) - int((weak == 1).sum())) <= 1, (split, label)
+
+
+def test_weak_view_keeps_a_share_of_its_signal_and_the_strong_view_is_untouched():
+    clean = data.MfeatDataset("test", views=("fac", "pix"))
+    weakened = weak_view_splits()["test"]
+    for v in range(2):
+        strong, weak = weakened.degraded_view != v, weakened.degraded_view == v
+        assert torch.equal(weakened.features[v][strong], clean.features[v][strong])
+        x, y = clean.features[v][weak], weakened.features[v][weak]
+        assert (x * y).mean() == pytest.approx(0.2 * (x * x).mean(), abs=0.02)  # signal kept: 0.2 of it
+        assert (y - 0.2 * x).var() == pytest.approx(0.96, abs=0.05)  # the rest is unit-variance noise
+
+
+def test_weak_view_noise_is_drawn_anew_per_training_read_and_fixed_for_evaluation():
+    splits = weak_view_splits()
+    train_set, train_eval = splits["train"], splits["train_eval"]
+    weak = int(train_set.degraded_view[0])
+    torch.manual_seed(0)
+    first, second = train_set[0][0], train_set[0][0]
+    assert not torch.equal(first[weak], second[weak]) and torch.equal(first[1 - weak], second[1 - weak])
+    assert torch.equal(first[1 - weak], train_eval.features[1 - weak][0])
+    assert torch.equal(train_eval[0][0][weak], train_eval[0][0][weak])
+    assert torch.equal(train_eval[0][0][weak], train_eval.features[weak][0])
+    torch.manual_seed(0)
+    assert torch.equal(train_set[0][0][weak], first[weak])  # the run's seed fixes the draws
+
+
+def test_split_seed_draws_another_split_and_the_default_is_the_fixed_one():
+    labels = data.MfeatDataset("test", views=("fac",)).labels
+    default = data.MfeatDataset("test", views=("fac",))
+    other = data.MfeatDataset("test", views=("fac",), split_seed=1000)
+    with np.load(data.MFEAT_PATH) as archive:
+        all_labels = torch.from_numpy(archive["labels"]).long()
+    assert torch.equal(default.rows, data.stratified_split(all_labels, data.MFEAT_FRACTIONS, 2024)[2])
+    assert not torch.equal(default.rows, other.rows) and len(other.rows) == len(default.rows) == 400
+    assert torch.equal(torch.bincount(other.labels), torch.bincount(labels))
+
+
+def test_weak_view_refuses_one_view_or_degrade_too():
+    with pytest.raises(ValueError, match="two or more views"):
+        data.MfeatWeakViewDataset("test", views=("fac",))
+    with pytest.raises(ValueError, match="give one"):
+        data.build_dataset("mfeat", "test", views=("fac", "pix"), weak_signal=0.2, degrade=0.5)
+
 
 def test_synthetic_shapes_and_reproducibility():
     d = data.build_dataset("synthetic", "train", seed=3, kinds=("spectrogram", "image", "image"),

@@ -263,6 +263,10 @@ def test_feature_masking_refused_for_fusions_that_mix_inside(capsys):
     (["--image-size", "0"], "--image-size: expected a value >= 8, got 0"),
     (["--epochs", "ten"], "--epochs: expected an integer, got 'ten'"),
     (["--split-file", "x.json"], "--split-file has no effect in this run: it acts with --dataset mmdebiased only"),
+    (["--views", "fac,pix", "--mfeat-weak-signal", "0.2", "--mfeat-degrade", "0.5"],
+     "--mfeat-weak-signal needs two or more --views, a value below 1 and no --mfeat-degrade"),
+    (["--views", "fac", "--mode", "baseline", "--mfeat-weak-signal", "0.2"], "--mfeat-weak-signal needs two or more"),
+    (["--split-seed", "-1"], "--split-seed: expected a value >= 0, got -1"),
 ])
 def test_flags_no_run_can_use_are_refused_in_one_line(tmp_path, capsys, flags, expected):
     assert expected in fails(capsys, flags + ["--out", str(tmp_path / "run")])

@@ -2,6 +2,7 @@
 Markdown table, exact reproduction, re-running one cell, the Figure 4 pick and the optional figures."""
 import errno
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -393,3 +394,93 @@ def test_principal_components():
     assert projected.shape == (200, 2) and np.allclose(projected.mean(0), 0, atol=1e-9)
     assert np.allclose(np.abs(projected[:, 0]), np.abs((features[:, :2] - features[:, :2].mean(0)) @ [0.6, 0.8]),
                        atol=0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 2 with power: the measurements of the weak-view benchmark, the paired tests and the rule
+
+
+def test_share_below_one_and_copies_on_the_weak_view_by_hand():
+    phi = np.array([[0.5, 1.5], [1.5, 0.5], [0.0, 2.0], [1.0, 1.0]])
+    assert reproduce.share_below_one(phi) == 0.75
+    # Eq. 10: one copy of view 0 (sample 0, weak 0), one of view 1 (sample 1, weak 0), two of view 0 (sample 2,
+    # weak 1): one copy of four on the weak view
+    assert reproduce.share_of_copies_on_weak_view(phi, np.array([0, 0, 1, 0])) == 0.25
+    assert reproduce.share_of_copies_on_weak_view(phi[3:], np.array([0])) is None
+
+
+def test_alone_accuracy_by_weak_view_by_hand():
+    # coalitions (shapley_mm.coalitions): 0 empty, 1 view 0 alone, 2 view 1 alone, 3 both
+    correct = np.array([[0, 1, 0, 1], [0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]], dtype=bool)
+    weak = np.array([1, 0, 0, 1])
+    found = reproduce.alone_accuracy_by_weak_view(correct, weak)
+    assert found[0].tolist() == [0.5, 0.5]  # view 0 where weak (samples 1, 2): 0, 1; where strong (0, 3): 1, 0
+    assert found[1].tolist() == [0.0, 1.0]  # view 1 where weak (samples 0, 3): 0, 0; where strong (1, 2): 1, 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sign_flip_p_value_matches_brute_force_enumeration(seed):
+    generator = np.random.default_rng(seed)
+    diffs = generator.integers(-4, 5, size=9) / 400
+    observed = abs(diffs.sum())
+    signs = np.array(list(itertools.product((-1, 1), repeat=len(diffs))))
+    expected = np.mean(np.abs(signs @ diffs) >= observed - 1e-12)
+    assert reproduce.sign_flip_p_value(diffs, 1 / 400) == pytest.approx(expected, abs=1e-12)
+
+
+def test_sign_flip_p_value_extremes_and_refuses_off_grid_differences():
+    assert reproduce.sign_flip_p_value(np.full(20, 0.0025), 0.0025) == pytest.approx(2 / 2 ** 20)
+    assert reproduce.sign_flip_p_value(np.zeros(5), 0.0025) == 1.0
+    with pytest.raises(ValueError, match="multiples"):
+        reproduce.sign_flip_p_value([0.001], 0.0025)
+
+
+def test_holm_on_a_hand_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> non-decreasing: 0.02, 0.03, 0.06, 0.06
+    assert reproduce.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert reproduce.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_t_quantile_matches_the_tables():
+    assert reproduce.t_quantile(0.975, 19) == pytest.approx(2.093, abs=1e-3)
+    assert reproduce.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert reproduce.t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
+
+
+def test_the_rule_and_the_verdict():
+    summary = lambda mean, p: dict(mean=mean, p_holm=p)
+    assert [reproduce.decide(summary(0.01, 0.01)), reproduce.decide(summary(-0.01, 0.01)),
+            reproduce.decide(summary(0.01, 0.05))] == ["held", "against", "undecided"]
+    held = {name: dict(decision="held") for name in reproduce.CLAIM_COMPARISONS}
+    assert reproduce.claim_verdict(held) == "held"
+    assert reproduce.claim_verdict(dict(held, **{"sample - pmr (gains)": dict(decision="undecided")})) == "undecided"
+    assert reproduce.claim_verdict(dict(held, **{"sample - baseline": dict(decision="against")})) == "against"
+
+
+def test_choose_knobs_takes_the_best_mean_validation_accuracy_first_of_ties():
+    records = [dict(setting="s", mode=method, knobs={knob: value}, val_acc=acc)
+               for method, (knob, candidates) in reproduce.KNOBS.items()
+               for value, acc in zip(candidates, (0.9, 0.9, 0.8) if method == "pmr" else (0.7, 0.8, 0.9))]
+    chosen = reproduce.choose_knobs(records, "s")
+    assert chosen["pmr"] == {"pmr_alpha": reproduce.KNOBS["pmr"][1][0]}
+    assert chosen["sample"] == {"warmup": reproduce.KNOBS["sample"][1][2]}
+
+
+@pytest.mark.slow
+def test_table2_on_a_tiny_grid_is_reproduced_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "KNOBS", {"sample": ("warmup", (1, 2))})
+    monkeypatch.setattr(reproduce, "TABLE2_MODES", ("baseline", "sample"))
+    tiny = dict(pairs=((0, 1000), (1, 1001)), tuning_pairs=((100, 1100),), settings=("sample-level-weak-view",),
+                training=dict(reproduce.TABLE2_TRAINING, epochs=2, warmup=1))
+    first = reproduce.table2(str(tmp_path / "a"), str(tmp_path / "runs_a"), jobs=2, **tiny)
+    second = reproduce.table2(str(tmp_path / "b"), str(tmp_path / "runs_b"), **tiny)
+    assert without_time(first) == without_time(second)
+    with open(tmp_path / "a" / "tuning.json") as f:
+        chosen = json.load(f)["chosen"]["sample-level-weak-view"]["sample"]
+    assert [r["knobs"] for r in first if r["mode"] == "sample"] == [chosen] * 2
+    assert all(len(r["below_one"]) == 2 and len(r["alone_weak"]) == 2 for r in first)
+    with open(tmp_path / "a" / "results.md") as f:
+        text = f.read()
+    assert "The paper's claim on this setting: undecided" in text and "### Tuning" in text
+    with open(tmp_path / "b" / "results.md") as f:
+        assert f.read().split("The grid took")[1].split("\n", 1)[1] == text.split("The grid took")[1].split("\n", 1)[1]

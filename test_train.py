@@ -128,6 +128,21 @@ def test_track_phi_values_warmup_and_baseline_epochs(tmp_path):
     assert len(contributions(out, 0)["phi"]) == 48
 
 
+def test_track_phi_leaves_training_bit_identical(tmp_path, mode="ogm-ge"):
+    """Valuing only to log (--track-phi) must not move the global generator that training draws from (OGM-GE's
+    noise; augmentation): every logged field but the contributions is the same, and so are the weights."""
+    flags = (*MFEAT, "--mode", mode, "--seed", "1")
+    plain_dir, plain, plain_log = run(tmp_path, *flags, name="plain")
+    tracked_dir, tracked, tracked_log = run(tmp_path, *flags, "--track-phi", name="tracked")
+    logging_only = ("mean_phi", "valued_samples")
+    strip = lambda log: [{k: v for k, v in r.items() if k not in logging_only} for r in log]
+    assert strip(plain_log) == strip(tracked_log)
+    assert plain["test_acc"] == tracked["test_acc"]
+    for a, b in zip(torch.load(os.path.join(plain_dir, "last.pt"), weights_only=False)["model"].values(),
+                    torch.load(os.path.join(tracked_dir, "last.pt"), weights_only=False)["model"].values()):
+        assert torch.equal(a, b)
+
+
 def test_eval_only_reproduces_the_logged_validation_accuracy(synthetic_runs):
     out, results, log = synthetic_runs["sample"]
     best = max(log, key=lambda r: r["val_acc"])

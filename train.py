@@ -138,6 +138,14 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g.add_argument("--mfeat-degrade", type=number(float, 0.0, 1.0), default=0.0,
                    help="mfeat: blend one random view of every sample with noise of strength U(0, this), giving "
                         "sample-level imbalance at dataset-level balance (like MM-Debiased) (default: %(default)s)")
+    g.add_argument("--mfeat-weak-signal", type=number(float, 0.0, 1.0), default=0.0,
+                   help="mfeat: the sample-level benchmark: in every sample one view (each view in half the samples of "
+                        "every class, with two views) keeps only this share of its signal, x <- s x + sqrt(1 - s^2) "
+                        "noise, the noise drawn anew each time a training sample is read; use with --views fac,pix "
+                        "(data.MfeatWeakViewDataset; 0: off) (default: %(default)s)")
+    g.add_argument("--split-seed", type=number(int, 0), default=data.MFEAT_SPLIT_SEED,
+                   help="mfeat: seed of the stratified train / val / test split and of the degradation draws "
+                        "(default: %(default)s)")
     g.add_argument("--image-size", type=number(int, 8), default=224, help="frame / image side of the video data sets (default: %(default)s)")
     g.add_argument("--synthetic-modalities", type=number(int, 1), default=2, help="synthetic: number of modalities (default: %(default)s)")
     g.add_argument("--synthetic-samples", type=number(int, 3), default=600,
@@ -243,7 +251,8 @@ def flag_name(key):
 # is not among them: one command line serves every mode, and --mode baseline is joint training throughout;
 # --valuation online where nothing is planned from it is refused in check_online.
 FLAG_SCOPE = {
-    **{key: (lambda a: a.dataset == "mfeat", "--dataset mfeat") for key in ("views", "mfeat_degrade")},
+    **{key: (lambda a: a.dataset == "mfeat", "--dataset mfeat")
+       for key in ("views", "mfeat_degrade", "mfeat_weak_signal", "split_seed")},
     **{key: (lambda a: a.dataset == "synthetic", "--dataset synthetic")
        for key in ("synthetic_modalities", "synthetic_samples", "synthetic_size", "synthetic_discrepancy")},
     **{key: (lambda a: a.dataset in AV_DATASETS, f"--dataset {', '.join(AV_DATASETS)}")
@@ -293,6 +302,8 @@ def check_args(args):
         check_online(args)
     if args.dataset in AV_DATASETS and args.data_root is None:
         raise TrainingError(f"--dataset {args.dataset} needs --data-root (the folder holding its clips)")
+    if args.mfeat_weak_signal > 0 and (args.mfeat_degrade > 0 or len(args.views) < 2 or args.mfeat_weak_signal >= 1):
+        raise TrainingError("--mfeat-weak-signal needs two or more --views, a value below 1 and no --mfeat-degrade")
     if args.weights is not None and not args.pretrained:
         raise TrainingError("--weights FILE is the ImageNet file of --pretrained; add --pretrained or drop --weights")
     if args.mode != "baseline" and args.warmup >= args.epochs:
@@ -337,7 +348,8 @@ def build_datasets(args):
     options = dict(root=args.data_root, split_file=args.split_file, list_dir=args.list_dir,
                    skip_missing=args.skip_missing, seed=args.seed)
     if args.dataset == "mfeat":
-        options.update(views=tuple(args.views), degrade=args.mfeat_degrade)
+        options.update(views=tuple(args.views), degrade=args.mfeat_degrade, weak_signal=args.mfeat_weak_signal,
+                       split_seed=args.split_seed)
     elif args.dataset == "synthetic":
         options.update(num_modalities=args.synthetic_modalities, size=args.synthetic_size,
                        sample_discrepancy=args.synthetic_discrepancy, train_size=args.synthetic_samples,
