@@ -203,15 +203,10 @@ class ModalityValuation(Method):
         return "baseline" if self.name == "baseline" else super().phase(epoch)  # line 2
 
     def plan(self, epoch, model):
-        plan = Plan(self.phase(epoch))
+        plan = Plan(self.phase(epoch))  # line 2: the warm-up, or the method
         resampling = plan.phase in RESAMPLING_MODES
-        if (resampling or self.track_phi) and not self.online:  # lines 4-6, offline: value now, in eval mode
-            plan.valued = choose_valued(plan.phase, self.num_samples, self.subset_ratio, self.generator)
-            plan.phi = self.valuation(model, plan.valued)
-        elif (resampling or self.track_phi) and self.table is not None:  # line 6, online: the last epoch's steps
-            table = gathered_table(self.table)
-            plan.valued = table["seen"].nonzero().squeeze(1)  # Z is every sample seen
-            plan.phi = shapley_mm.shapley_values(shapley_mm.benefit(table["correct"][plan.valued]))
+        if resampling or self.track_phi:  # lines 4-6
+            plan.valued, plan.phi = self.value(model, plan.phase)
         if resampling and plan.phi is not None:  # lines 7-9
             plan.copies = plan_copies(plan.phase, plan.phi, plan.valued, self.num_samples, self.generator,
                                       self.alpha, self.f_m)
@@ -220,9 +215,21 @@ class ModalityValuation(Method):
         self.table = online_table(self.num_samples, self.num_modalities) if self.online and next_needs else None
         return plan
 
+    def value(self, model, phase):
+        """Lines 5-6: (valued [V], phi [V, n]). Offline, every sample or Z valued now, in eval mode; online, every
+        sample the previous epoch's steps saw, from their table (None, None before any epoch filled one)."""
+        if not self.online:
+            valued = choose_valued(phase, self.num_samples, self.subset_ratio, self.generator)
+            return valued, self.valuation(model, valued)
+        if self.table is None:
+            return None, None
+        table = gathered_table(self.table)
+        valued = table["seen"].nonzero().squeeze(1)  # Z is every sample seen
+        return valued, engine.contributions(dict(correct=table["correct"][valued]))
+
     def loss(self, model, inputs, target, mask=None, index=None):  # line 11
         if self.table is None:
-            return F.cross_entropy(model(inputs, mask).float(), target)
+            return super().loss(model, inputs, target, mask)
         features = model.encode(inputs, mask)  # encode, then fuse: valuation reuses the step's features
         loss = F.cross_entropy(model.fuse(features).float(), target)
         value_online(model, features, target, index, mask, self.table)
