@@ -545,7 +545,7 @@ def sign_flip_p_value(diffs, unit):
     |sum| is at least the observed |sum|. diffs must be multiples of `unit` (accuracy differences on a test split of
     N samples: 1 / N); the distribution of the sum is counted exactly over integers, so any n is cheap."""
     steps = np.rint(np.asarray(diffs, dtype=float) / unit).astype(np.int64)
-    if not np.allclose(steps * unit, diffs, atol=1e-6 * unit + 1e-12):
+    if not np.allclose(steps * unit, diffs, atol=0.01 * unit):  # accuracies are stored as float32
         raise ValueError(f"differences are not multiples of {unit}")
     size = int(np.abs(steps).sum())
     counts = np.zeros(2 * size + 1)  # counts[s + size]: sign assignments so far with sum s
@@ -710,11 +710,18 @@ def table2(out, runs_dir, jobs=1, pairs=TABLE2_PAIRS, tuning_pairs=TUNING_PAIRS,
                                                          pairs=[list(p) for p in pairs]))
     with open(json_path, "w") as f:
         json.dump(previous, f)
-    write_markdown(os.path.join(out, "results.md"), previous["records"], previous["examples"], previous["training"],
-                   write_figures(out, previous["records"], previous["examples"], previous["training"]),
-                   previous.get("features"), table2_info=previous["table2"], tuning=tuning)
+    write_reports(out, previous, tuning)
     print(f"Table 2 grid: {len(records)} runs in {seconds / 60:.1f} min ({jobs} processes): {json_path}")
     return records
+
+
+def write_reports(out, results, tuning):
+    """results.md and the figures from the contents of results.json (`results`) and tuning.json (`tuning`)."""
+    write_markdown(os.path.join(out, "results.md"), results["records"], results["examples"], results["training"],
+                   write_figures(out, results["records"], results["examples"], results["training"])
+                   + [name for name in [f"features_{(results.get('features') or {}).get('setting')}.png"]
+                      if os.path.exists(os.path.join(out, name))],  # drawn from the grid's runs (Figure 5)
+                   results.get("features"), table2_info=results.get("table2"), tuning=tuning)
 
 
 def table2_lines(records, info, tuning):

@@ -431,6 +431,8 @@ def test_sign_flip_p_value_matches_brute_force_enumeration(seed):
 def test_sign_flip_p_value_extremes_and_refuses_off_grid_differences():
     assert reproduce.sign_flip_p_value(np.full(20, 0.0025), 0.0025) == pytest.approx(2 / 2 ** 20)
     assert reproduce.sign_flip_p_value(np.zeros(5), 0.0025) == 1.0
+    stored = np.array([0.9825, 0.97, 0.9575], dtype=np.float32).astype(float)  # as results.json holds them
+    assert reproduce.sign_flip_p_value(stored - np.array([0.98, 0.97, 0.96], dtype=np.float32), 0.0025) == 1.0
     with pytest.raises(ValueError, match="multiples"):
         reproduce.sign_flip_p_value([0.001], 0.0025)
 
