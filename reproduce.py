@@ -676,43 +676,49 @@ def table2(out, runs_dir, jobs=1, pairs=TABLE2_PAIRS, tuning_pairs=TUNING_PAIRS,
     """Table 2 and Figure 1 with power: tune every method's knob on validation (KNOBS over tuning_pairs, unless
     out/tuning.json holds that tuning already), then run every method with its chosen value on `pairs`; the records
     join results.json as study "table2" (replacing the 5-seed compared-method runs of the grid), the tuning goes to
-    tuning.json, and results.md is written again with the tables, tests and verdicts."""
+    tuning.json, and results.md is written again with the tables, tests and verdicts. The outputs and an earlier
+    results.json are checked before the first run; both JSON files are written atomically."""
     torch.set_num_threads(1)
+    train.check_writable(out)
+    train.check_writable(runs_dir, "--runs-dir")
+    json_path = os.path.join(out, "results.json")
+    previous = read_json(json_path, dict(training=TRAINING, settings=SETTINGS, records=[], examples={}, features=None))
     os.makedirs(out, exist_ok=True)
     tuning_path = os.path.join(out, "tuning.json")
     spec = dict(pairs=[list(p) for p in tuning_pairs], training=training, knobs={m: [k, list(v)] for m, (k, v) in
                                                                                   KNOBS.items()})
-    tuning = None
-    if os.path.exists(tuning_path):
-        with open(tuning_path) as f:
-            tuning = json.load(f)
-        if tuning["spec"] != spec or set(settings) - set(tuning["chosen"]):
-            tuning = None
+    tuning = read_json(tuning_path, None)
+    if tuning is not None and (tuning.get("spec") != spec or set(settings) - set(tuning["chosen"])):
+        tuning = None
     if tuning is None:
         tasks = pair_tasks(settings, tuning_cells, tuning_pairs, training, runs_dir, "tuning", None)
         tuned, seconds = run_tasks(tasks, jobs)
         tuning = dict(spec=spec, chosen={s: choose_knobs(tuned, s) for s in settings}, seconds=seconds,
                       runs=[{k: r[k] for k in ("setting", "mode", "knobs", "seed", "split_seed", "val_acc")}
                             for r in tuned])
-        with open(tuning_path, "w") as f:
-            json.dump(tuning, f, indent=1)
+        train.save_json(tuning_path, tuning)
     print(f"chosen on validation: {tuning['chosen']}")
     tasks = pair_tasks(settings, table2_cells, pairs, training, runs_dir, "table2", tuning["chosen"])
     records, seconds = run_tasks(tasks, jobs)
-    json_path = os.path.join(out, "results.json")
-    previous = dict(training=TRAINING, settings=SETTINGS, records=[], examples={}, features=None)
-    if os.path.exists(json_path):
-        with open(json_path) as f:
-            previous = json.load(f)
     kept = [r for r in previous["records"] if r.get("study", "grid") != "table2"
             and not (r.get("study", "grid") == "grid" and r["mode"] in comparators.METHODS)]
     previous.update(records=kept + records, table2=dict(seconds=seconds, jobs=jobs, training=training,
                                                          pairs=[list(p) for p in pairs]))
-    with open(json_path, "w") as f:
-        json.dump(previous, f)
+    train.write_atomic(json_path, lambda f: f.write(json.dumps(previous).encode()))
     write_reports(out, previous, tuning)
     print(f"Table 2 grid: {len(records)} runs in {seconds / 60:.1f} min ({jobs} processes): {json_path}")
     return records
+
+
+def read_json(path, missing):
+    """The contents of a JSON file reproduce.py wrote, `missing` if there is none; one line if it cannot be read."""
+    if not os.path.exists(path):
+        return missing
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:  # a cut file, not JSON, not UTF-8
+        raise train.TrainingError(f"{path} could not be read ({error.__class__.__name__}: {error}); move it away")
 
 
 def write_reports(out, results, tuning):
@@ -1296,9 +1302,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=train.number(int, 1), default=1, help="--table2: runs at a time, one process each")
     args = parser.parse_args(argv)
     if args.table2:
-        if args.jobs < 1:
-            parser.error(f"--jobs must be at least 1, got {args.jobs}")
-        return table2(args.out, args.runs_dir, args.jobs)
+        return one_line_errors(lambda: table2(args.out, args.runs_dir, args.jobs),
+                               "the runs finished are in --runs-dir; results.json is as it was")
     try:
         settings = comma_list(args.settings, tuple(SETTINGS), "--settings")
         modes = comma_list(args.modes, train.MODES, "--modes")

@@ -154,6 +154,16 @@ def test_a_results_file_that_is_not_one_is_refused_in_one_line(capsys, tmp_path,
     assert line.endswith("move it away, or pass --overwrite to replace it") and no_runs == []
 
 
+@pytest.mark.parametrize("name", ["results.json", "tuning.json"])
+def test_table2_refuses_a_cut_json_file_before_the_first_run(capsys, tmp_path, monkeypatch, name):
+    asked = []
+    monkeypatch.setattr(reproduce, "run_tasks", lambda tasks, jobs: asked.append(tasks))
+    (tmp_path / name).write_text('{"records": [')
+    line = refused(capsys, ["--table2", "--out", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    assert line.startswith(f"error: {tmp_path / name} could not be read (JSONDecodeError") and asked == []
+    assert (tmp_path / name).read_text() == '{"records": ['
+
+
 @pytest.mark.parametrize("flag", ["--out", "--runs-dir"])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_runs(capsys, tmp_path, monkeypatch, no_runs,
                                                                               flag):
