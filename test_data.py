@@ -149,8 +149,8 @@ def test_weak_view_keeps_a_share_of_its_signal_and_the_strong_view_is_untouched(
         strong, weak = weakened.degraded_view != v, weakened.degraded_view == v
         assert torch.equal(weakened.features[v][strong], clean.features[v][strong])
         x, y = clean.features[v][weak], weakened.features[v][weak]
-        assert (x * y).mean() == pytest.approx(0.2 * (x * x).mean(), abs=0.02)  # signal kept: 0.2 of it
-        assert (y - 0.2 * x).var() == pytest.approx(0.96, abs=0.05)  # the rest is unit-variance noise
+        assert (x * y).mean().item() == pytest.approx(0.2 * (x * x).mean().item(), abs=0.02)  # 0.2 of the signal
+        assert (y - 0.2 * x).var().item() == pytest.approx(0.96, abs=0.05)  # the rest is unit-variance noise
 
 
 def test_weak_view_noise_is_drawn_anew_per_training_read_and_fixed_for_evaluation():
