@@ -123,8 +123,9 @@ def test_sharded_passes_plans_and_method_statistics_equal_the_single_process(tmp
     assert ranks[0]["methods"]["online"][0].tolist() == BATCH  # the table of both processes' rows
 
 
+@pytest.mark.slow
 def test_a_two_process_run_trains_writes_one_log_and_resumes(tmp_path):
-    # the 2-process runs of the other modes take minutes: test_every_mode_runs_under_torchrun, slow
+    # with test_every_mode_runs_under_torchrun_and_resumes, under -m slow: the default suite launches torchrun once
     out = tmp_path / "run"
     flags = [*SYNTHETIC, "--synthetic-samples", "45", "--batch-size", "8", "--mode", "sample", "--epochs", "2"]
     done = torchrun("train.py", *flags, "--out", out)
