@@ -622,10 +622,10 @@ def read_head_losses(model, inputs, target):
 class GBlending(Method):
     """Online G-Blending: the loss is sum_k w_k CE_k over the heads k = all modalities, then each modality alone
     (through the mask, sharing the fusion head). Every epoch records each head's training loss (the mean over the
-    epoch's batches) and validation loss (head_losses after the epoch), from the first epoch on. At the start of
-    every super-epoch (epochs warmup, warmup + S, ...) the weights are re-estimated (blending_weights) from the first
-    and last epochs of the S epochs before it (the warm-up for the first); uniform weights while there is no
-    estimate."""
+    epoch's batches) and validation loss (read_head_losses over the validation set after the epoch), from the first
+    epoch on. At the start of every super-epoch (epochs warmup, warmup + S, ...) the weights are re-estimated
+    (blending_weights) from the first and last epochs of the S epochs before it (the warm-up for the first); uniform
+    weights while there is no estimate."""
 
     name = "gblending"
 
