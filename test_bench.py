@@ -162,6 +162,7 @@ def test_forward_batch_sizes_sees_whole_batch_calls_of_mixing_fusions():
         assert sizes == [4] * 3  # one call per non-empty coalition, each over the whole batch
 
 
+@pytest.mark.slow
 def test_peak_bytes_sees_an_allocation():
     """In a process set up as bench_memory sets up its probe, where freed memory is given back to the system."""
     size = 64 * 2 ** 20

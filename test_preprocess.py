@@ -477,6 +477,7 @@ def test_cremad_audio_from_the_wav_folder(cremad_videos, tmp_path, capsys):
     assert not os.path.exists(root / "visual" / clips[0])
 
 
+@pytest.mark.slow
 @needs_av
 def test_a_rotated_video_is_saved_upright(tmp_path):
     import av

@@ -126,6 +126,7 @@ def test_corrupt_jpeg_found_while_training(ks_root, capsys, workers):
     assert "b1" in message and ".jpg: cannot read JPEG" in message
 
 
+@pytest.mark.slow  # about 10 s; test_corrupt_jpeg_found_while_training stays in the default run
 def test_corrupt_jpeg_found_later_keeps_what_was_written(ks_root, capsys):
     train.main(ks_flags(ks_root))
     run_dir = ks_root.parent / "run"

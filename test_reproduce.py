@@ -368,6 +368,7 @@ def figure5(tmp_path_factory):
     return results, (out / "results" / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_figure5_numbers(figure5):
     results, text = figure5
     study = results["features"]
