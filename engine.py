@@ -255,10 +255,16 @@ def coalition_reader():
     return read_batch
 
 
-def valuation_pass(model, dataset, loader_kwargs, device, amp=False):
+def valuation_pass(model, dataset, loader_kwargs, device, amp=False, also=None):
     """Evaluation and valuation (Sec. 3.2) of every sample of `dataset` in one read: dict(index [N], labels [N],
-    prediction [N] from all modalities, scores [N, K], correct [N, 2**n] bool), in the data set's order."""
-    result = evaluate(model, dataset, coalition_reader(), loader_kwargs, device, amp)
+    prediction [N] from all modalities, scores [N, K], correct [N, 2**n] bool), in the data set's order; with
+    `also`, another read_batch whose fields are read in the same pass."""
+    valuation = coalition_reader()
+
+    def read_batch(model, inputs, target):
+        return dict(valuation(model, inputs, target), **(also(model, inputs, target) if also else {}))
+
+    result = evaluate(model, dataset, read_batch, loader_kwargs, device, amp)
     result["prediction"] = result["scores"].argmax(1)
     return result
 

@@ -776,14 +776,8 @@ def evaluate_checkpoint(path, split="test", args=None, given=(), confidence=Fals
     check_config(checkpoint, model_config(saved, dataset), path)
     model = build_model(saved, dataset).to(device)
     model.load_state_dict(checkpoint["model"])
-    valuation = engine.coalition_reader()
-
-    def read_batch(model, inputs, target):  # Figure 4: OGM-GE's confidence beside phi, from the same read
-        return dict(valuation(model, inputs, target), **comparators.read_confidence(model, inputs, target))
-
-    result = engine.evaluate(model, dataset, read_batch if confidence else valuation, loader_settings(saved, device),
-                             device, saved.amp)
-    result["prediction"] = result["scores"].argmax(1)
+    result = engine.valuation_pass(model, dataset, loader_settings(saved, device), device, saved.amp,
+                                   also=comparators.read_confidence if confidence else None)  # Figure 4
     result["phi"] = engine.contributions(result)
     result["epoch"] = checkpoint["epoch"]
     return result, dataset
