@@ -9,7 +9,7 @@ a ratio of two things measured side by side in one run (interleaved repetitions,
      for input masking of a late-fusion model (concat). Fusions that mix modalities inside the network
      (centralnet, mmtm) run the whole network per coalition: their ratio is informational, and the row checks
      that every forward call takes the whole batch ("batched"), never one sample at a time.
-  2. modality-level is cheaper: the plan (method.ModalityValuation.plan) of the modality-level method (Alg. 2, valuing a subset Z of
+  2. modality-level is cheaper: the plan (method.ModalityLevel.plan) of the modality-level method (Alg. 2, valuing a subset Z of
      20 %) / that of the sample-level method (Alg. 1, valuing every sample), <= 0.25.
   3. a uni-modal copy costs about one encoder: a training step (engine.train_one_epoch on one batch: forward, loss,
      backward, SGD step) over uni-modal copies (each row keeps one modality, half of each, shuffled) / a step over
@@ -43,8 +43,8 @@ sharding and gathering cost rather than what GPUs would gain.
 
   7. online valuation (train.py --valuation online) is nearly free: a training epoch over D^rs
      (engine.train_one_epoch over data.TrainingBatches, SGD) with online valuation (each step's features valued
-     by the fusion head per coalition, method.value_online) / the same epoch without it, <= 1.03. Beside it,
-     for information: the offline valuation pass of the sample level (the plan of method.ModalityValuation: one pass over the
+     by the fusion head per coalition, method.OnlineValuation.record) / the same epoch without it, <= 1.03. Beside it,
+     for information: the offline valuation pass of the sample level (the plan of method.SampleLevel: one pass over the
      training set in eval mode, Eq. 1-3, the Eq. 10 plan) / that training epoch; and a whole sample-level epoch,
      offline (that pass, then the training epoch) and online (the plan from the table the previous epoch filled,
      then the training epoch with online valuation), each / a baseline epoch over the same samples (no copies).
@@ -181,11 +181,11 @@ def loader_settings(batch_size, device):
 
 
 def offline_plan(mode, model, dataset, loader_kwargs, device, generator, amp):
-    """The plan of one epoch of `mode` after the warm-up, offline (method.ModalityValuation.plan): the valuation
+    """The plan of one epoch of `mode` after the warm-up, offline (method.SampleLevel.plan): the valuation
     pass (Eq. 1-3) and the copies (Eq. 10 or 11)."""
     valuation = method.OfflineValuation(dataset, loader_kwargs, device, amp)
-    return method.ModalityValuation(mode, len(dataset), len(dataset.modalities), generator, valuation,
-                                    subset_ratio=SUBSET_RATIO).plan(0, model)
+    settings = dict(subset_ratio=SUBSET_RATIO) if mode == "modality" else {}
+    return method.METHODS[mode](valuation, generator, len(dataset), **settings).plan(0, model)
 
 
 def train_epoch(model, method_, loader, optimizer, scaler, device, amp):
@@ -202,7 +202,8 @@ def evaluation_pass(model, dataset, loader_kwargs, device, amp):
 
 def valuate(model, dataset, loader_kwargs, device, amp):
     """phi [N, n] of every sample: train.py's valuation (one pass, then Eq. 1-3)."""
-    return engine.contributions(engine.valuation_pass(model, dataset, loader_kwargs, device, amp))
+    correct = engine.valuation_pass(model, dataset, loader_kwargs, device, amp)["correct"]
+    return shapley_mm.shapley_values(shapley_mm.benefit(correct))
 
 
 def forward_batch_sizes(model, fn):
@@ -516,8 +517,8 @@ def bench_online(s, device, amp, clock):
     original = data.ResampledDataset(dataset, torch.zeros(0), torch.zeros(0))  # D, for the baseline
     parts = {"valuation pass": [], "training": [], "training, online valuation": []}  # seconds, warm-up first
     # the online side's method: each epoch's plan from the table its previous epoch's steps filled
-    online = method.ModalityValuation("sample", len(dataset), len(dataset.modalities), generator, None, warmup=1,
-                                      online=True)
+    online = method.SampleLevel(method.OnlineValuation(len(dataset), len(dataset.modalities)), generator,
+                                len(dataset), warmup=1)
     plain = method.Method()
 
     def training_epoch(side, epoch_set, method_):

@@ -39,10 +39,8 @@ from torch.utils.data import Subset
 import engine
 import models
 import shapley_mm
-from method import Method
+from method import METHODS, Method, register
 
-METHODS = ("ogm-ge", "greedy", "pmr", "agm", "gblending")
-REQUIRED_FUSION = {"greedy": "mmtm"}  # a method that needs one fusion; the others take every fusion
 # AGM's code, (cap, clip): a coefficient's exponent is at most alpha * cap, and every gradient is clipped to norm
 # `clip` when a gradient of the output layer's weight leaves [-clip, clip]. Two modalities: run/CREMAD_main.py,
 # train (cap 10, lines 151-152; clip 1, lines 233-243); more: run/URFunny_main.py, train (cap 7, lines 128-130;
@@ -50,69 +48,33 @@ REQUIRED_FUSION = {"greedy": "mmtm"}  # a method that needs one fusion; the othe
 AGM_LIMITS_TWO, AGM_LIMITS_MORE = (10.0, 1.0), (7.0, 5.0)
 
 
-# each method's own flags (train.py refuses them in another mode)
-FLAG_MODES = dict(ogm_alpha="ogm-ge", greedy_epsilon="greedy", greedy_window="greedy", pmr_alpha="pmr",
-                  pmr_momentum="pmr", pmr_fraction="pmr", agm_alpha="agm", super_epoch="gblending")
+class ComparedMethod(Method):
+    """What the compared methods share: no copies (D^rs = D), a changed training step in the epochs after --warmup
+    up to --modulation-ends, two or more modalities, and no online valuation (their losses record none)."""
+    uses_warmup = True
 
+    @staticmethod
+    def add_arguments(group, number):
+        group.add_argument("--modulation-ends", type=number(int, 0),
+                           help="last epoch in which the compared method acts (it starts after --warmup); default: "
+                                "the last epoch")
 
-def add_arguments(parser, number):
-    """The methods' flags, with the official code's defaults; `number` is train.py's ranged argparse type."""
-    g = parser.add_argument_group("comparators (--mode ogm-ge, greedy, pmr, agm, gblending)")
-    g.add_argument("--modulation-ends", type=number(int, 0),
-                   help="last epoch in which a comparator acts (it starts after --warmup); default: the last epoch")
-    g.add_argument("--ogm-alpha", type=number(float, 0.0), default=0.1,
-                   help="OGM-GE: alpha in k = 1 - tanh(alpha * rho) (default: %(default)s)")
-    g.add_argument("--greedy-epsilon", type=number(float, 0.0), default=0.01,
-                   help="Greedy: threshold on the gap of the conditional learning speeds (default: %(default)s)")
-    g.add_argument("--greedy-window", type=number(int, 1), default=5,
-                   help="Greedy: steps of a curation window (default: %(default)s)")
-    g.add_argument("--pmr-alpha", type=number(float, 0.0), default=1.0,
-                   help="PMR: weight of the prototype cross-entropy (default: %(default)s)")
-    g.add_argument("--pmr-momentum", type=number(float, 0.0, 1.0), default=0.2,
-                   help="PMR: share of the previous prototypes in each update (default: %(default)s)")
-    g.add_argument("--pmr-fraction", type=number(float, 0.0, 1.0, low_open=True), default=0.1,
-                   help="PMR: fraction of the training set the prototypes are computed from (default: %(default)s)")
-    g.add_argument("--agm-alpha", type=number(float, 0.0), default=1.0,
-                   help="AGM: alpha in exp(alpha * (eta - r)) (default: %(default)s, AGM's utils/config.py)")
-    g.add_argument("--super-epoch", type=number(int, 2), default=10,
-                   help="G-Blending: epochs between two estimates of the loss weights (default: %(default)s)")
-
-
-def refusal(args, num_modalities):
-    """Why a comparator cannot run with these flags, in one line; None when it can."""
-    if args.mode not in METHODS:
+    @classmethod
+    def refusal(cls, args, num_modalities):
+        if num_modalities < 2:
+            return (f"--mode {args.mode} balances modalities against each other and needs at least two; this run "
+                    f"has {num_modalities} (use --mode baseline)")
+        if args.modulation_ends is not None and args.modulation_ends < args.warmup:
+            return (f"--modulation-ends {args.modulation_ends} is before the first epoch after the warm-up "
+                    f"(--warmup {args.warmup}): --mode {args.mode} would never act; use --modulation-ends >= "
+                    f"{args.warmup}")
         return None
-    if num_modalities < 2:
-        return (f"--mode {args.mode} balances modalities against each other and needs at least two; this run has "
-                f"{num_modalities} (use --mode baseline)")
-    needed = REQUIRED_FUSION.get(args.mode)
-    if needed is not None and args.fusion != needed:
-        return (f"--mode {args.mode} reads the learning speeds of MMTM's cross-modal path and needs --fusion "
-                f"{needed}, not {args.fusion}")
-    if args.mode == "pmr" and not issubclass(models.classifier_kind(args.fusion), models.LateFusionClassifier):
-        return (f"--mode pmr builds prototypes from each modality's own pooled feature; --fusion {args.fusion} "
-                f"mixes the modalities inside the network and has none (use a late fusion: "
-                f"{', '.join(models.FUSION_HEADS)})")
-    return None
 
-
-def build(args, model, splits, loader_kwargs, device, generator, valuation=None):
-    """The method of args.mode for `model`, with the data it reads between epochs; `valuation` (--track-phi) values
-    the training set every epoch for the log."""
-    n = model.num_modalities
-    schedule = dict(warmup=args.warmup, last_epoch=args.modulation_ends, valuation=valuation)
-    if args.mode == "ogm-ge":
-        return OGMGE(n, args.ogm_alpha, **schedule)
-    if args.mode == "greedy":
-        return Greedy(model, args.greedy_epsilon, args.greedy_window, **schedule)
-    if args.mode == "pmr":
-        return PMR(model, splits["train_eval"], loader_kwargs, device, generator, args.pmr_alpha, args.pmr_momentum,
-                   args.pmr_fraction, args.amp, **schedule)
-    if args.mode == "agm":
-        return AGM(n, args.agm_alpha, **schedule)
-    if args.mode == "gblending":
-        return GBlending(model, splits["val"], loader_kwargs, device, args.super_epoch, args.amp, **schedule)
-    raise ValueError(f"unknown comparator {args.mode!r}; expected one of {METHODS}")
+    @staticmethod
+    def schedule(args, valuation):
+        """The base's settings of a compared method: --track-phi's valuation and the epochs it acts in."""
+        return dict(valuation=valuation, track_phi=args.track_phi, warmup=args.warmup,
+                    last_epoch=args.modulation_ends)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +185,7 @@ def ogm_ge_step(model, coefficients):
             p.grad.mul_(coefficient).add_(noise)
 
 
-class ResponseModulation(Method):
+class ResponseModulation(ComparedMethod):
     """What OGM-GE and AGM share: per batch, the modalities' responses give one coefficient per modality
     (coefficients_from, the method's rule) that changes the gradients (OGM-GE: each encoder's after backward, in
     modulate; AGM: the gradient through each response, in its loss). The coefficients' mean over the epoch's
@@ -234,7 +196,7 @@ class ResponseModulation(Method):
         self.coefficients = torch.ones(num_modalities, dtype=torch.float64)
         self.coefficient_sums, self.steps = torch.zeros(num_modalities, dtype=torch.float64), 0
 
-    def start_epoch(self, epoch, active):
+    def start_epoch(self, epoch, active, model):
         self.active = active
         self.coefficient_sums, self.steps = torch.zeros_like(self.coefficient_sums), 0
 
@@ -266,16 +228,27 @@ def sums_branches(model):
     return isinstance(model, models.LateFusionClassifier) and isinstance(model.head, models.SumFusion)
 
 
+@register
 class OGMGE(ResponseModulation):
     """OGM-GE: per batch, the scores s_m of the modalities' responses (Eq. 9), the coefficients k_m
     (ogm_coefficients), and the change of the encoders' gradients (ogm_ge_step). No state between batches. The
     response is the Shapley response, except for sum fusion: each branch's own output (branch_responses)."""
 
     name = "ogm-ge"
+    about = "OGM-GE (Peng et al., CVPR 2022): the dominant modality's encoder gradients scaled down, plus noise"
 
     def __init__(self, num_modalities, alpha, **schedule):
         super().__init__(num_modalities, **schedule)
         self.alpha = alpha
+
+    @staticmethod
+    def add_arguments(group, number):
+        group.add_argument("--ogm-alpha", type=number(float, 0.0), default=0.1,
+                           help="alpha in k = 1 - tanh(alpha * rho) (default: %(default)s)")
+
+    @classmethod
+    def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
+        return cls(model.num_modalities, args.ogm_alpha, **cls.schedule(args, valuation))
 
     def loss(self, model, inputs, target, mask=None, index=None):
         if not (self.active and sums_branches(model)):
@@ -317,7 +290,8 @@ def greedy_trigger(bypass_speeds, main_speeds, epsilon):
     return None
 
 
-class Greedy(Method):
+@register
+class Greedy(ComparedMethod):
     """Greedy's re-balancing step for MMTM: after every backward pass outside a curation window, the running sums
     of the learning speeds of each modality's main path (its encoder) and bypass path (MMTM's joint layer, shared,
     and its own excitation layer) are updated; when greedy_trigger names a modality, the next `window` steps replace
@@ -326,6 +300,8 @@ class Greedy(Method):
     only), so the classifier itself is unchanged."""
 
     name = "greedy"
+    about = "Greedy (Wu et al., ICML 2022): MMTM's cross-modal path cut for the faster-learning modality"
+    fusion = "mmtm"
     some_parameters_idle = True  # a replaced gate leaves its excitation layer without a gradient
 
     def __init__(self, model, epsilon, window, **schedule):
@@ -348,6 +324,24 @@ class Greedy(Method):
             for m, excitation in enumerate(mixer.excitations):
                 excitation.register_forward_hook(self.gate_hook(level, m))
 
+    @staticmethod
+    def add_arguments(group, number):
+        group.add_argument("--greedy-epsilon", type=number(float, 0.0), default=0.01,
+                           help="threshold on the gap of the conditional learning speeds (default: %(default)s)")
+        group.add_argument("--greedy-window", type=number(int, 1), default=5,
+                           help="steps of a curation window (default: %(default)s)")
+
+    @classmethod
+    def refusal(cls, args, num_modalities):
+        if args.fusion != cls.fusion and num_modalities >= 2:
+            return (f"--mode {args.mode} reads the learning speeds of MMTM's cross-modal path and needs --fusion "
+                    f"{cls.fusion}, not {args.fusion}")
+        return super().refusal(args, num_modalities)
+
+    @classmethod
+    def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
+        return cls(model, args.greedy_epsilon, args.greedy_window, **cls.schedule(args, valuation))
+
     def gate_hook(self, level, m):
         def hook(module, args, output):  # output: E_m [B, C], the gate is 2 * sigmoid(E_m) (models.MMTM)
             if not module.training:
@@ -362,7 +356,7 @@ class Greedy(Method):
             return torch.logit(average / 2).to(output).expand_as(output)  # 2 * sigmoid(.) = the running average
         return hook
 
-    def start_epoch(self, epoch, active):
+    def start_epoch(self, epoch, active, model):
         self.active, self.curated_steps = active, 0
 
     def loss(self, model, inputs, target, mask=None, index=None):
@@ -432,34 +426,59 @@ def read_features(model, inputs, target):
     return {f"feature_{m}": feature.float() for m, feature in enumerate(model.encode(inputs))}
 
 
-class PMR(Method):
+@register
+class PMR(ComparedMethod):
     """PMR: prototypes per modality and class from a random --pmr-fraction of the training samples (evaluation
     transforms, eval mode) at the start of every epoch in which the method acts, with momentum; the loss adds
     alpha * CE(-distance(feature, prototypes)) for the weaker modalities (pmr_weights)."""
     name = "pmr"
+    about = "PMR (Fan et al., CVPR 2023): a prototype cross-entropy for the weaker modality"
 
-    def __init__(self, model, train_eval, loader_kwargs, device, generator, alpha, momentum, fraction, amp=False,
-                 **schedule):
+    def __init__(self, num_modalities, train_eval, loader_kwargs, device, generator, alpha, momentum, fraction,
+                 amp=False, **schedule):
         super().__init__(**schedule)
         self.train_eval, self.loader_kwargs, self.device, self.generator = train_eval, loader_kwargs, device, generator
-        self.model, self.alpha, self.momentum, self.fraction, self.amp = model, alpha, momentum, fraction, amp
+        self.alpha, self.momentum, self.fraction, self.amp = alpha, momentum, fraction, amp
         self.prototypes = None  # one [K, d_m] per modality
-        self.weight_sums, self.steps = torch.zeros(model.num_modalities), 0
+        self.weight_sums, self.steps = torch.zeros(num_modalities), 0
 
-    def update_prototypes(self):
+    @staticmethod
+    def add_arguments(group, number):
+        group.add_argument("--pmr-alpha", type=number(float, 0.0), default=1.0,
+                           help="weight of the prototype cross-entropy (default: %(default)s)")
+        group.add_argument("--pmr-momentum", type=number(float, 0.0, 1.0), default=0.2,
+                           help="share of the previous prototypes in each update (default: %(default)s)")
+        group.add_argument("--pmr-fraction", type=number(float, 0.0, 1.0, low_open=True), default=0.1,
+                           help="fraction of the training set the prototypes are computed from (default: "
+                                "%(default)s)")
+
+    @classmethod
+    def refusal(cls, args, num_modalities):
+        if num_modalities >= 2 and not issubclass(models.classifier_kind(args.fusion), models.LateFusionClassifier):
+            return (f"--mode {args.mode} builds prototypes from each modality's own pooled feature; --fusion "
+                    f"{args.fusion} mixes the modalities inside the network and has none (use a late fusion: "
+                    f"{', '.join(models.FUSION_HEADS)})")
+        return super().refusal(args, num_modalities)
+
+    @classmethod
+    def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
+        return cls(model.num_modalities, splits["train_eval"], loader_kwargs, device, generator, args.pmr_alpha,
+                   args.pmr_momentum, args.pmr_fraction, args.amp, **cls.schedule(args, valuation))
+
+    def update_prototypes(self, model):
         count = max(1, int(round(self.fraction * len(self.train_eval))))
         chosen = torch.randperm(len(self.train_eval), generator=self.generator)[:count].tolist()
-        read = engine.evaluate(self.model, Subset(self.train_eval, chosen), read_features, self.loader_kwargs,
+        read = engine.evaluate(model, Subset(self.train_eval, chosen), read_features, self.loader_kwargs,
                                self.device, self.amp)
-        previous = self.prototypes or [None] * self.model.num_modalities
-        self.prototypes = [class_prototypes(read[f"feature_{m}"], read["labels"], self.model.num_classes, p,
+        previous = self.prototypes or [None] * model.num_modalities
+        self.prototypes = [class_prototypes(read[f"feature_{m}"], read["labels"], model.num_classes, p,
                                             self.momentum) for m, p in enumerate(previous)]
 
-    def start_epoch(self, epoch, active):
+    def start_epoch(self, epoch, active, model):
         self.active = active
         self.weight_sums, self.steps = torch.zeros_like(self.weight_sums), 0
         if active:
-            self.update_prototypes()
+            self.update_prototypes(model)
 
     def loss(self, model, inputs, target, mask=None, index=None):
         features = model.encode(inputs)
@@ -539,6 +558,7 @@ def output_layer_weights(model):
     return [layer.weight for layer in layers]
 
 
+@register
 class AGM(ResponseModulation):
     """AGM: every step, from the first (the warm-up included, as its code keeps the running scores from epoch 1),
     the cross-entropies s_m of the modalities' Shapley responses and their running mean; in the epochs the method
@@ -547,11 +567,21 @@ class AGM(ResponseModulation):
     (agm_limits)."""
 
     name = "agm"
+    about = "AGM (Li et al., ICCV 2023): each encoder's gradients scaled by its response's loss gap"
 
     def __init__(self, num_modalities, alpha, **schedule):
         super().__init__(num_modalities, **schedule)
         self.alpha = alpha
         self.running_losses, self.running_steps = torch.zeros(num_modalities, dtype=torch.float64), 0
+
+    @staticmethod
+    def add_arguments(group, number):
+        group.add_argument("--agm-alpha", type=number(float, 0.0), default=1.0,
+                           help="alpha in exp(alpha * (eta - r)) (default: %(default)s, AGM's utils/config.py)")
+
+    @classmethod
+    def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
+        return cls(model.num_modalities, args.agm_alpha, **cls.schedule(args, valuation))
 
     def coefficients_from(self, probability):  # [n, B], the true-class softmax of each response
         # [n]; AGM's code: a probability >= 1e-8
@@ -619,7 +649,8 @@ def read_head_losses(model, inputs, target):
                                                        reduction="none") for member in members], 1))
 
 
-class GBlending(Method):
+@register
+class GBlending(ComparedMethod):
     """Online G-Blending: the loss is sum_k w_k CE_k over the heads k = all modalities, then each modality alone
     (through the mask, sharing the fusion head). Every epoch records each head's training loss (the mean over the
     epoch's batches) and validation loss (read_head_losses over the validation set after the epoch), from the first
@@ -628,19 +659,30 @@ class GBlending(Method):
     weights while there is no estimate."""
 
     name = "gblending"
+    about = ("Gradient-Blending (Wang et al., CVPR 2020): multimodal and uni-modal losses weighted by their "
+             "overfitting-to-generalisation ratio")
 
-    def __init__(self, model, val_set, loader_kwargs, device, super_epoch, amp=False, **schedule):
+    def __init__(self, num_modalities, val_set, loader_kwargs, device, super_epoch, amp=False, **schedule):
         super().__init__(**schedule)
         self.val_set, self.loader_kwargs, self.device, self.super_epoch, self.amp = (val_set, loader_kwargs, device,
                                                                                      super_epoch, amp)
-        self.model = model
-        n = model.num_modalities
+        n = num_modalities
         self.members = head_members(n)  # [n + 1, n]
         self.weights = torch.full((n + 1,), 1.0 / (n + 1), dtype=torch.float64)
         self.train_losses, self.val_losses = {}, {}  # epoch -> [n + 1]
         self.loss_sums, self.steps = torch.zeros(n + 1, dtype=torch.float64), 0
 
-    def start_epoch(self, epoch, active):
+    @staticmethod
+    def add_arguments(group, number):
+        group.add_argument("--super-epoch", type=number(int, 2), default=10,
+                           help="epochs between two estimates of the loss weights (default: %(default)s)")
+
+    @classmethod
+    def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
+        return cls(model.num_modalities, splits["val"], loader_kwargs, device, args.super_epoch, args.amp,
+                   **cls.schedule(args, valuation))
+
+    def start_epoch(self, epoch, active, model):
         self.active = active
         self.loss_sums, self.steps = torch.zeros_like(self.loss_sums), 0
         if active and (epoch - self.warmup) % self.super_epoch == 0:
@@ -668,10 +710,10 @@ class GBlending(Method):
             return losses[0]
         return (self.weights.to(losses) * losses).sum()
 
-    def end_epoch(self, epoch):
+    def end_epoch(self, epoch, model):
         totals = engine.sum_over_processes(torch.cat([self.loss_sums, torch.tensor([self.steps], dtype=torch.float64)]))
         self.train_losses[epoch] = totals[:-1] / max(totals[-1].item(), 1)  # the mean over every process's steps
-        read = engine.evaluate(self.model, self.val_set, read_head_losses, self.loader_kwargs, self.device, self.amp)
+        read = engine.evaluate(model, self.val_set, read_head_losses, self.loader_kwargs, self.device, self.amp)
         self.val_losses[epoch] = read["head_loss"].double().mean(0)
 
     def summary(self):
@@ -684,3 +726,6 @@ class GBlending(Method):
     def load_state_dict(self, state):
         self.weights = state["weights"].clone()
         self.train_losses, self.val_losses = dict(state["train_losses"]), dict(state["val_losses"])
+
+
+COMPARED_MODES = tuple(name for name, cls in METHODS.items() if issubclass(cls, ComparedMethod))  # Table 2's

@@ -50,7 +50,7 @@ def check_split(split):
 
 
 # ----------------------------------------------------------------------------------------------
-# The re-sampled epoch D^rs (Algorithm 1 line 9, Algorithm 2 line 10)
+# The re-sampled epoch D^rs (Algorithm 1 line 10, Algorithm 2 line 12)
 
 class ResampledDataset(Dataset):
     """The original samples, then one uni-modal copy per (copy_index[j], copy_modality[j]).
@@ -978,7 +978,8 @@ def build_dataset(name, split, *, root=None, split_file=None, list_dir=None, vie
 def build_splits(name, **options):
     """The datasets of a run, as a dict: train (training transforms), train_eval (the same listing, read
     once, with evaluation transforms: for valuation and training accuracy), val and test. `options` as for
-    build_dataset (augment excepted). mfeat and synthetic have no random transforms: `augment` is unused there."""
+    build_dataset (augment excepted). For the weak-view mfeat set (weak_signal > 0) `augment` draws the weak view's
+    noise anew per read; plain mfeat and synthetic have no random transforms and ignore it."""
     train = build_dataset(name, "train", augment=True, **options)
     train_eval = copy.copy(train)
     train_eval.augment = False

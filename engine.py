@@ -1,7 +1,7 @@
 """The loops every mode shares: one training epoch over D^rs, one evaluation pass, and the plumbing of several
 processes. train.py holds the command line and the epoch loop; method.py and comparators.py say what a mode changes.
 
-    train_one_epoch   Alg. 1 line 11: each step calls the method's loss and its gradient hook (TrainingStep), with
+    train_one_epoch   Alg. 1 line 12 (Alg. 2 line 14): each step calls the method's loss and its gradient hook (TrainingStep), with
                       no branch on mode, valuation or method
     evaluate          one read of a data set in eval mode: one device move per batch, AMP, sharded over the
                       processes of a torchrun job and gathered in the data set's order. Valuation, validation, test,
@@ -9,7 +9,7 @@ processes. train.py holds the command line and the epoch loop; method.py and com
     valuation_pass    evaluate with the coalition correctness (Sec. 3.2): evaluation and valuation in one read
 
 Several processes (torchrun) follow torchvision's references/classification/utils.py: the process group from env://
-(init_distributed_mode), rank 0 alone prints and writes (is_main_process), and a single process is a world of one,
+(setup_distributed), rank 0 alone prints and writes (is_main_process), and a single process is a world of one,
 so the CPU, one GPU and torchrun run one code path.
 """
 import os
@@ -136,7 +136,7 @@ def unwrap(module):
 
 
 # ----------------------------------------------------------------------------------------------
-# the training step and epoch (Alg. 1 line 11)
+# the training step and epoch (Alg. 1 line 12, Alg. 2 line 14)
 
 
 def autocast(device, amp):
@@ -180,7 +180,7 @@ def progress(step, total, start, stream=sys.stderr):
 
 
 def train_one_epoch(step, loader, optimizer, scaler, device, epoch, amp=False):
-    """One pass over D^rs (Alg. 1 line 11). Each batch mixes full samples and uni-modal copies in shuffled order, as
+    """One pass over D^rs (Alg. 1 line 12). Each batch mixes full samples and uni-modal copies in shuffled order, as
     the paper trains; `mask` [B, n] says which modalities each row keeps. `step` is a TrainingStep (or its
     DistributedDataParallel): the method's loss, then, after backward, its gradient hook. Returns (mean loss, rows
     trained), over every process."""
@@ -267,11 +267,6 @@ def valuation_pass(model, dataset, loader_kwargs, device, amp=False, also=None):
     result = evaluate(model, dataset, read_batch, loader_kwargs, device, amp)
     result["prediction"] = result["scores"].argmax(1)
     return result
-
-
-def contributions(result):
-    """phi [N, n] of every sample of a pass (Eq. 1-3)."""
-    return shapley_mm.shapley_values(shapley_mm.benefit(result["correct"]))
 
 
 def metrics(result):

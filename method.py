@@ -1,27 +1,34 @@
-"""The paper's method as one object, in the order of Algorithms 1 and 2, and the small base every mode shares.
+"""The paper's method in the order of Algorithms 1 and 2, the `Method` every training mode is, and the registry of
+modes that train.py reads.
 
 A `Method` is what a training mode changes in the loop that train.py runs. Each epoch the loop asks it for the
 epoch's plan, builds D^rs from the plan's copies, trains on it and validates:
 
     plan(epoch, model)                       -> Plan: the phase, the valuation it made, the uni-modal copies
+    start_epoch(epoch, active, model)        the method's own epoch-level state (the base's plan calls it)
     loss(model, inputs, target, mask, index) the training loss of one step (engine.TrainingStep calls it)
     modulate(model)                          after backward (and DDP's all-reduce), before the optimiser step
-    end_epoch(epoch)                         measurements after the epoch's training
+    end_epoch(epoch, model)                  measurements after the epoch's training
     state_dict() / load_state_dict()         running state, kept in checkpoints so a resumed run is exact
     summary()                                what the epoch's log record shows of the method
 
-The defaults are plain joint training. `ModalityValuation` is the paper's method (baseline, warm-up, sample,
-modality, naive, reversed; valuation offline or online); comparators.py holds the methods it is compared with.
+and, as a class, what train.py needs before there is a model:
 
-Algorithm 1 (sample level) and 2 (modality level), line by line, in ModalityValuation.plan and .loss:
-    line 2      phase: plain joint training for the first --warmup epochs
-    lines 4-5   choose_valued: every training sample (Alg. 1), or a random subset Z (Alg. 2)
-    line 6      value them (Eq. 1-3): offline, one evaluation pass (engine.valuation_pass, shapley_mm); online,
-                from what the previous epoch's training steps recorded (value_online)
-    lines 7-9   plan_copies: Eq. 10's copies of each sample's low-contributing modalities (Alg. 1), Eq. 11's
-                modality and probability (Alg. 2), or Table 4's ablations; D^rs = D + copies
-                (shapley_mm.expand_copies, data.ResampledDataset, built by train.py)
-    line 11     loss: the cross-entropy of each row with the modalities its mask keeps (engine.train_one_epoch)
+    name, about                  its --mode and the line --help shows
+    fusion                       the one fusion it needs (None: any)
+    add_arguments(group, number) its own flags, in its own argparse group; train.py refuses them in other modes
+    refusal(args, n)             why it cannot run with these flags (one line), or None
+    build(args, model, splits, loader_kwargs, device, generator, valuation)  the method of a run
+
+METHODS maps each --mode to its class; `register` adds one. The plain `Method` is --mode baseline; the paper's
+method is SampleLevel (sample, Alg. 1), ModalityLevel (modality, Alg. 2) and Table 4's NaiveResampling and
+ReversedResampling; comparators.py registers the methods the paper compares against.
+
+Algorithms 1 and 2 print no line numbers; here line k is the k-th line the paper prints below "Require:", from
+"for t = 0, ..., T - 1 do" (line 1). Algorithm 1: 2 "if t < F", 3 update with D, 4 "else", 5 D^rs = D, 6 "for
+each sample x in D", 7 phi with Eq. 3, 8 "identify modality i where phi^i < 1", 9 s(x^i) with Eq. 10, 10 add x^i
+s(x^i) times to D^rs, 12 update with D^rs. Algorithm 2: 6 "for each sample x in Z", 7 phi with Eq. 3, 9 the overall
+low-contributing modality i, 10 p(i) with Eq. 11, 11-12 add x^i to D^rs with probability p(i), 14 update with D^rs.
 """
 from dataclasses import dataclass
 
@@ -33,7 +40,13 @@ from torch.utils.data import Subset
 import engine
 import shapley_mm
 
-RESAMPLING_MODES = ("sample", "modality", "naive", "reversed")  # the modes that value and re-sample (Alg. 1-2)
+METHODS = {}  # --mode -> Method class, in the order --help lists them
+
+
+def register(cls):
+    """Make `cls` (a Method subclass with its own `name`) a --mode of train.py; returns it (a class decorator)."""
+    METHODS[cls.name] = cls
+    return cls
 
 
 @dataclass
@@ -47,32 +60,109 @@ class Plan:
     copies: torch.Tensor = None
 
 
+# ----------------------------------------------------------------------------------------------
+# Alg. 1 line 7 / Alg. 2 line 7: the contributions of training samples, taken offline or online
+
+
 class OfflineValuation:
-    """Alg. 1 line 6 as the paper takes it: the samples of the training set valued now, in eval mode, with evaluation
-    transforms (train_eval), in one pass (engine.valuation_pass, then Eq. 1-3). Called with the model and the
-    indices to value [V]; returns phi [V, n]."""
+    """phi as the paper takes it: the samples to value [V] valued now, in eval mode, with evaluation transforms
+    (train_eval), in one pass (engine.valuation_pass: which coalitions predict each sample correctly), then Eq. 1-3.
+    valuation(model, valued) -> phi [V, n]."""
 
     def __init__(self, train_eval, loader_kwargs, device, amp=False):
         self.train_eval, self.loader_kwargs, self.device, self.amp = train_eval, loader_kwargs, device, amp
+        self.num_samples = len(train_eval)
 
     def __call__(self, model, valued):
         result = engine.valuation_pass(model, Subset(self.train_eval, valued.tolist()), self.loader_kwargs,
                                        self.device, self.amp)
-        return engine.contributions(result)
+        return shapley_mm.shapley_values(shapley_mm.benefit(result["correct"]))  # Eq. 1-3
 
 
+class OnlineValuation:
+    """phi taken inside the training steps (--valuation online, Sec. 3.2 with Eq. 1 read during training): the
+    steps of epoch t record which coalitions predict each sample correctly (record), and epoch t + 1 is planned
+    from them (valued). `table` holds correct [N, 2**n] bool and seen [N] bool while an epoch records, else None."""
+
+    def __init__(self, num_samples, num_modalities):
+        self.num_samples, self.num_modalities = num_samples, num_modalities
+        self.table = None
+
+    def start_recording(self, needed):
+        """A fresh table for this epoch's steps if the next epoch's plan needs one, else none."""
+        self.table = (dict(correct=torch.zeros(self.num_samples, 2 ** self.num_modalities, dtype=torch.bool),
+                           seen=torch.zeros(self.num_samples, dtype=torch.bool)) if needed else None)
+
+    @torch.no_grad()
+    def record(self, model, features, target, index, mask):
+        """One training batch: for the original rows (every modality kept; a uni-modal copy's sample is valued by
+        its original row), the 2**n - 1 coalition predictions from the pooled features the step computed, outside
+        its graph, the fusion head run per coalition with the absent features zeroed (feature masking), written at
+        the rows' sample indices. features: one [B, d_i] per modality; target [B], mask [B, n]; index [B]."""
+        original = mask.all(1)  # [B]
+        if not original.any():
+            return
+        features = [feature[original] for feature in features]  # [B_o, d_i]
+        correct, _ = shapley_mm.coalition_correctness(lambda keep: model.fuse(features, keep), target[original],
+                                                      model.num_modalities)
+        rows = index.cpu()[original.cpu()]
+        self.table["correct"][rows] = correct.cpu()
+        self.table["seen"][rows] = True
+
+    def valued(self):
+        """(the samples the previous epoch's steps saw [V], their phi [V, n]) from every process's table; (None,
+        None) before any epoch recorded one. A process values the rows of its own batches: a sample is seen if any
+        process saw it, and its row is the one that process wrote (processes sharing a padded batch write alike)."""
+        if self.table is None:
+            return None, None
+        table = self.table
+        if dist.is_initialized():
+            table = {key: engine.sum_over_processes(value.to(torch.uint8), dist.ReduceOp.MAX).bool()
+                     for key, value in table.items()}
+        valued = table["seen"].nonzero().squeeze(1)  # Z is every sample seen
+        return valued, shapley_mm.shapley_values(shapley_mm.benefit(table["correct"][valued]))  # Eq. 1-3
+
+
+# ----------------------------------------------------------------------------------------------
+# the base: plain joint training (--mode baseline)
+
+
+@register
 class Method:
-    """Plain joint training, and the defaults of every method. A method acts in its epochs from `warmup` to
-    `last_epoch` (None: to the end); before, the phase is "warmup", after, "joint". With `valuation` (an
-    OfflineValuation; --track-phi), every epoch values the whole training set for the log, and plans nothing."""
+    """Plain joint training of all modalities (--mode baseline), and what every mode shares. A method acts in its
+    epochs from `warmup` to `last_epoch` (None: to the end); before, the phase is "warmup", after, "joint". With
+    `track_phi` (--track-phi), `valuation` (OfflineValuation or OnlineValuation) values the whole training set
+    every epoch for the log."""
     name = "baseline"
+    about = "joint training of all modalities (the Concatenation rows of Tables 1-4)"
+    fusion = None  # the one fusion the method needs; None: any
+    resamples = False  # whether it plans uni-modal copies from valuations
+    uses_warmup = False  # whether its first --warmup epochs are plain joint training (Alg. 1 / 2 lines 2-3)
     some_parameters_idle = False  # whether a step may leave some parameters without a gradient (DDP must know)
 
-    def __init__(self, warmup=0, last_epoch=None, valuation=None):
-        self.warmup, self.last_epoch, self.valuation = warmup, last_epoch, valuation
+    def __init__(self, valuation=None, track_phi=False, warmup=0, last_epoch=None):
+        self.valuation, self.track_phi = valuation, track_phi
+        self.warmup, self.last_epoch = warmup, last_epoch
         self.active = False
 
+    @staticmethod
+    def add_arguments(group, number):
+        """Declare the method's own flags in `group`, with the official code's defaults; `number` is train.py's
+        ranged argparse type. A subclass that defines it gets a group of its own."""
+
+    @classmethod
+    def refusal(cls, args, num_modalities):
+        """Why the method cannot run with these flags, in one line; None when it can."""
+        return None
+
+    @classmethod
+    def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
+        """The method of a run: its settings from the parsed flags `args`, with the model and the data it reads
+        between epochs; `valuation` values the training samples (None unless the method or --track-phi needs it)."""
+        return cls(valuation, args.track_phi)
+
     def phase(self, epoch):
+        """Alg. 1 / 2 line 2: the warm-up, the method, or after --modulation-ends plain joint training."""
         if epoch < self.warmup:
             return "warmup"
         if self.last_epoch is not None and epoch > self.last_epoch:
@@ -81,162 +171,164 @@ class Method:
 
     def plan(self, epoch, model):
         plan = Plan(self.phase(epoch))
-        if self.valuation is not None:
-            plan.valued = torch.arange(len(self.valuation.train_eval))
-            plan.phi = self.valuation(model, plan.valued)
-        self.start_epoch(epoch, active=plan.phase == self.name)
+        if self.track_phi:
+            plan.valued, plan.phi = self.value(model, torch.arange(self.valuation.num_samples))
+        self.next_epoch_valued(epoch)
+        self.start_epoch(epoch, plan.phase == self.name, model)
         return plan
 
-    def start_epoch(self, epoch, active):
+    def value(self, model, valued):
+        """Line 7: (valued [V], phi [V, n]). Offline, the samples `valued` valued now; online, every sample the
+        previous epoch's steps saw ((None, None) before any epoch recorded them)."""
+        if isinstance(self.valuation, OnlineValuation):
+            return self.valuation.valued()
+        return valued, self.valuation(model, valued)
+
+    def next_epoch_valued(self, epoch):
+        """Online valuation: this epoch's steps record what the next epoch's plan will value."""
+        if isinstance(self.valuation, OnlineValuation):
+            self.valuation.start_recording(self.track_phi or (self.resamples and epoch + 1 >= self.warmup))
+
+    def start_epoch(self, epoch, active, model):
         self.active = active
 
     def loss(self, model, inputs, target, mask=None, index=None):
-        return F.cross_entropy(model(inputs, mask).float(), target)
+        if not isinstance(self.valuation, OnlineValuation) or self.valuation.table is None:
+            return F.cross_entropy(model(inputs, mask).float(), target)
+        features = model.encode(inputs, mask)  # encode, then fuse: online valuation reuses the step's features
+        loss = F.cross_entropy(model.fuse(features).float(), target)
+        self.valuation.record(model, features, target, index, mask)
+        return loss
 
     def modulate(self, model):
         pass
 
-    def end_epoch(self, epoch):
+    def end_epoch(self, epoch, model):
         pass
 
     def summary(self):
         return None
 
     def state_dict(self):
-        return {}
+        return dict(online=self.valuation.table if isinstance(self.valuation, OnlineValuation) else None)
 
     def load_state_dict(self, state):
-        pass
+        if isinstance(self.valuation, OnlineValuation):
+            self.valuation.table = state["online"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Algorithms 1 and 2: which samples to value, and the copies their contributions ask for
+# the paper's method: Algorithm 1 (sample level), Algorithm 2 (modality level), Table 4's ablations
 
 
-def choose_valued(phase, num_samples, subset_ratio, generator):
-    """The training samples to value (Alg. 1 / 2, line 5): a random subset Z of subset_ratio of them for the
-    modality level (phase "modality"), every sample otherwise."""
-    if phase != "modality":
-        return torch.arange(num_samples)
-    subset_size = max(1, int(round(subset_ratio * num_samples)))
-    return torch.randperm(num_samples, generator=generator)[:subset_size].sort().values
+@register
+class SampleLevel(Method):
+    """Algorithm 1 (--mode sample): after F warm-up epochs of joint training (lines 2-3), every epoch values every
+    training sample's modalities (lines 6-7, Eq. 1-3) and adds f_s(1 - phi^i) uni-modal copies of each modality
+    contributing phi^i < 1 (lines 8-10, Eq. 10) to D^rs, the set the epoch trains on (line 12)."""
+    name = "sample"
+    about = "Algorithm 1: value every training sample (Eq. 1-3), re-sample its low-contributing modalities (Eq. 10)"
+    resamples = True
+    uses_warmup = True
 
+    def __init__(self, valuation, generator, num_samples, track_phi=False, warmup=0):
+        super().__init__(valuation, track_phi, warmup)
+        self.generator, self.num_samples = generator, num_samples
 
-def plan_copies(phase, phi, valued, num_samples, generator, alpha=1.0, f_m="linear"):
-    """The uni-modal copies of this epoch (Alg. 1 lines 7-9, Alg. 2 lines 7-10), copies [N, n]: copies[k, i] extra
-    copies of training sample k keep modality i alone. phi [V, n] are the contributions of the samples `valued` [V]."""
-    n = phi.shape[1]
-    if phase == "modality":  # Eq. 11: re-sample the overall low-contributing modality with probability p
-        modality, probability = shapley_mm.modality_level_plan(phi, alpha=alpha, f_m=f_m)
-        return shapley_mm.modality_level_copies(num_samples, n, modality, probability, generator=generator)
-    copies = torch.zeros(num_samples, n, dtype=torch.long)
-    copies[valued] = shapley_mm.sample_level_copies(phi)  # Eq. 10
-    if phase == "naive":  # Table 4: same totals per modality, on random samples
-        return shapley_mm.naive_copies(copies, generator=generator)
-    if phase == "reversed":  # Table 4: the copies go to each sample's highest-contributing modality
-        full_phi = torch.zeros(num_samples, n)
-        full_phi[valued] = phi
-        return shapley_mm.reversed_copies(full_phi, copies, generator=generator)
-    return copies
+    @classmethod
+    def refusal(cls, args, num_modalities):
+        if num_modalities < 2:
+            return (f"--mode {args.mode} re-samples one modality against the others and needs at least two "
+                    f"modalities; this run has {num_modalities} (use --mode baseline)")
+        return None
 
-
-# ----------------------------------------------------------------------------------------------
-# online valuation (--valuation online): line 6 taken inside line 11
-
-
-def online_table(num_samples, n):
-    """What online valuation records over one epoch: correct [N, 2**n] bool, which coalitions predicted each
-    training sample correctly at the step that held it, and seen [N] bool."""
-    return dict(correct=torch.zeros(num_samples, 2 ** n, dtype=torch.bool),
-                seen=torch.zeros(num_samples, dtype=torch.bool))
-
-
-@torch.no_grad()
-def value_online(model, features, target, index, mask, table):
-    """Online valuation of one training batch (Sec. 3.2, Eq. 1 taken during training): for the original rows (every
-    modality kept; a uni-modal copy's sample is valued by its original row), the 2**n - 1 coalition predictions
-    from the pooled features the step computed, outside its graph, the fusion head run per coalition with the absent
-    features zeroed (feature masking), written into `table` at the rows' sample indices. features: one [B, d_i]
-    per modality; target [B], mask [B, n] on the device; index [B]."""
-    original = mask.all(1)  # [B]
-    if not original.any():
-        return
-    features = [feature[original] for feature in features]  # [B_o, d_i], no graph under no_grad
-    correct, _ = shapley_mm.coalition_correctness(lambda keep: model.fuse(features, keep), target[original],
-                                                  model.num_modalities)
-    rows = index.cpu()[original.cpu()]
-    table["correct"][rows] = correct.cpu()
-    table["seen"][rows] = True
-
-
-def gathered_table(table):
-    """The online table of every process's steps (each process values the rows of its own batches): a sample is
-    seen if any process saw it, and its row is the one that process wrote (processes that share a padded batch
-    write the same row)."""
-    if not dist.is_initialized():
-        return table
-    return {key: engine.sum_over_processes(value.to(torch.uint8), dist.ReduceOp.MAX).bool()
-            for key, value in table.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# the paper's method
-
-
-class ModalityValuation(Method):
-    """Sample-level modality valuation (Wei et al., CVPR 2024): each epoch after the warm-up, value the training
-    samples' modalities (Eq. 1-3) and re-train the low-contributing ones on their own, per sample (mode "sample",
-    Alg. 1, Eq. 10) or per modality (mode "modality", Alg. 2, Eq. 11), or as Table 4's ablations ("naive",
-    "reversed"); mode "baseline" is joint training throughout. With `online`, line 6 is taken inside line 11: the
-    training steps of epoch t record each sample's coalition predictions (value_online) and epoch t + 1 is planned
-    from them. `track_phi` values every epoch, the warm-up and the baseline too, for the log."""
-
-    def __init__(self, mode, num_samples, num_modalities, generator, valuation, warmup=0, online=False,
-                 track_phi=False, subset_ratio=0.2, alpha=1.0, f_m="linear"):
-        super().__init__(warmup=warmup, valuation=valuation)
-        self.name, self.num_samples, self.num_modalities, self.generator = mode, num_samples, num_modalities, generator
-        self.online, self.track_phi = online, track_phi
-        self.subset_ratio, self.alpha, self.f_m = subset_ratio, alpha, f_m
-        self.table = None  # online: what the current epoch's steps record (online_table)
-
-    def phase(self, epoch):
-        return "baseline" if self.name == "baseline" else super().phase(epoch)  # line 2
+    @classmethod
+    def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
+        return cls(valuation, generator, len(splits["train"]), args.track_phi, args.warmup)
 
     def plan(self, epoch, model):
-        plan = Plan(self.phase(epoch))  # line 2: the warm-up, or the method
-        resampling = plan.phase in RESAMPLING_MODES
-        if resampling or self.track_phi:  # lines 4-6
-            plan.valued, plan.phi = self.value(model, plan.phase)
-        if resampling and plan.phi is not None:  # lines 7-9
-            plan.copies = plan_copies(plan.phase, plan.phi, plan.valued, self.num_samples, self.generator,
-                                      self.alpha, self.f_m)
-        # online: this epoch's steps record what the next epoch's plan will need
-        next_needs = self.track_phi or (self.name != "baseline" and epoch + 1 >= self.warmup)
-        self.table = online_table(self.num_samples, self.num_modalities) if self.online and next_needs else None
-        return plan
+        plan = Plan(self.phase(epoch))  # line 2: t < F is the warm-up (line 3), joint training on D
+        if plan.phase == self.name or self.track_phi:  # lines 6-7: the contributions
+            plan.valued, plan.phi = self.value(model, self.samples_to_value(plan.phase))
+        if plan.phase == self.name and plan.phi is not None:  # lines 8-10: the copies that make D^rs (line 5)
+            plan.copies = self.copies(plan.phi, plan.valued)
+        self.next_epoch_valued(epoch)
+        return plan  # line 12: train.py trains the epoch on D^rs, the training set and these copies
 
-    def value(self, model, phase):
-        """Lines 5-6: (valued [V], phi [V, n]). Offline, every sample or Z valued now, in eval mode; online, every
-        sample the previous epoch's steps saw, from their table (None, None before any epoch filled one)."""
-        if not self.online:
-            valued = choose_valued(phase, self.num_samples, self.subset_ratio, self.generator)
-            return valued, self.valuation(model, valued)
-        if self.table is None:
-            return None, None
-        table = gathered_table(self.table)
-        valued = table["seen"].nonzero().squeeze(1)  # Z is every sample seen
-        return valued, engine.contributions(dict(correct=table["correct"][valued]))
+    def samples_to_value(self, phase):
+        """Line 6: every training sample."""
+        return torch.arange(self.num_samples)
 
-    def loss(self, model, inputs, target, mask=None, index=None):  # line 11
-        if self.table is None:
-            return super().loss(model, inputs, target, mask)
-        features = model.encode(inputs, mask)  # encode, then fuse: valuation reuses the step's features
-        loss = F.cross_entropy(model.fuse(features).float(), target)
-        value_online(model, features, target, index, mask, self.table)
-        return loss
+    def copies(self, phi, valued):
+        """Lines 8-10: copies [N, n], s(x^i) = f_s(1 - phi^i) uni-modal copies of each valued sample's modality i
+        with phi^i < 1 (Eq. 10), none for the samples not valued."""
+        copies = torch.zeros(self.num_samples, phi.shape[1], dtype=torch.long)
+        copies[valued] = shapley_mm.sample_level_copies(phi)
+        return copies
 
-    def state_dict(self):
-        return dict(online=self.table)
 
-    def load_state_dict(self, state):
-        self.table = state["online"]
+@register
+class ModalityLevel(SampleLevel):
+    """Algorithm 2 (--mode modality): after the warm-up, value a random subset Z of the training set (lines 6-7),
+    find the modality i of lowest mean contribution over Z (line 9), and add a copy of x^i to D^rs for every
+    training sample x with probability p(i) = f_m(Norm(d)) (lines 10-12, Eq. 11)."""
+    name = "modality"
+    about = "Algorithm 2: value a random subset Z, re-sample the overall low-contributing modality (Eq. 11)"
+
+    def __init__(self, valuation, generator, num_samples, track_phi=False, warmup=0, subset_ratio=0.2, alpha=1.0,
+                 f_m="linear"):
+        super().__init__(valuation, generator, num_samples, track_phi, warmup)
+        self.subset_ratio, self.alpha, self.f_m = subset_ratio, alpha, f_m
+
+    @staticmethod
+    def add_arguments(group, number):
+        group.add_argument("--subset-ratio", type=number(float, 0.0, 1.0, low_open=True), default=0.2,
+                           help="fraction of training samples in Z (default: %(default)s)")
+        group.add_argument("--alpha", type=number(float, 0.0), default=1.0,
+                           help="scale inside f_m (Eq. 11) (default: %(default)s)")
+        group.add_argument("--f-m", default="linear", choices=shapley_mm.F_M_CHOICES,
+                           help="f_m of Eq. 11 (default: %(default)s)")
+
+    @classmethod
+    def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
+        return cls(valuation, generator, len(splits["train"]), args.track_phi, args.warmup, args.subset_ratio,
+                   args.alpha, args.f_m)
+
+    def samples_to_value(self, phase):
+        """Line 6: a random subset Z of subset_ratio of the training samples where the method acts (every sample
+        where only --track-phi values)."""
+        if phase != self.name:
+            return torch.arange(self.num_samples)
+        subset_size = max(1, int(round(self.subset_ratio * self.num_samples)))
+        return torch.randperm(self.num_samples, generator=self.generator)[:subset_size].sort().values
+
+    def copies(self, phi, valued):
+        """Lines 9-12: the modality of lowest mean phi over Z and p(i) (Eq. 11); one copy of x^i per sample with
+        probability p(i)."""
+        modality, probability = shapley_mm.modality_level_plan(phi, alpha=self.alpha, f_m=self.f_m)
+        return shapley_mm.modality_level_copies(self.num_samples, phi.shape[1], modality, probability,
+                                                generator=self.generator)
+
+
+@register
+class NaiveResampling(SampleLevel):
+    """Table 4's naive re-sampling (--mode naive): as many uni-modal copies of each modality as Algorithm 1 would
+    make, on samples drawn at random."""
+    name = "naive"
+    about = "Table 4: as many uni-modal copies per modality as `sample`, on random samples"
+
+    def copies(self, phi, valued):
+        return shapley_mm.naive_copies(super().copies(phi, valued), generator=self.generator)
+
+
+@register
+class ReversedResampling(SampleLevel):
+    """Table 4's reversed re-sampling (--mode reversed): Algorithm 1's copies of each sample go to its
+    highest-contributing modality instead."""
+    name = "reversed"
+    about = "Table 4: the copies go to each sample's highest-contributing modality"
+
+    def copies(self, phi, valued):
+        full_phi = torch.zeros(self.num_samples, phi.shape[1])
+        full_phi[valued] = phi
+        return shapley_mm.reversed_copies(full_phi, super().copies(phi, valued), generator=self.generator)

@@ -100,10 +100,10 @@ ONLINE_MODES = ("sample", "modality")  # the modes also run with online valuatio
 
 def grid(settings, modes, fusions):
     """The (setting, fusion, mode) cells: concat with every mode (a method that needs another fusion,
-    comparators.REQUIRED_FUSION, with that one), the other fusions with FUSION_MODES, and the models of Figure 5
+    its Method.fusion, with that one), the other fusions with FUSION_MODES, and the models of Figure 5
     (FEATURE_MODELS on FEATURE_SETTING)."""
     return [(setting, fusion, mode) for setting in settings for fusion in fusions for mode in modes
-            if fusion == comparators.REQUIRED_FUSION.get(mode, "concat") or mode in FUSION_MODES
+            if fusion == (train.METHODS[mode].fusion or "concat") or mode in FUSION_MODES
             or (setting == FEATURE_SETTING and (fusion, mode) in FEATURE_MODELS)]
 
 
@@ -260,7 +260,7 @@ def ordered_cells(cells, setting):
 def on_main_table(key):
     """Whether a cell is one of the paper's methods on its main fusion: concat, or the fusion a compared method
     needs (greedy on mmtm)."""
-    return key[1] == comparators.REQUIRED_FUSION.get(key[2], "concat")
+    return key[1] == (train.METHODS[key[2]].fusion or "concat")
 
 
 def baseline_of(key):
@@ -473,7 +473,7 @@ def write_feature_figure(out, study):
 
 
 TABLE2_SETTINGS = ("dataset-level", "sample-level-weak-view")
-TABLE2_MODES = ("baseline", "sample", "modality") + comparators.METHODS  # greedy on mmtm, against mmtm's baseline
+TABLE2_MODES = ("baseline", "sample", "modality") + comparators.COMPARED_MODES  # greedy on mmtm, against mmtm's baseline
 TABLE2_TRAINING = dict(TRAINING, epochs=20)  # 20 epochs: the grid's 360 runs fit 45 minutes on 2 CPU cores
 TABLE2_PAIRS = tuple((k, 1000 + k) for k in range(20))  # (seed, split seed): weights, order and split all vary
 TUNING_PAIRS = ((100, 1100), (101, 1101))  # the tuning's own pairs, none of the grid's
@@ -638,7 +638,7 @@ def choose_knobs(records, setting):
 def pair_tasks(settings, cells_of, pairs, training, runs_dir, study, knobs_of):
     """The run_cell calls of a study: (setting, fusion, mode, seed, training, runs_dir, valuation, split seed,
     knobs, study, track_phi) per cell and pair; phi is tracked where the contributions per epoch are shown."""
-    return [(setting, comparators.REQUIRED_FUSION.get(mode, "concat") if fusion is None else fusion, mode, seed,
+    return [(setting, (train.METHODS[mode].fusion or "concat") if fusion is None else fusion, mode, seed,
              training, runs_dir, "offline", split_seed, knobs, study, mode in ("baseline", "sample"))
             for setting in settings for fusion, mode, knobs in cells_of(setting, knobs_of)
             for seed, split_seed in pairs]
@@ -701,7 +701,7 @@ def table2(out, runs_dir, jobs=1, pairs=TABLE2_PAIRS, tuning_pairs=TUNING_PAIRS,
     tasks = pair_tasks(settings, table2_cells, pairs, training, runs_dir, "table2", tuning["chosen"])
     records, seconds = run_tasks(tasks, jobs)
     kept = [r for r in previous["records"] if r.get("study", "grid") != "table2"
-            and not (r.get("study", "grid") == "grid" and r["mode"] in comparators.METHODS)]
+            and not (r.get("study", "grid") == "grid" and r["mode"] in comparators.COMPARED_MODES)]
     previous.update(records=kept + records, table2=dict(seconds=seconds, jobs=jobs, training=training,
                                                          pairs=[list(p) for p in pairs]))
     train.write_atomic(json_path, lambda f: f.write(json.dumps(previous).encode()))

@@ -64,7 +64,7 @@ def save_sweep(out, lines, **found):
 
 
 def sweep(out, runs_dir):
-    """Choose the views, the degradation and the training settings on the validation split (SWEEP_SEEDS):
+    """Choose the views, the degradation and the training settings on the validation split (SEEDS):
       1. each view alone (train.py's mfeat defaults);
       2. dataset-level: strong + weak pairs, baseline; the pair with the largest gap of mean contributions wins.
          sample-level: similar views (alone within 2 points) with degradation S; among the settings whose mean

@@ -101,7 +101,7 @@ def test_ogm_with_sum_fusion_reads_each_branch_with_its_own_bias(mask_mode):
     reference = copy.deepcopy(model)
     inputs, target = toy_batch()
     ogm = comparators.OGMGE(2, alpha=0.5)
-    ogm.start_epoch(0, active=True)
+    ogm.start_epoch(0, True, None)
     loss = ogm.loss(model, inputs, target)
     with torch.no_grad():
         a, v = reference.encode(inputs)
@@ -154,7 +154,8 @@ def test_pmr_prototypes_and_added_loss_by_hand():
 
     model = toy_model().train()
     inputs, target = toy_batch()
-    pmr = comparators.PMR(model, None, {}, torch.device("cpu"), None, alpha=2.0, momentum=0.2, fraction=0.1)
+    pmr = comparators.PMR(model.num_modalities, None, {}, torch.device("cpu"), None, alpha=2.0, momentum=0.2,
+                          fraction=0.1)
     pmr.active = True
     pmr.prototypes = [torch.randn(4, 128, generator=torch.Generator().manual_seed(m)) for m in range(2)]
     loss = pmr.loss(model, inputs, target)
@@ -235,7 +236,7 @@ def test_agm_step_is_the_official_hooked_backward(mask_mode):
     inputs, target = toy_batch()
     agm = comparators.AGM(2, alpha=1.0)
     agm.running_losses, agm.running_steps = torch.tensor([1.1, 1.6], dtype=torch.float64), 3
-    agm.start_epoch(0, active=True)
+    agm.start_epoch(0, True, None)
     loss = agm.loss(model, inputs, target)
     loss.backward()
 
@@ -277,7 +278,7 @@ def test_agm_measures_without_acting_outside_its_epochs():
     model = toy_model().train()
     inputs, target = toy_batch()
     agm = comparators.AGM(2, alpha=1.0)
-    agm.start_epoch(0, active=False)
+    agm.start_epoch(0, False, None)
     loss = agm.loss(model, inputs, target)
     with torch.no_grad():
         features = model.encode(inputs)
@@ -324,7 +325,7 @@ def test_gblending_weights_from_given_losses():
 def test_gblending_loss_is_the_weighted_sum_of_the_heads():
     model = toy_model().train()
     inputs, target = toy_batch()
-    method = comparators.GBlending(model, None, {}, torch.device("cpu"), super_epoch=2)
+    method = comparators.GBlending(model.num_modalities, None, {}, torch.device("cpu"), super_epoch=2)
     method.active, method.weights = True, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     loss = method.loss(model, inputs, target)
     with torch.no_grad():
@@ -381,7 +382,7 @@ def flags_of(data, mode, modalities):
 @pytest.mark.parametrize("mode, data, modalities", [
     pytest.param(mode, data, n, marks=() if (data, n) == ("mfeat", 3) or (mode, n) == ("gblending", 2)
                  else pytest.mark.slow)
-    for mode in comparators.METHODS for data, n in (("synthetic", 2), ("mfeat", 3), ("synthetic", 3))])
+    for mode in comparators.COMPARED_MODES for data, n in (("synthetic", 2), ("mfeat", 3), ("synthetic", 3))])
 def test_every_comparator_runs_two_epochs(tmp_path, mode, data, modalities):
     out = tmp_path / "run"
     results, log = run_train(out, *flags_of(data, mode, modalities), "--track-phi")

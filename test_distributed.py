@@ -32,7 +32,7 @@ def synthetic_set():
 
 def offline_plan(mode, model, dataset, device):
     valuation = method.OfflineValuation(dataset, LOADER, device)
-    plan = method.ModalityValuation(mode, len(dataset), 2, torch.Generator().manual_seed(5), valuation).plan(0, model)
+    plan = method.METHODS[mode](valuation, torch.Generator().manual_seed(5), len(dataset)).plan(0, model)
     return plan.valued, plan.phi, plan.copies
 
 
@@ -44,21 +44,21 @@ def method_statistics(model, dataset, device, rows):
     model.eval()
     got = {}
     for name, response in (("ogm-ge", comparators.OGMGE(2, 0.5)), ("agm", comparators.AGM(2, 1.0))):
-        response.start_epoch(0, active=True)
+        response.start_epoch(0, True, model)
         response.loss(model, inputs, target)
         got[name] = response.coefficients
-    pmr = comparators.PMR(model, dataset, LOADER, device, torch.Generator().manual_seed(5), 1.0, 0.2, 0.5)
-    pmr.start_epoch(0, active=True)  # prototypes from a sharded pass
+    pmr = comparators.PMR(2, dataset, LOADER, device, torch.Generator().manual_seed(5), 1.0, 0.2, 0.5)
+    pmr.start_epoch(0, True, model)  # prototypes from a sharded pass
     pmr.loss(model, inputs, target)
     got["pmr"] = dict(prototypes=pmr.prototypes, weights=pmr.weight_sums)
-    blending = comparators.GBlending(model, dataset, LOADER, device, 2)
-    blending.start_epoch(0, active=True)
+    blending = comparators.GBlending(2, dataset, LOADER, device, 2)
+    blending.start_epoch(0, True, model)
     blending.loss(model, inputs, target)
-    blending.end_epoch(0)  # training losses over every process's steps, validation losses from a sharded pass
+    blending.end_epoch(0, model)  # training losses over every process's steps, validation losses from a sharded pass
     got["gblending"] = dict(train=blending.train_losses[0], val=blending.val_losses[0])
-    online = method.ModalityValuation("sample", len(dataset), 2, torch.Generator().manual_seed(5), None, warmup=1,
-                                      online=True)
-    online.table = method.online_table(len(dataset), 2)
+    valuation = method.OnlineValuation(len(dataset), 2)
+    online = method.SampleLevel(valuation, torch.Generator().manual_seed(5), len(dataset), warmup=1)
+    valuation.start_recording(True)
     online.loss(model, inputs, target, mask, index)  # each process values the rows of its own steps
     plan = online.plan(1, model)  # the tables gathered, then the plan
     got["online"] = (plan.valued, plan.phi, plan.copies)

@@ -1,6 +1,6 @@
 """End-to-end runs of train.py for every fusion design (Tables 1 and 3) in every mode, with two and three modalities.
 
-The full grid (7 fusions x 5 modes x 2 modality counts) is `slow`; the default run keeps one run per fusion, in
+The full grid (8 fusions x 5 modes x 2 modality counts) is `slow`; the default run keeps one run per fusion, in
 which every mode and both modality counts appear, the cross-modal designs (centralnet, mmtm) with re-sampling.
 """
 import json

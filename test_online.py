@@ -35,14 +35,21 @@ def late_model(kind, fusion="concat"):
 
 def online_method(mode, num_samples, table, generator=None):
     """The paper's method with online valuation after a warm-up epoch, whose previous epoch filled `table`."""
-    valuing = method.ModalityValuation(mode, num_samples, 2, generator, None, warmup=1, online=True)
-    valuing.table = table
-    return valuing
+    valuation = method.OnlineValuation(num_samples, 2)
+    valuation.table = table
+    return method.METHODS[mode](valuation, generator, num_samples, warmup=1)
+
+
+def empty_table(num_samples, n=2):
+    """What an epoch of online valuation starts recording into."""
+    valuation = method.OnlineValuation(num_samples, n)
+    valuation.start_recording(True)
+    return valuation.table
 
 
 def step_with_online_valuation(model, inputs, target, index, mask):
     """One training step (engine.train_one_epoch over one batch, SGD) with online valuation: the table it fills."""
-    table = method.online_table(NUM_SAMPLES, model.num_modalities)
+    table = empty_table(NUM_SAMPLES, model.num_modalities)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step = engine.TrainingStep(model, online_method("sample", NUM_SAMPLES, table))
@@ -71,14 +78,14 @@ def test_online_values_of_a_training_batch_equal_offline_values_with_the_same_we
         expected, _ = shapley_mm.coalition_correctness(before.coalition_predictor(inputs), target, 2)
     assert torch.equal(table["correct"][index], expected)
     assert table["seen"].sum() == 16 and table["seen"][index].all()
-    assert torch.equal(engine.contributions(dict(correct=table["correct"][index])),
+    assert torch.equal(shapley_mm.shapley_values(shapley_mm.benefit(table["correct"][index])),
                        shapley_mm.valuate(before.coalition_predictor(inputs), target, 2))
     assert 0 < expected[:, 1:].float().mean() < 1  # some coalitions right, some wrong: the comparison says something
 
 
 @pytest.mark.parametrize("kind", ["vector", "image"])
 def test_online_values_of_a_resampled_batch_equal_the_offline_pass_in_eval_mode(kind):
-    """A batch of originals and uni-modal copies, both sides in eval mode: value_online on the features of the
+    """A batch of originals and uni-modal copies, both sides in eval mode: OnlineValuation.record on the features of the
     step's forward (encode with the copies' masks) gives the original rows the correctness engine.valuation_pass
     (the offline pass) gives the same samples; the copies, and samples present only as copies, are not valued."""
     generator = torch.Generator().manual_seed(2)
@@ -88,8 +95,10 @@ def test_online_values_of_a_resampled_batch_equal_the_offline_pass_in_eval_mode(
     mask[10:, 0] = False
     index[9] = index[2]  # row 9 copies sample index[2]; the others copy samples absent from the batch
     model = late_model(kind).eval()
-    table = method.online_table(NUM_SAMPLES, 2)
-    method.value_online(model, model.encode(inputs, mask), target, index, mask, table)
+    valuation = method.OnlineValuation(NUM_SAMPLES, 2)
+    valuation.start_recording(True)
+    valuation.record(model, model.encode(inputs, mask), target, index, mask)
+    table = valuation.table
 
     originals = list(range(8))
     original_set = [([x[k] for x in inputs], target[k], index[k]) for k in originals]  # a data set of them
@@ -104,7 +113,7 @@ def test_online_values_of_a_resampled_batch_equal_the_offline_pass_in_eval_mode(
 
 def filled_table(num_samples, seen, seed=0):
     """A table as an epoch of online valuation leaves it: random coalition outcomes for the `seen` samples."""
-    table = method.online_table(num_samples, 2)
+    table = empty_table(num_samples)
     table["correct"] = torch.rand(num_samples, 4, generator=torch.Generator().manual_seed(seed)) < 0.6
     table["correct"][:, 0] = False  # the empty coalition is never predicted
     table["correct"][~seen] = False
@@ -150,7 +159,7 @@ def test_online_run_plans_each_epoch_from_the_previous_epochs_values(tmp_path, m
     assert not os.path.exists(tmp_path / "run" / "contributions" / "epoch_000.npz")
     first = contributions(tmp_path / "run", 2)  # the first re-sampled epoch: the last warm-up epoch's values
     assert str(first["valuation"]) == "online"
-    assert np.array_equal(first["phi"], engine.contributions(dict(correct=table["correct"])).numpy())
+    assert np.array_equal(first["phi"], shapley_mm.shapley_values(shapley_mm.benefit(table["correct"])).numpy())
     for record in log[2:]:
         saved = contributions(tmp_path / "run", record["epoch"])
         phi = torch.from_numpy(saved["phi"])
@@ -194,12 +203,12 @@ def test_resume_with_online_valuation_continues_exactly(tmp_path, stop):
 
 
 def test_checkpoint_from_before_the_flag_resumes_as_offline(tmp_path):
-    """A checkpoint as train.py wrote them before --valuation (and --sync-bn) existed and before methods were
-    objects: no such settings, no method state; train.upgrade_checkpoint reads it."""
+    """A checkpoint as train.py wrote them before --valuation (and --sync-bn) existed: the settings it lacks take
+    their defaults (train.upgrade_checkpoint)."""
     run(tmp_path / "run", *MFEAT, "--mode", "sample", "--warmup", "1", "--epochs", "1")
     path = tmp_path / "run" / "last.pt"
     checkpoint = torch.load(path, weights_only=False)
-    del checkpoint["args"]["valuation"], checkpoint["args"]["sync_bn"], checkpoint["method"]
+    del checkpoint["args"]["valuation"], checkpoint["args"]["sync_bn"]
     torch.save(checkpoint, path)
     train.main(["--resume", str(path), "--epochs", "2"])
     assert str(contributions(tmp_path / "run", 1)["valuation"]) == "offline"

@@ -23,8 +23,9 @@ contributions/epoch_NNN.npz (phi of every valued sample), best.pt, last.pt and r
 
 Where things are: this file holds the command line, the run's set-up, the epoch loop, checkpoints and logs;
 engine.py the training epoch and the one evaluation pass (and the plumbing of several processes); method.py the
-paper's method (ModalityValuation: Algorithms 1 and 2 in their order, with their line numbers); comparators.py the
-compared methods. Each epoch, train() asks the method for the epoch's plan (phase, valuation, uni-modal copies),
+registry of modes (METHODS) and the paper's method (Algorithms 1 and 2 in their order, with their line numbers);
+comparators.py the compared methods. Every mode is a registered Method class: --mode picks it, its own flags are
+its argparse group, and nothing here compares the mode with a name. Each epoch, train() asks the method for the epoch's plan (phase, valuation, uni-modal copies),
 builds D^rs from the copies (data.ResampledDataset, served in data.TrainingBatches), trains one epoch through the
 method's loss and gradient hook (engine.train_one_epoch), validates, logs and saves a checkpoint.
 """
@@ -34,6 +35,7 @@ import csv
 import io
 import json
 import os
+import pickle
 import random
 import sys
 import time
@@ -51,9 +53,10 @@ import engine
 import models
 import shapley_mm
 from engine import TrainingError
-from method import RESAMPLING_MODES, ModalityValuation, OfflineValuation
+from method import METHODS, Method, OfflineValuation, OnlineValuation
 
-MODES = ("baseline",) + RESAMPLING_MODES + comparators.METHODS
+MODES = tuple(METHODS)  # method.py's and comparators.py's modes, in --help's order (a script may register more)
+RESAMPLING_MODES = tuple(name for name, cls in METHODS.items() if cls.resamples)  # the paper's (Alg. 1, 2, Table 4)
 AV_DATASETS = ("ks", "mmdebiased", "ucf101", "cremad")
 
 # The defaults of each data set, which --help shows for the --dataset given. The audio-visual ones follow the
@@ -156,9 +159,8 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g.add_argument("--skip-missing", action="store_true",
                    help="skip listed clips whose files are missing (counted and listed at start-up) instead of failing")
     g = p.add_argument_group("method")
-    g.add_argument("--mode", default="sample", choices=MODES,
-                   help="baseline; sample (Alg. 1); modality (Alg. 2); naive / reversed re-sampling (Table 4); "
-                        "ogm-ge, greedy, pmr, agm, gblending: the compared methods (Table 2) (default: %(default)s)")
+    g.add_argument("--mode", default="sample", choices=tuple(METHODS),
+                   help="; ".join(f"{name}: {cls.about}" for name, cls in METHODS.items()) + " (default: %(default)s)")
     g.add_argument("--fusion", default="concat", choices=models.FUSIONS, help="fusion design (concat is the paper's) (default: %(default)s)")
     for size, about in (("layers", "transformer layers"), ("width", "token width"), ("heads", "attention heads"),
                         ("fusion-layer", "first layer that fuses (layers: none)"),
@@ -171,10 +173,6 @@ def get_args_parser(dataset="mfeat", add_help=True):
                         "paper's text); default: the fusion's own, feature for late fusion, input for fusions that "
                         "mix modalities inside the network")
     g.add_argument("--warmup", type=number(int, 0), help="epochs of plain joint training before the first valuation (default: %(default)s)")
-    g.add_argument("--subset-ratio", type=number(float, 0.0, 1.0, low_open=True), default=0.2,
-                   help="modality mode: fraction of training samples in Z (default: %(default)s)")
-    g.add_argument("--alpha", type=number(float, 0.0), default=1.0, help="modality mode: scale inside f_m (Eq. 11) (default: %(default)s)")
-    g.add_argument("--f-m", default="linear", choices=shapley_mm.F_M_CHOICES, help="modality mode: f_m of Eq. 11 (default: %(default)s)")
     g.add_argument("--valuation", default="offline", choices=("offline", "online"),
                    help="offline: value the training set before each epoch in eval mode (the paper); online: take "
                         "each sample's coalition predictions from the training step that holds it (late fusion with "
@@ -182,7 +180,8 @@ def get_args_parser(dataset="mfeat", add_help=True):
     g.add_argument("--track-phi", action="store_true",
                    help="also value the training set in warm-up epochs and in the modes that do not re-sample, to "
                         "log contributions")
-    comparators.add_arguments(p, number)
+    for cls, modes in method_flag_groups():
+        cls.add_arguments(p.add_argument_group(f"--mode {', '.join(modes)}"), number)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=number(int, 1), help="total epochs, warm-up included (default: %(default)s)")
     g.add_argument("--batch-size", type=number(int, 1), help="samples per batch (default: %(default)s)")
@@ -246,10 +245,33 @@ def flag_name(key):
     return "--" + key.replace("_", "-")
 
 
+def method_flag_groups():
+    """(class, the modes it serves) for each class of the registry's hierarchies that declares flags of its own
+    (Method.add_arguments): a class's flags act in the modes of its subclasses."""
+    declaring = []
+    for cls in METHODS.values():
+        for klass in reversed(cls.__mro__):
+            if "add_arguments" in vars(klass) and klass is not Method and klass not in declaring:
+                declaring.append(klass)
+    return [(klass, [name for name, cls in METHODS.items() if issubclass(cls, klass)]) for klass in declaring]
+
+
+def method_flag_scope():
+    """FLAG_SCOPE's entries for the methods' own flags: each acts in the modes of the class that declares it."""
+    scope = {}
+    for klass, modes in method_flag_groups():
+        group = argparse.ArgumentParser().add_argument_group()
+        klass.add_arguments(group, number)
+        for action in group._group_actions:  # the flags add_arguments declared
+            scope[action.dest] = (lambda a, klass=klass: issubclass(METHODS[a.mode], klass), f"--mode {', '.join(modes)}")
+    return scope
+
+
 # Flags that act only in some runs, with where they act: one given on the command line where it would do nothing
-# is refused (check_flags_apply), since a flag that is silently ignored misleads whoever reads the command. --warmup
-# is not among them: one command line serves every mode, and --mode baseline is joint training throughout;
-# --valuation online where nothing is planned from it is refused in check_online.
+# is refused (check_flags_apply), since a flag that is silently ignored misleads whoever reads the command. The
+# methods' own flags join them (flag_scope). --warmup is not among them: one command line serves every mode, and
+# --mode baseline is joint training throughout; --valuation online where nothing is planned from it is refused in
+# check_online.
 FLAG_SCOPE = {
     **{key: (lambda a: a.dataset == "mfeat", "--dataset mfeat")
        for key in ("views", "mfeat_degrade", "mfeat_weak_signal", "split_seed")},
@@ -260,9 +282,6 @@ FLAG_SCOPE = {
     "split_file": (lambda a: a.dataset == "mmdebiased", "--dataset mmdebiased"),
     "list_dir": (lambda a: a.dataset == "ks", "--dataset ks"),
     **{f"mbt_{key}": (lambda a: a.fusion == "mbt", "--fusion mbt") for key in models.MBT_DEFAULTS},
-    **{key: (lambda a: a.mode == "modality", "--mode modality") for key in ("subset_ratio", "alpha", "f_m")},
-    **{key: (lambda a, mode=mode: a.mode == mode, f"--mode {mode}") for key, mode in comparators.FLAG_MODES.items()},
-    "modulation_ends": (lambda a: a.mode in comparators.METHODS, f"--mode {', '.join(comparators.METHODS)}"),
     "momentum": (lambda a: a.optimizer == "sgd", "--optimizer sgd"),
     "lr_gamma": (lambda a: a.lr_step > 0, "--lr-step > 0"),
     "pretrained": (lambda a: a.dataset != "mfeat", "the ResNet encoders (mfeat's views go to MLPs)"),
@@ -270,10 +289,16 @@ FLAG_SCOPE = {
 }
 
 
+def flag_scope():
+    """The one table of where each flag acts: FLAG_SCOPE and the registered methods' own flags."""
+    return {**FLAG_SCOPE, **method_flag_scope()}
+
+
 def check_flags_apply(args, given):
     """Refuse, in one line, a flag given on the command line that has no effect in this run."""
+    scope = flag_scope()
     for key in given:
-        applies, where = FLAG_SCOPE.get(key, (None, None))
+        applies, where = scope.get(key, (None, None))
         if applies is not None and not applies(args):
             raise TrainingError(f"{flag_name(key)} has no effect in this run: it acts with {where} only")
 
@@ -293,11 +318,9 @@ def check_args(args):
         except ValueError as error:
             raise TrainingError(f"--fusion mbt: {error}")
     num_modalities = {"mfeat": len(args.views), "synthetic": args.synthetic_modalities}.get(args.dataset, 2)
-    if comparators.refusal(args, num_modalities):
-        raise TrainingError(comparators.refusal(args, num_modalities))
-    if args.mode in RESAMPLING_MODES and num_modalities < 2:
-        raise TrainingError(f"--mode {args.mode} re-samples one modality against the others and needs at least two "
-                            f"modalities; this run has {num_modalities} (use --mode baseline)")
+    refusal = METHODS[args.mode].refusal(args, num_modalities)
+    if refusal:
+        raise TrainingError(refusal)
     if args.valuation == "online":
         check_online(args)
     if args.dataset in AV_DATASETS and args.data_root is None:
@@ -306,13 +329,9 @@ def check_args(args):
         raise TrainingError("--mfeat-weak-signal needs two or more --views, a value below 1 and no --mfeat-degrade")
     if args.weights is not None and not args.pretrained:
         raise TrainingError("--weights FILE is the ImageNet file of --pretrained; add --pretrained or drop --weights")
-    if args.mode != "baseline" and args.warmup >= args.epochs:
+    if METHODS[args.mode].uses_warmup and args.warmup >= args.epochs:
         engine.warn(f"--warmup {args.warmup} is not smaller than --epochs {args.epochs}: mode '{args.mode}' never "
                     f"leaves its warm-up (no re-sampling, no compared method)")
-    if args.mode in comparators.METHODS and args.modulation_ends is not None and args.modulation_ends < args.warmup:
-        raise TrainingError(f"--modulation-ends {args.modulation_ends} is before the first epoch after the warm-up "
-                            f"(--warmup {args.warmup}): --mode {args.mode} would never act; use --modulation-ends >= "
-                            f"{args.warmup}")
     if args.data_root is not None:
         args.data_root = os.path.abspath(args.data_root)  # args.json serves evaluations run from other folders
     return args
@@ -321,8 +340,10 @@ def check_args(args):
 def check_online(args):
     """--valuation online reuses the pooled features of the training step, which only late fusion with feature
     masking has: refuse it in one line elsewhere, and without a warm-up epoch to plan the first epoch from."""
-    if args.mode in comparators.METHODS:
-        raise TrainingError(f"--valuation online plans the re-sampled epochs of --mode {', '.join(RESAMPLING_MODES)}; "
+    cls = METHODS[args.mode]
+    if cls.loss is not Method.loss:  # the base's loss records online valuation; a method's own loss does not
+        resampling = ", ".join(name for name, c in METHODS.items() if c.resamples)
+        raise TrainingError(f"--valuation online plans the re-sampled epochs of --mode {resampling}; "
                             f"--mode {args.mode} plans none and values only for the log (--track-phi), offline")
     if models.classifier_kind(args.fusion) is not models.LateFusionClassifier:
         raise TrainingError(f"--valuation online reuses the features of the training step, and --fusion "
@@ -332,11 +353,11 @@ def check_online(args):
         raise TrainingError("--valuation online needs --mask feature: with --mask input a training step encodes "
                             "zeroed inputs with the batch's statistics, not the features a coalition would see; "
                             "use --valuation offline")
-    if args.mode != "baseline" and args.warmup < 1:
+    if cls.resamples and args.warmup < 1:
         raise TrainingError("--valuation online plans each epoch from the previous epoch's training, and --warmup 0 "
                             "leaves epoch 0 without one; use --warmup 1 or more, or --valuation offline")
-    if args.mode == "baseline" and not args.track_phi:
-        raise TrainingError("--valuation online does nothing in --mode baseline without --track-phi")
+    if not cls.resamples and not args.track_phi:
+        raise TrainingError(f"--valuation online does nothing in --mode {args.mode} without --track-phi")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,13 +475,13 @@ def load_log(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def save_contributions(out, epoch, dataset, valued_index, phi, valuation="offline"):
+def save_contributions(out, epoch, dataset, valued, phi, valuation="offline"):
     """contributions/epoch_NNN.npz: the contributions that planned epoch NNN, and which valuation took them."""
-    ids = np.array([dataset.sample_ids[i] for i in valued_index.tolist()])
+    ids = np.array([dataset.sample_ids[i] for i in valued.tolist()])
 
     def write(f):
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, ids=ids, index=valued_index.numpy(), phi=phi.numpy(),
+        np.savez_compressed(buffer, ids=ids, index=valued.numpy(), phi=phi.numpy(),
                             modalities=np.array(dataset.modalities), valuation=np.array(valuation))
         f.write(buffer.getvalue())
 
@@ -520,17 +541,33 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What a checkpoint may hold beside tensors, numbers, strings, lists and dicts: NumPy's random state (an array).
+# Anything else is refused unread: unpickling it could run code, and a checkpoint is a file others pass around.
+_NUMPY_RECONSTRUCT = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+CHECKPOINT_GLOBALS = [(_NUMPY_RECONSTRUCT, "numpy.core.multiarray._reconstruct"),
+                      (_NUMPY_RECONSTRUCT, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                      type(np.dtype(np.uint32))]
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "method", "epoch", "best", "rng", "log", "args",
+                   "model_config")
+
+
 def load_checkpoint(path):
-    """A checkpoint written by train.py, or a TrainingError that says why not."""
+    """A checkpoint written by train.py, read without running any code it may hold (torch.load weights_only), or a
+    TrainingError that says why not."""
     if not os.path.isfile(path):
         raise TrainingError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, not run
+        raise TrainingError(f"checkpoint {path} holds objects train.py never writes ({', '.join(unsafe) or 'unknown'})"
+                            f": refused unread, since loading them could run code")
     except Exception as error:  # a truncated or foreign file
         raise TrainingError(f"checkpoint {path} could not be read ({error.__class__.__name__}: {error})")
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise TrainingError(f"checkpoint {path} was not written by train.py (no model_config)")
-    return upgrade_checkpoint(checkpoint)
+    return upgrade_checkpoint(checkpoint, path)
 
 
 def check_config(checkpoint, config, path):
@@ -542,15 +579,26 @@ def check_config(checkpoint, config, path):
         raise TrainingError(f"checkpoint {path} does not match this run ({details})")
 
 
-def upgrade_checkpoint(checkpoint):
-    """A checkpoint of an earlier train.py in today's form: a setting added since takes its default (what the runs
-    before it did: --valuation offline, say), and the online table, once saved beside the method's state, is the
-    paper's method's state."""
+def upgrade_checkpoint(checkpoint, path):
+    """The checkpoint with a default for every setting it lacks (a flag added after it was written); one that lacks
+    a part today's train.py needs, holds a setting of another type than its flag's, or names a mode no script
+    registered is refused in one line."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    incompatible = f"checkpoint {path} comes from an incompatible version of train.py"
+    if missing or not isinstance(checkpoint["args"], dict) or checkpoint["args"].get("dataset") not in data.DATASETS:
+        raise TrainingError(f"{incompatible} ({'no ' + ', '.join(missing) if missing else 'unknown settings'}); "
+                            f"use the version that wrote it")
     defaults = vars(get_args_parser(checkpoint["args"]["dataset"]).parse_args([]))
+    for key, value in checkpoint["args"].items():
+        expected = defaults.get(key)
+        if None not in (expected, value) and type(value) is not type(expected) and not (
+                isinstance(expected, float) and type(value) is int):
+            raise TrainingError(f"{incompatible} (setting {key} is {value!r}, today a {type(expected).__name__}); "
+                                f"use the version that wrote it")
+    if checkpoint["args"].get("mode") not in METHODS:
+        raise TrainingError(f"checkpoint {path} was trained with --mode {checkpoint['args'].get('mode')}, which no "
+                            f"registered method provides (modes: {', '.join(METHODS)})")
     checkpoint["args"] = {**defaults, **checkpoint["args"]}
-    online = checkpoint.pop("online", None)
-    if checkpoint.get("method") is None:
-        checkpoint["method"] = dict(online=online)
     return checkpoint
 
 
@@ -601,14 +649,13 @@ def resumed(args, given):
 
 
 def build_method(args, model, splits, loader_kwargs, device, generator):
-    """The Method of --mode: the paper's (method.ModalityValuation) or a compared one (comparators.py)."""
-    valuation = OfflineValuation(splits["train_eval"], loader_kwargs, device, args.amp)
-    if args.mode in comparators.METHODS:
-        return comparators.build(args, model, splits, loader_kwargs, device, generator,
-                                 valuation if args.track_phi else None)
-    return ModalityValuation(args.mode, len(splits["train"]), model.num_modalities, generator, valuation,
-                             args.warmup, args.valuation == "online", args.track_phi, args.subset_ratio, args.alpha,
-                             args.f_m)
+    """The Method of --mode (method.METHODS), with what values the training samples where it re-samples or
+    --track-phi logs phi: offline, a pass before each epoch; online, the training steps."""
+    cls, valuation = METHODS[args.mode], None
+    if cls.resamples or args.track_phi:
+        valuation = (OnlineValuation(len(splits["train"]), model.num_modalities) if args.valuation == "online"
+                     else OfflineValuation(splits["train_eval"], loader_kwargs, device, args.amp))
+    return cls.build(args, model, splits, loader_kwargs, device, generator, valuation)
 
 
 def training_step(args, model, method, device):
@@ -628,7 +675,7 @@ def training_step(args, model, method, device):
 
 
 def epoch_loader(train_set, copies, args, generator, device):
-    """D^rs (Alg. 1 line 9: the training set and the plan's uni-modal copies, copies [N, n] or None for none) in
+    """D^rs (Alg. 1 line 10, Alg. 2 line 12: the training set and the plan's uni-modal copies, copies [N, n] or None for none) in
     batches where no encoder sees a lone sample; under torchrun each process trains on its share of them."""
     if copies is None:
         copies = torch.zeros(len(train_set), len(train_set.modalities), dtype=torch.long)
@@ -645,16 +692,17 @@ def check_finite_weights(model, epoch):
         raise TrainingError(f"non-finite weights after the updates of epoch {epoch}: stopped; {kept}")
 
 
-def test_best(model, splits, out, loader_kwargs, device, args, log):
+def evaluate_best(model, splits, out, loader_kwargs, device, args, log):
     """Test the checkpoint chosen on validation, read once (rank 0's file, sent to every process); results.json."""
     best_state = engine.broadcast(load_checkpoint(os.path.join(out, "best.pt")) if engine.is_main_process() else None)
     model.load_state_dict(best_state["model"])
     test_pass = engine.valuation_pass(model, splits["test"], loader_kwargs, device, args.amp)
     test = engine.metrics(test_pass)
+    test_phi = shapley_mm.shapley_values(shapley_mm.benefit(test_pass["correct"]))  # Eq. 1-3
     names = splits["train"].modalities
     results = dict(best_epoch=best_state["epoch"], val_acc=best_state["best"]["val_acc"],
                    test_acc=test["acc"], test_map=test["map"], test_acc_per_modality=test["acc_per_modality"],
-                   test_mean_phi=engine.contributions(test_pass).mean(0).tolist(), modalities=list(names),
+                   test_mean_phi=test_phi.mean(0).tolist(), modalities=list(names),
                    train_seconds=sum(r["seconds"] for r in log))
     if engine.is_main_process():
         save_json(os.path.join(out, "results.json"), results)
@@ -723,15 +771,15 @@ def train(args, given=()):
     try:
         for epoch in range(start_epoch, args.epochs):
             start = time.time()
-            plan = method.plan(epoch, model)  # Alg. 1 / 2, lines 2-9
+            plan = method.plan(epoch, model)  # Alg. 1 lines 2-10, Alg. 2 lines 2-13
             if plan.phi is not None and engine.is_main_process():
                 save_contributions(out, epoch, splits["train_eval"], plan.valued, plan.phi, args.valuation)
             valuation_seconds = time.time() - start if plan.phi is not None else 0.0
             loader, copies = epoch_loader(train_set, plan.copies, args, generator, device)
             lr = optimizer.param_groups[0]["lr"]
             train_loss, train_samples = engine.train_one_epoch(step, loader, optimizer, scaler, device, epoch,
-                                                               args.amp)  # line 11
-            method.end_epoch(epoch)
+                                                               args.amp)  # Alg. 1 line 12, Alg. 2 line 14
+            method.end_epoch(epoch, model)
             scheduler.step()
             check_finite_weights(model, epoch)
             val = engine.metrics(engine.valuation_pass(model, splits["val"], loader_kwargs, device, args.amp))
@@ -760,7 +808,7 @@ def train(args, given=()):
         kept = (f"{last} holds epoch {saved_epoch}; continue with: python train.py --resume {last}"
                 if saved_epoch >= 0 else "no checkpoint was written")
         raise TrainingError(f"interrupted in epoch {epoch}: {kept}", code=130)
-    return test_best(model, splits, out, loader_kwargs, device, args, log)
+    return evaluate_best(model, splits, out, loader_kwargs, device, args, log)
 
 
 def evaluate_checkpoint(path, split="test", args=None, given=(), confidence=False):
@@ -778,7 +826,7 @@ def evaluate_checkpoint(path, split="test", args=None, given=(), confidence=Fals
     model.load_state_dict(checkpoint["model"])
     result = engine.valuation_pass(model, dataset, loader_settings(saved, device), device, saved.amp,
                                    also=comparators.read_confidence if confidence else None)  # Figure 4
-    result["phi"] = engine.contributions(result)
+    result["phi"] = shapley_mm.shapley_values(shapley_mm.benefit(result["correct"]))  # Eq. 1-3
     result["epoch"] = checkpoint["epoch"]
     return result, dataset
 
