@@ -5,6 +5,7 @@ The paper's numbers need GPUs and Kinetics-scale data; this script shows the sam
     python reproduce.py                                            # the grid below; writes results/
     python reproduce.py --settings sample-level --modes naive --seeds 3   # re-run one cell, merged into results/
     python reproduce.py --table2 --jobs 2                          # Table 2 and Figure 1 with power (see table2)
+    python reproduce.py --table2-second --jobs 2                   # its second edition and the regime map
 
 Two settings, built deterministically from the real mfeat views (data.MfeatDataset; the split is fixed):
   dataset-level  views fac (216 profile correlations, 97.8 % val accuracy alone) + fou (76 Fourier coefficients,
@@ -48,9 +49,17 @@ sample-level-weak-view (views fac + pix, in every sample one of them, known and 
 fifth of its signal: data.MfeatWeakViewDataset): every method's main knob tuned on validation alike (KNOBS), then
 20 (seed, split seed) pairs per cell, paired differences with 95 % CIs, exact sign-flip tests with Holm's
 correction per table, and the decision rule of README applied (decide, claim_verdict); tuning.json holds the tuning.
+Its second edition, --table2-second (table2_second, TABLE2_SECOND_*), writes into <--out>/table2-second and leaves
+the first edition's files as they are: the tuning on 4 pairs with ties going to each method's default, each choice's
+margin in validation samples and the candidates under which a method never acts; one Holm family without duplicate
+comparisons; and the regime map (regime_map): the sample-level family's gain against the strength of the per-sample
+imbalance, with the mechanism measured at each strength. Both editions resume: every finished run leaves its record
+in its run directory (record.json), keyed by its settings and the fingerprint of the code it ran (code_fingerprint),
+and a rerun of the same command reuses exactly those.
 """
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -208,7 +217,7 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline
     if study != "grid":
         record.update(study=study, split_seed=split_seed, knobs=knobs)
     if "weak_signal" in SETTINGS[setting]:
-        record.update(weak_view_measures(out, setting, split_seed))
+        record.update(weak_view_measures(out, SETTINGS[setting], split_seed))
     return record
 
 
@@ -482,19 +491,40 @@ KNOBS = {"sample": ("warmup", (1, 2, 4)), "modality": ("warmup", (1, 2, 4)),
          "ogm-ge": ("ogm_alpha", (0.1, 0.3, 0.8)), "pmr": ("pmr_alpha", (1.0, 2.0, 3.0)),
          "agm": ("agm_alpha", (0.1, 0.5, 1.0)), "greedy": ("greedy_epsilon", (0.005, 0.01, 0.05)),
          "gblending": ("super_epoch", (5, 10, 15))}
+# The second edition (--table2-second, into <--out>/table2-second/; the first edition's files stay as they are):
+# tuning on 4 pairs with ties going to each method's default, one Holm family without duplicates, the regime map.
+# PLACEHOLDER values, marked so, stand until the new benchmark settings are in SETTINGS.
+TABLE2_SECOND_SETTINGS = TABLE2_SETTINGS  # PLACEHOLDER: the dataset-level and the sample-level benchmark
+TABLE2_SECOND_TRAINING = TABLE2_TRAINING  # PLACEHOLDER
+TABLE2_SECOND_PAIRS = TABLE2_PAIRS  # PLACEHOLDER: (seed, split seed) per cell
+TABLE2_SECOND_TUNING_PAIRS = tuple((100 + k, 1100 + k) for k in range(4))  # none of the grid's
+# each method's main knob and its candidates; its default in train.py (knob_default: the official code's, README's
+# table of compared methods; the warm-up: mfeat's preset) is one of them, and ties go to it
+TABLE2_SECOND_KNOBS = dict(KNOBS, sample=("warmup", (1, 2, 4, 5)), modality=("warmup", (1, 2, 4, 5)))
+REGIME_MODES = ("baseline", "sample", "naive", "modality")  # the sample-level family of the regime map
+# the regime map's points, (strength of the per-sample imbalance, setting), from 'the weaker view is nearly noise'
+# to 'the views are nearly equal'; PLACEHOLDER: one point (strength 1 - weak_signal) until 4 or more are in SETTINGS
+TABLE2_SECOND_REGIME = ((0.8, "sample-level-weak-view"),)
+TABLE2_SECOND_REGIME_PAIRS = tuple((k, 1000 + k) for k in range(10))  # PLACEHOLDER: 10 or more
+TABLE2_SECOND_REGIME_KNOBS_FROM = "sample-level-weak-view"  # PLACEHOLDER: the setting whose tuned knobs it takes
 DATASET_LEVEL_METHODS = ("ogm-ge", "greedy", "pmr", "agm")  # the methods the paper says barely help (Sec. 4.3)
 CLAIM_COMPARISONS = ("sample - baseline",) + tuple(f"sample - {m} (gains)" for m in DATASET_LEVEL_METHODS)
 ALPHA = 0.05  # the family-wise error rate of each table (Holm)
 TEST_UNIT = 1 / 400  # one sample of mfeat's test split (20 % of 200 per class): accuracy differences are multiples
+VAL_UNIT = 1 / 400  # one sample of mfeat's validation split (20 % of 200 per class)
+# what a run's checkpoint gives: equal in every field to its baseline's in the same pair, the method changed nothing
+OUTCOME_FIELDS = ("best_epoch", "val_acc", "test_acc", "test_map", "test_acc_per_modality", "test_mean_phi",
+                  "test_std_phi")
+CODE_FILES = ("train.py", "engine.py", "method.py", "comparators.py", "data.py", "models.py", "shapley_mm.py")
 
 
-def weak_view_measures(run_dir, setting, split_seed):
-    """What shows that the weak-view benchmark is what it claims, from one run: below_one[e], the share of training
+def weak_view_measures(run_dir, spec, split_seed):
+    """What shows that a weak-view benchmark (spec: its SETTINGS entry) is what it claims, from one run:
+    below_one[e], the share of training
     samples with a contribution below 1 among those valued before epoch e (the only ones Eq. 10 copies; None where
     nothing was valued); weak_copy_share[e], the share of the copies Eq. 10 gives those values that keep each
     sample's known weak view; alone_weak / alone_strong [n], the test accuracy of each view alone on the test
     samples where it is the weak / the strong view."""
-    spec = SETTINGS[setting]
     train_set = data.build_dataset("mfeat", "train", views=spec["views"].split(","), weak_signal=spec["weak_signal"],
                                    split_seed=split_seed)
     below_one, weak_copy_share = [], []
@@ -540,6 +570,20 @@ def alone_accuracy_by_weak_view(correct, weak):
     return out
 
 
+def cooperation_margin(correct, weak):
+    """How much the joint model adds to each sample's stronger view (two views; the one not weakened, weak [N]):
+    its accuracy with both views (coalition 3 of correct [N, 4], shapley_mm.coalitions) minus the accuracy of that
+    view alone."""
+    strong = 1 - weak
+    return float(correct[:, 3].mean() - correct[np.arange(len(weak)), 1 << strong].mean())
+
+
+def cooperation_margin_of(run_dir):
+    """cooperation_margin of a weak-view run's validation-chosen checkpoint on test."""
+    result, test_set = train.evaluate_checkpoint(os.path.join(run_dir, "best.pt"))
+    return cooperation_margin(result["correct"].numpy(), test_set.degraded_view[result["index"]].numpy())
+
+
 def sign_flip_p_value(diffs, unit):
     """Two-sided exact paired permutation test: the share of the 2**n sign assignments of the differences whose
     |sum| is at least the observed |sum|. diffs must be multiples of `unit` (accuracy differences on a test split of
@@ -578,12 +622,15 @@ def t_quantile(q, dof):
 
 
 def paired_summary(diffs, unit):
-    """Mean, 95 % t confidence interval, exact sign-flip p-value and pair counts of paired differences."""
+    """Mean, 95 % t confidence interval, exact sign-flip p-value and pair counts of paired differences; the counts
+    in whole units (test samples), so that a float32 rounding error is no difference."""
     diffs = np.asarray(diffs, dtype=float)
     mean = diffs.mean()
     half = t_quantile(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)) if len(diffs) > 1 else np.nan
+    steps = np.rint(diffs / unit)
     return dict(mean=float(mean), low=float(mean - half), high=float(mean + half), n=len(diffs),
-                p=sign_flip_p_value(diffs, unit), higher=int((diffs > 1e-9).sum()), lower=int((diffs < -1e-9).sum()))
+                p=sign_flip_p_value(diffs, unit), higher=int((steps > 0).sum()), lower=int((steps < 0).sum()),
+                tied=int((steps == 0).sum()))
 
 
 def decide(summary):
@@ -597,21 +644,30 @@ def decide(summary):
 def table2_comparisons(cells, setting, unit=TEST_UNIT):
     """Every comparison of one setting's Table 2, Holm-corrected together: each method minus its fusion's baseline,
     then `sample`'s gain minus each other compared method's gain (accuracies as fractions, paired by pair: the
-    record's seed names its pair)."""
+    record's seed names its pair). A comparison whose differences are those of an earlier one, pair by pair in
+    whole units (sample - greedy's gain where greedy never acted: sample - baseline), is one hypothesis: it is left
+    out of the Holm family (m shrinks) and takes that one's adjusted p and decision, with duplicate_of naming it."""
     gain = {}
     for key in compared_cells(cells, setting):
         base = {r["seed"]: r["test_acc"] for r in cells.get(baseline_of(key), [])}
         if key[2] != "baseline":
             gain[key[2]] = {r["seed"]: r["test_acc"] - base[r["seed"]] for r in cells[key] if r["seed"] in base}
-    found = {f"{method} - baseline": list(g.values()) for method, g in gain.items()}
+    found = {f"{method} - baseline": g for method, g in gain.items()}
     for method in gain:
         if "sample" in gain and method not in ("sample", "modality"):
             common = sorted(gain["sample"].keys() & gain[method].keys())
-            found[f"sample - {method} (gains)"] = [gain["sample"][s] - gain[method][s] for s in common]
-    summaries = {name: paired_summary(d, unit) for name, d in found.items() if len(d) > 1}
-    for summary, p in zip(summaries.values(), holm([s["p"] for s in summaries.values()])):
-        summary["p_holm"] = float(p)
-        summary["decision"] = decide(summary)
+            found[f"sample - {method} (gains)"] = {s: gain["sample"][s] - gain[method][s] for s in common}
+    found = {name: d for name, d in found.items() if len(d) > 1}
+    summaries = {name: paired_summary(list(d.values()), unit) for name, d in found.items()}
+    steps = {name: {s: int(np.rint(x / unit)) for s, x in d.items()} for name, d in found.items()}
+    first = {name: next(other for other in found if steps[other] == steps[name]) for name in found}
+    family = [name for name in found if first[name] == name]
+    for name, p in zip(family, holm([summaries[name]["p"] for name in family])):
+        summaries[name].update(p_holm=float(p), decision=decide(dict(summaries[name], p_holm=p)), family=len(family))
+    for name in found:
+        if first[name] != name:
+            summaries[name].update({k: summaries[first[name]][k] for k in ("p_holm", "decision", "family")},
+                                   duplicate_of=first[name])
     return summaries
 
 
@@ -624,15 +680,56 @@ def claim_verdict(summaries):
     return "against" if "against" in decisions else "held" if set(decisions) == {"held"} else "undecided"
 
 
-def choose_knobs(records, setting):
-    """{method: {knob: value}}: the candidate of KNOBS with the highest mean validation accuracy over the tuning
-    pairs (ties: the candidate listed first)."""
-    chosen = {}
-    for method, (knob, candidates) in KNOBS.items():
+def knob_default(knob):
+    """A knob's default in train.py (mfeat's preset for the warm-up; comparators.add_arguments for the compared
+    methods, which follow the official code: README, Compared methods)."""
+    return getattr(train.get_args_parser("mfeat").parse_args([]), knob)
+
+
+def ranked_candidates(records, setting, method, knob, candidates, default=None):
+    """[(value, mean correct validation samples over the tuning pairs)] of one method's candidates, best first, on
+    whole samples (val_acc / VAL_UNIT), so that ties are exact. Ties go to `default`, else to the value nearest it,
+    else (default None: the first edition's rule) to the candidate listed first."""
+    runs = [r for r in records if r["setting"] == setting and r["mode"] == method]
+    means = {value: np.mean([np.rint(r["val_acc"] / VAL_UNIT) for r in runs if r["knobs"][knob] == value] or [-1.0])
+             for value in candidates}
+    if default is None:
+        return sorted(means.items(), key=lambda item: -item[1])  # a stable sort: ties in listed order
+    return sorted(means.items(), key=lambda item: (-item[1], abs(item[0] - default), item[0]))
+
+
+def choose_knobs(records, setting, knobs=KNOBS, ties_to_default=False):
+    """{method: {knob: value}}: the candidate of `knobs` with the highest mean validation accuracy over the tuning
+    pairs (ties: ranked_candidates; to knob_default with ties_to_default, else the candidate listed first)."""
+    return {method: {knob: ranked_candidates(records, setting, method, knob, candidates,
+                                             knob_default(knob) if ties_to_default else None)[0][0]}
+            for method, (knob, candidates) in knobs.items()}
+
+
+def tuning_choices(records, setting, knobs):
+    """Per method of `knobs`, how its value was chosen (ties to its default): knob, default, the candidates' mean
+    correct validation samples, the chosen value, its margin over the runner-up in validation samples (0: a tie the
+    default decided), and never_acts: the candidates under which the method changed nothing (never_acted)."""
+    found = {}
+    for method, (knob, candidates) in knobs.items():
+        default = knob_default(knob)
+        ranked = ranked_candidates(records, setting, method, knob, candidates, default)
         runs = [r for r in records if r["setting"] == setting and r["mode"] == method]
-        means = [np.mean([r["val_acc"] for r in runs if r["knobs"][knob] == value] or [-1.0]) for value in candidates]
-        chosen[method] = {knob: candidates[int(np.argmax(means))]}
-    return chosen
+        found[method] = dict(knob=knob, default=default, samples=[[v, m] for v, m in ranked], chosen=ranked[0][0],
+                             margin=float(ranked[0][1] - ranked[1][1]) if len(ranked) > 1 else None,
+                             never_acts=[v for v in candidates if never_acted(
+                                 [r for r in runs if r["knobs"][knob] == v], records)])
+    return found
+
+
+def never_acted(runs, records):
+    """Whether a method's runs changed nothing: each equal, in every OUTCOME_FIELDS, to the baseline of its study,
+    fusion and pair among `records` (False without runs or without those baselines)."""
+    pair = lambda r: (r.get("study"), r["setting"], r["fusion"], r["seed"], r.get("split_seed"))
+    base = {pair(r): r for r in records if r["mode"] == "baseline"}
+    pairs = [base.get(pair(r)) for r in runs]
+    return bool(runs) and all(b is not None and all(r[k] == b[k] for k in OUTCOME_FIELDS)
+                              for r, b in zip(runs, pairs))
 
 
 def pair_tasks(settings, cells_of, pairs, training, runs_dir, study, knobs_of):
@@ -653,19 +750,66 @@ def table2_cells(setting, knobs_of):
     return cells + [("mmtm", "baseline", {})]  # greedy's baseline
 
 
-def run_task(task):
+def code_fingerprint():
+    """The SHA-256 of the code a run executes (CODE_FILES, beside this file): a finished run's record is reused only
+    under the same one."""
+    digest = hashlib.sha256()
+    for name in CODE_FILES:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def task_key(task):
+    """Every setting that determines a run_cell task's record: train.py's settings of the run (cell_settings), its
+    setting's name and SETTINGS entry, its study; as JSON gives it back."""
+    setting, study = task[0], task[9]
+    return json.loads(json.dumps(dict(train=cell_settings(*task), setting=setting, spec=SETTINGS[setting],
+                                      study=study)))
+
+
+def record_path(task):
+    return os.path.join(cell_settings(*task)["out"], "record.json")
+
+
+def finished_record(task, code):
+    """The record a finished run of `task` left (record.json in its run directory, written last), if its key and
+    code fingerprint are this task's and this code's; else None."""
+    saved = read_json(record_path(task), None)
+    if saved is None or saved.get("key") != task_key(task) or saved.get("code") != code:
+        return None
+    return saved["record"]
+
+
+def run_task(task_and_code):
+    """run_cell of one task, its record then saved (atomically) in its run directory with its key and the code's
+    fingerprint; an earlier record there is removed first, so that it never outlives the run it describes."""
+    task, code = task_and_code
     torch.set_num_threads(1)  # in a worker process too: the same seeds give the same numbers
-    return run_cell(*task)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(record_path(task))
+    record = run_cell(*task)
+    train.save_json(record_path(task), dict(key=task_key(task), code=code, record=record))
+    return record
 
 
 def run_tasks(tasks, jobs):
-    """The records of run_cell over `tasks`, in order, `jobs` processes at a time."""
-    start, records = time.perf_counter(), []
-    with multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
-        results = pool.imap(run_task, tasks) if pool is not None else map(run_task, tasks)
-        for k, record in enumerate(results, start=1):
-            records.append(record)
-            print(f"[{k}/{len(tasks)}] {record['setting']} {record['fusion']} {record['mode']} {record['knobs']} "
+    """The records of run_cell over `tasks`, in order, `jobs` processes at a time; a task whose run finished before
+    with the same settings and code (finished_record) is not run again but its record reused."""
+    start, code = time.perf_counter(), code_fingerprint()
+    records = [finished_record(task, code) for task in tasks]
+    todo = [task for task, record in zip(tasks, records) if record is None]
+    print(f"{len(tasks) - len(todo)} of {len(tasks)} runs finished before with these settings and code: reused",
+          flush=True)
+    with multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 and len(todo) > 1 else \
+            contextlib.nullcontext() as pool:
+        results = (pool.imap if pool is not None else map)(run_task, [(task, code) for task in todo])
+        done = iter(results)
+        for k, record in enumerate(records):
+            if record is not None:
+                continue
+            records[k] = record = next(done)
+            print(f"[{k + 1}/{len(tasks)}] {record['setting']} {record['fusion']} {record['mode']} {record['knobs']} "
                   f"seed {record['seed']} split {record['split_seed']}: val {100 * record['val_acc']:.2f} "
                   f"test {100 * record['test_acc']:.2f} ({time.perf_counter() - start:.0f}s in all)", flush=True)
     return records, time.perf_counter() - start
@@ -710,6 +854,183 @@ def table2(out, runs_dir, jobs=1, pairs=TABLE2_PAIRS, tuning_pairs=TUNING_PAIRS,
     return records
 
 
+def tuning_tasks(settings, knobs, pairs, training, runs_dir):
+    """The second edition's tuning runs: every candidate of `knobs` on every pair, and the baseline of each fusion
+    the methods run on (what never_acted compares with)."""
+    fusions = sorted({comparators.REQUIRED_FUSION.get(method, "concat") for method in knobs})
+
+    def cells(setting, knobs_of):
+        return [(fusion, "baseline", {}) for fusion in fusions] + [
+            (None, method, {knob: value}) for method, (knob, candidates) in knobs.items() for value in candidates]
+    return pair_tasks(settings, cells, pairs, training, runs_dir, "tuning", None)
+
+
+def regime_cells(setting, knobs_of):
+    return [(None, mode, knobs_of.get(mode, {})) for mode in REGIME_MODES]
+
+
+def regime_map(out, runs_dir, points, pairs, training, knobs, jobs=1):
+    """The regime map: REGIME_MODES (each with knobs[mode]) on every pair at each point (strength, setting) of the
+    per-sample imbalance; returns their records (study "regime", each with its cooperation_margin), the rows of
+    regime_rows and the seconds the runs took, and writes regime.md and regime.png (matplotlib optional) into `out`.
+    Finished runs are reused (run_tasks)."""
+    tasks = pair_tasks([setting for _, setting in points], regime_cells, pairs, training, runs_dir, "regime", knobs)
+    records, seconds = run_tasks(tasks, jobs)
+    for record in records:
+        record["cooperation_margin"] = cooperation_margin_of(record["run_dir"])
+    rows = regime_rows(records, points)
+    figures = write_regime_figure(out, rows)
+    with open(os.path.join(out, "regime.md"), "w") as f:
+        f.write("\n".join(regime_lines(rows, figures)) + "\n")
+    return records, rows, seconds
+
+
+def regime_rows(records, points):
+    """Per point (strength, setting): the baseline's test accuracy, each method's gain over it (paired_summary over
+    the pairs), and the mechanism, means over the pairs: each view alone where it is the weak and where the strong
+    one (baseline, mean over the views), the share of Eq. 10's copies on the known weak view in the last epoch
+    (sample) and the cooperation margin of every mode."""
+    cells = group(records, study="regime")
+    rows = []
+    for strength, setting in points:
+        base, sample = cells.get((setting, "concat", "baseline"), []), cells.get((setting, "concat", "sample"), [])
+        gains = {mode: paired(cells, setting, "concat", mode, "baseline", lambda r: r["test_acc"])
+                 for mode in REGIME_MODES if mode != "baseline"}
+        shares = [r["weak_copy_share"][-1] for r in sample if r["weak_copy_share"][-1] is not None]
+        rows.append(dict(strength=strength, setting=setting, pairs=len(base),
+                         baseline=float(np.mean([r["test_acc"] for r in base])),
+                         gains={mode: paired_summary(d, TEST_UNIT) for mode, d in gains.items() if len(d) > 1},
+                         alone_weak=float(np.mean([r["alone_weak"] for r in base])),
+                         alone_strong=float(np.mean([r["alone_strong"] for r in base])),
+                         weak_copy_share=float(np.mean(shares)) if shares else None,
+                         cooperation_margin={mode: float(np.mean([r["cooperation_margin"] for r in runs]))
+                                             for mode in REGIME_MODES
+                                             for runs in [cells.get((setting, "concat", mode), [])] if runs}))
+    return rows
+
+
+def regime_lines(rows, figures):
+    """The regime map's table as Markdown lines."""
+    methods = [mode for mode in REGIME_MODES if mode != "baseline"]
+    lines = ["## Regime map: the sample-level family against the strength of the per-sample imbalance", "",
+             "Per strength (its setting in brackets), concat: the baseline's test accuracy; each method's gain over "
+             "it in points, mean [95 % t CI] over the pairs; the mechanism, means over the pairs: each view alone "
+             "on the test samples where it is the known weak view and where it is the strong one (baseline, mean "
+             "over the views), the share of Eq. 10's copies that keep the weak view in the last epoch (sample; 50 % "
+             "is chance), and the cooperation margin (the joint accuracy minus that of each sample's stronger view "
+             "alone, in points) of every mode:", ""]
+    table_rows = []
+    for row in rows:
+        gains = [f"{100 * g['mean']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]" if g else "-"
+                 for g in (row["gains"].get(mode) for mode in methods)]
+        share = row["weak_copy_share"]
+        table_rows.append([f"{row['strength']} ({row['setting']})", row["pairs"], f"{100 * row['baseline']:.2f}"]
+                          + gains + [f"{100 * row['alone_weak']:.2f}", f"{100 * row['alone_strong']:.2f}",
+                                     f"{100 * share:.1f}" if share is not None else "-"]
+                          + [f"{100 * row['cooperation_margin'][m]:+.2f}" if m in row["cooperation_margin"] else "-"
+                             for m in REGIME_MODES])
+    lines += table(["strength", "pairs", "baseline test acc"] + [f"{m} gain" for m in methods]
+                   + ["view alone where weak", "where strong", "copies on the weak view (%)"]
+                   + [f"cooperation margin {m}" for m in REGIME_MODES], table_rows)
+    if figures:
+        lines += ["", "Figure: " + ", ".join(f"[{name}]({name})" for name in figures)]
+    return lines
+
+
+def write_regime_figure(out, rows):
+    """regime.png: each method's gain over the baseline (95 % CI) against the strength; [] without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: the regime figure is skipped")
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, mode in enumerate(m for m in REGIME_MODES if m != "baseline"):
+        found = [(row["strength"], row["gains"][mode]) for row in rows if mode in row["gains"]]
+        x = np.array([strength for strength, _ in found], dtype=float)
+        mean = np.array([100 * g["mean"] for _, g in found])
+        error = [[100 * (g["mean"] - g["low"]) for _, g in found], [100 * (g["high"] - g["mean"]) for _, g in found]]
+        ax.errorbar(x, mean, yerr=error, marker="o", capsize=3, color=f"C{k}", label=mode)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set(xlabel="strength of the per-sample imbalance", ylabel="test acc gain over the baseline (points)",
+           title="gain with 95 % CI against the imbalance's strength")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "regime.png"), dpi=120)
+    plt.close(fig)
+    return ["regime.png"]
+
+
+def table2_second(out, runs_dir, jobs=1, settings=TABLE2_SECOND_SETTINGS, pairs=TABLE2_SECOND_PAIRS,
+                  tuning_pairs=TABLE2_SECOND_TUNING_PAIRS, training=TABLE2_SECOND_TRAINING, knobs=TABLE2_SECOND_KNOBS,
+                  regime=TABLE2_SECOND_REGIME, regime_pairs=TABLE2_SECOND_REGIME_PAIRS,
+                  regime_knobs_from=TABLE2_SECOND_REGIME_KNOBS_FROM):
+    """Table 2's second edition, in one call: the tuning (every candidate of `knobs` and the baselines on
+    tuning_pairs; ties to each method's default; margins and never-acting candidates: tuning_choices) into
+    tuning.json, every method with its chosen value on `pairs` (study "table2"), and the regime map (regime_map, the
+    sample-level family with the knobs chosen on `regime_knobs_from`); results.json, results.md, regime.md and the
+    figures into `out`, the wall time of the whole printed and stored. Finished runs are reused (run_tasks), so an
+    interrupted edition resumes where it stopped."""
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    train.check_writable(out)
+    train.check_writable(runs_dir, "--runs-dir")
+    for method, (knob, candidates) in knobs.items():
+        if knob_default(knob) not in candidates:
+            raise train.TrainingError(f"the knob {knob} of {method}: its default {knob_default(knob)} is not among "
+                                      f"the candidates {list(candidates)}")
+    if regime and regime_knobs_from not in settings:
+        raise train.TrainingError(f"the regime map takes the knobs chosen on {regime_knobs_from}, which is not "
+                                  f"among the settings {list(settings)}")
+    os.makedirs(out, exist_ok=True)
+    tuned, tuning_seconds = run_tasks(tuning_tasks(settings, knobs, tuning_pairs, training, runs_dir), jobs)
+    choices = {setting: tuning_choices(tuned, setting, knobs) for setting in settings}
+    tuning = dict(spec=dict(pairs=[list(p) for p in tuning_pairs], training=training, ties="default",
+                            knobs={m: [k, list(v)] for m, (k, v) in knobs.items()}),
+                  chosen={s: {m: {c["knob"]: c["chosen"]} for m, c in found.items()} for s, found in choices.items()},
+                  choices=choices, seconds=tuning_seconds,
+                  runs=[{k: r[k] for k in ("setting", "fusion", "mode", "knobs", "seed", "split_seed") + OUTCOME_FIELDS}
+                        for r in tuned])
+    train.save_json(os.path.join(out, "tuning.json"), tuning)
+    print(f"chosen on validation: {tuning['chosen']}")
+    tasks = pair_tasks(settings, table2_cells, pairs, training, runs_dir, "table2", tuning["chosen"])
+    records, grid_seconds = run_tasks(tasks, jobs)
+    regime_records, rows, regime_seconds = regime_map(
+        out, runs_dir, regime, regime_pairs, training,
+        {mode: tuning["chosen"][regime_knobs_from].get(mode, {}) for mode in REGIME_MODES}, jobs) if regime else \
+        ([], [], 0.0)
+    seconds = time.perf_counter() - start
+    used = sorted(set(settings) | {setting for _, setting in regime}, key=list(SETTINGS).index)
+    results = dict(training=training, settings={s: SETTINGS[s] for s in used}, records=records + regime_records,
+                   table2=dict(seconds=grid_seconds, jobs=jobs, training=training, pairs=[list(p) for p in pairs]),
+                   regime=dict(points=[list(p) for p in regime], pairs=[list(p) for p in regime_pairs],
+                               seconds=regime_seconds, rows=rows),
+                   seconds=seconds, run_seconds=sum(r["wall_seconds"] for r in tuned + records + regime_records))
+    train.write_atomic(os.path.join(out, "results.json"), lambda f: f.write(json.dumps(results).encode()))
+    figures = write_gains_figure(out, records, settings)
+    lines = ["# Table 2, second edition", "",
+             "The first edition (`python reproduce.py --table2`: ../results.md, ../tuning.json, ../results.json) "
+             "stays as it was. This one: `python reproduce.py --table2-second`, tuning on "
+             f"{len(tuning_pairs)} pairs with ties to each method's default, one Holm family without duplicates, "
+             "and the regime map.", ""]
+    lines += table2_lines(records, results["table2"], tuning, "Table 2 and Figure 1 (second edition)",
+                          "--table2-second")
+    if rows:
+        lines += regime_lines(rows, ["regime.png"] if os.path.exists(os.path.join(out, "regime.png")) else []) + [""]
+    lines += [f"Wall time of the whole edition: {seconds / 60:.1f} min with {jobs} processes (runs reused from an "
+              f"earlier call take none); the {len(tuned) + len(records) + len(regime_records)} runs themselves: "
+              f"{results['run_seconds'] / 60:.1f} min."]
+    if figures:
+        lines += ["", "Figures: " + ", ".join(f"[{name}]({name})" for name in figures)]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"Table 2, second edition: {len(tuned) + len(records) + len(regime_records)} runs, wall time "
+          f"{seconds / 60:.1f} min ({jobs} processes): {out}")
+    return results
+
+
 def read_json(path, missing):
     """The contents of a JSON file reproduce.py wrote, `missing` if there is none; one line if it cannot be read."""
     if not os.path.exists(path):
@@ -730,22 +1051,24 @@ def write_reports(out, results, tuning):
                    results.get("features"), table2_info=results.get("table2"), tuning=tuning)
 
 
-def table2_lines(records, info, tuning):
+def table2_lines(records, info, tuning, title="Table 2 and Figure 1 (first edition)", command="--table2"):
     """Table 2 and Figure 1 of the study "table2" as Markdown lines: per setting the methods, every comparison with
     its 95 % CI, exact sign-flip p and Holm-adjusted p, the rule applied, the verdict on the paper's claim, and on the
     weak-view setting what shows the benchmark is what it claims; then the tuning."""
     cells = group(records, study="table2")
     training = info["training"]
-    lines = ["## Table 2 and Figure 1: tuned methods, (seed, split) pairs, paired tests", "",
-             f"Written by `python reproduce.py --table2`. {len(info['pairs'])} (seed, split seed) pairs per cell "
+    lines = [f"## {title}: tuned methods, (seed, split) pairs, paired tests", "",
+             f"Written by `python reproduce.py {command}`. {len(info['pairs'])} (seed, split seed) pairs per cell "
              f"(the split, the weights and the order all change from pair to pair); {training['epochs']} epochs, "
              f"SGD lr {training['lr']}, batch {training['batch_size']}, warm-up {training['warmup']} unless tuned; "
              f"each method with the value of its main knob chosen on validation (below). Accuracies in % on the test "
              f"split, checkpoint chosen on validation. Comparisons: paired differences in points over the pairs, "
-             f"mean and 95 % t confidence interval, the exact two-sided sign-flip permutation p-value, and that "
-             f"p Holm-adjusted over every comparison of the setting's table; decision (README, fixed before the "
-             f"runs): *held* where the adjusted p < {ALPHA} and the mean > 0, *against* where < {ALPHA} and < 0, "
-             f"else *undecided*. The paper's claim (Sec. 4.3, Figure 1) holds on a setting when "
+             f"mean and 95 % t confidence interval, pairs higher / lower / tied in whole test samples, the exact "
+             f"two-sided sign-flip permutation p-value, and that p Holm-adjusted over the comparisons of the "
+             f"setting's table (a comparison with the very differences of another, pair by pair, is that one "
+             f"hypothesis again: left out of the family, it takes that one's adjusted p); decision (README, fixed "
+             f"before the runs): *held* where the adjusted p < {ALPHA} and the mean > 0, *against* where < {ALPHA} "
+             f"and < 0, else *undecided*. The paper's claim (Sec. 4.3, Figure 1) holds on a setting when "
              f"{', '.join(CLAIM_COMPARISONS)} are all held, goes against it when any is against, and is undecided "
              f"otherwise. The grid took {info['seconds'] / 60:.1f} min with {info['jobs']} processes on this "
              f"machine.", ""]
@@ -758,31 +1081,66 @@ def table2_lines(records, info, tuning):
                   "Knobs chosen on validation: " + ", ".join(f"{m} {k.replace('_', '-')} {v}" for m, knob in
                                                               chosen.items() for k, v in knob.items()) + ".", ""]
         lines += comparison_table(cells, setting) + [""]
+        idle = [key[2] for key in compared_cells(cells, setting)
+                if key[2] != "baseline" and never_acted(cells[key], records)]
+        if idle:
+            lines += [f"Never acted (every pair's checkpoint equal to its baseline's, OUTCOME_FIELDS): "
+                      f"{', '.join(idle)}.", ""]
         rows = [[name, f"{100 * s['mean']:+.2f}", f"[{100 * s['low']:+.2f}, {100 * s['high']:+.2f}]",
-                 f"{s['higher']} / {s['lower']} of {s['n']}", f"{s['p']:.4f}", f"{s['p_holm']:.4f}", s["decision"]]
+                 f"{s['higher']} / {s['lower']} / {s['tied']} of {s['n']}", f"{s['p']:.4f}",
+                 f"{s['p_holm']:.4f}" + (f" (= {s['duplicate_of']})" if "duplicate_of" in s else ""), s["decision"]]
                 for name, s in summaries.items()]
+        duplicates = [f"{name} (= {s['duplicate_of']})" for name, s in summaries.items() if "duplicate_of" in s]
+        family = next(iter(summaries.values()))["family"] if summaries else 0
         lines += ["Figure 1 analogue and the paired tests (gain: test accuracy minus the same fusion's baseline; "
-                  "greedy runs on mmtm, against the mmtm baseline):", ""]
-        lines += table(["comparison", "mean (points)", "95 % CI", "higher / lower", "p", "p (Holm)", "decision"],
-                       rows) + [""]
+                  f"greedy runs on mmtm, against the mmtm baseline); Holm over {family} comparisons"
+                  + (f", left out as duplicates: {', '.join(duplicates)}" if duplicates else "") + ":", ""]
+        lines += table(["comparison", "mean (points)", "95 % CI", "higher / lower / tied", "p", "p (Holm)",
+                        "decision"], rows) + [""]
         lines += [f"**The paper's claim on this setting: {claim_verdict(summaries)}.**", ""]
         if "weak_signal" in SETTINGS[setting]:
             lines += weak_view_lines(cells, setting, training) + [""]
     if tuning:
-        lines += ["### Tuning", "", f"Each method's main knob, {len(next(iter(KNOBS.values()))[1])} candidates each, "
-                  f"every candidate run on the same {len(tuning['spec']['pairs'])} (seed, split seed) pairs "
-                  f"{', '.join(map(str, map(tuple, tuning['spec']['pairs'])))} (none of the grid's); chosen by the "
-                  f"mean validation accuracy (ties: the first listed). Mean validation accuracy per candidate:", ""]
-        rows = []
-        for setting, chosen in tuning["chosen"].items():
-            for method, (knob, candidates) in KNOBS.items():
-                means = [np.mean([r["val_acc"] for r in tuning["runs"] if r["setting"] == setting and r["mode"] ==
-                                  method and r["knobs"][knob] == value]) for value in candidates]
-                rows.append([setting, method, knob.replace("_", "-"),
-                             ", ".join(f"{v}: {100 * m:.2f}" for v, m in zip(candidates, means)),
-                             chosen[method][knob]])
-        lines += table(["setting", "method", "knob", "candidates (mean val acc)", "chosen"], rows) + [""]
+        lines += tuning_lines(tuning)
     return lines
+
+
+def tuning_lines(tuning):
+    """The tuning as Markdown lines: per setting and method each candidate's mean correct validation samples, the
+    choice and its margin over the runner-up in validation samples; with the second edition's choices (ties to the
+    default) the default and the candidates under which the method never acted too."""
+    knobs = {method: (knob, candidates) for method, (knob, candidates) in tuning["spec"]["knobs"].items()}
+    second = "choices" in tuning
+    pairs = tuning["spec"]["pairs"]
+    lines = ["### Tuning", "", f"Each method's main knob, every candidate run on the same {len(pairs)} (seed, split "
+             f"seed) pairs {', '.join(map(str, map(tuple, pairs)))} (none of the grid's); chosen by the mean "
+             f"validation accuracy in whole samples (ties: "
+             + ("the method's default in train.py, which follows the official code, else the candidate nearest it"
+                if second else "the first listed") + "). *margin*: the chosen candidate's mean minus the runner-up's, "
+             f"in validation samples (of {round(1 / VAL_UNIT)}; 0: a tie)"
+             + ("; *never acts*: candidates under which every tuning pair's checkpoint equals its baseline's"
+                if second else "") + ":", ""]
+    rows = []
+    for setting, chosen in tuning["chosen"].items():
+        for method, (knob, candidates) in knobs.items():
+            if second:
+                choice = tuning["choices"][setting][method]
+                ranked, default = choice["samples"], choice["default"]
+            else:
+                ranked, default = ranked_candidates(tuning["runs"], setting, method, knob, candidates), None
+            means = dict((v, m) for v, m in ranked)
+            value = chosen[method][knob]
+            row = [setting, method, knob.replace("_", "-"),
+                   ", ".join(f"{v}: {means[v]:.1f}" for v in candidates), value,
+                   f"{ranked[0][1] - ranked[1][1]:.1f}" if len(ranked) > 1 else "-"]
+            if second:
+                idle = choice["never_acts"]
+                row += [default, ", ".join(map(str, idle)) or "-"]
+                if value in idle:
+                    row[4] = f"{value} (never acts)"
+            rows.append(row)
+    header = ["setting", "method", "knob", "candidates (mean correct val samples)", "chosen", "margin"]
+    return lines + table(header + (["default", "never acts"] if second else []), rows) + [""]
 
 
 def weak_view_lines(cells, setting, training):
@@ -1147,25 +1505,37 @@ def write_figures(out, records, examples, training):
             names.append(f"valuation_examples_{setting}.png")
             fig.savefig(os.path.join(out, names[-1]), dpi=120)
             plt.close(fig)
+    return names + write_gains_figure(out, records, TABLE2_SETTINGS)
+
+
+def write_gains_figure(out, records, settings):
+    """gains.png, Figure 1 analogue: the study "table2"'s gain per method on each of `settings`, 95 % CI; [] without
+    matplotlib or with too few gains."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
     pairs = group(records, study="table2")
-    found = {setting: gains(pairs, setting) for setting in TABLE2_SETTINGS if any(k[0] == setting for k in pairs)}
-    if sum(len(g) for g in found.values()) > 2:  # Figure 1 analogue: gain per method and setting, 95 % CI
-        fig, axes = plt.subplots(1, len(found), figsize=(11, 3.8), sharey=True)
-        for ax, (setting, per_method) in zip(np.atleast_1d(axes), found.items()):
-            for k, (method, d) in enumerate(per_method.items()):
-                summary = paired_summary(d / 100, TEST_UNIT)
-                ax.bar(k, np.mean(d), yerr=[[100 * (summary["mean"] - summary["low"])],
-                                            [100 * (summary["high"] - summary["mean"])]], color=f"C{k}", alpha=0.6)
-                ax.plot([k] * len(d), d, "k.", markersize=3)
-            ax.axhline(0, color="grey", linewidth=0.5)
-            ax.set_xticks(range(len(per_method)), list(per_method), rotation=45, fontsize=8)
-            ax.set_title(f"{setting}: test acc gain over baseline (95 % CI)", fontsize=9)
-        np.atleast_1d(axes)[0].set_ylabel("points")
-        fig.tight_layout()
-        names.append("gains.png")
-        fig.savefig(os.path.join(out, names[-1]), dpi=120)
-        plt.close(fig)
-    return names
+    found = {setting: gains(pairs, setting) for setting in settings if any(k[0] == setting for k in pairs)}
+    if sum(len(g) for g in found.values()) <= 2:
+        return []
+    fig, axes = plt.subplots(1, len(found), figsize=(11, 3.8), sharey=True)
+    for ax, (setting, per_method) in zip(np.atleast_1d(axes), found.items()):
+        for k, (method, d) in enumerate(per_method.items()):
+            summary = paired_summary(d / 100, TEST_UNIT)
+            ax.bar(k, np.mean(d), yerr=[[100 * (summary["mean"] - summary["low"])],
+                                        [100 * (summary["high"] - summary["mean"])]], color=f"C{k}", alpha=0.6)
+            ax.plot([k] * len(d), d, "k.", markersize=3)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xticks(range(len(per_method)), list(per_method), rotation=45, fontsize=8)
+        ax.set_title(f"{setting}: test acc gain over baseline (95 % CI)", fontsize=9)
+    np.atleast_1d(axes)[0].set_ylabel("points")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gains.png"), dpi=120)
+    plt.close(fig)
+    return ["gains.png"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1263,14 +1633,17 @@ def reproduce(settings, modes, fusions, seeds, out, runs_dir, training, valuatio
     return records
 
 
-def comma_list(text, allowed, flag):
-    """The comma-separated items of `flag`, each one of `allowed`."""
-    items = [x for x in text.split(",") if x]
-    unknown = [x for x in items if x not in allowed]
-    if unknown or not items:
-        raise argparse.ArgumentTypeError(f"argument {flag}: unknown {', '.join(unknown) or repr(text)}; expected "
-                                         f"some of {', '.join(allowed)}")
-    return items
+def comma_list(allowed):
+    """An argparse `type`: the comma-separated items of a flag, each one of `allowed` (argparse names the flag in
+    its one-line refusal)."""
+    def parse(text):
+        items = [x for x in text.split(",") if x]
+        unknown = [x for x in items if x not in allowed]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or repr(text)}; expected some of "
+                                             f"{', '.join(allowed)}")
+        return items
+    return parse
 
 
 def main(argv=None):
@@ -1278,12 +1651,14 @@ def main(argv=None):
     status 2; 130 for Ctrl-C), and leave results.json as it was after the last finished run."""
     parser = train.OneLineParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"from {', '.join(SETTINGS)}")
-    parser.add_argument("--modes", default=",".join(train.MODES),
+    parser.add_argument("--settings", type=comma_list(tuple(SETTINGS)), default=",".join(SETTINGS),
+                        help=f"from {', '.join(SETTINGS)}")
+    parser.add_argument("--modes", type=comma_list(train.MODES), default=",".join(train.MODES),
                         help=f"from {', '.join(train.MODES)}; fusions other than concat run only "
                              f"{' and '.join(FUSION_MODES)}")
-    parser.add_argument("--fusions", default=",".join(models.FUSIONS), help=f"from {', '.join(models.FUSIONS)}")
-    parser.add_argument("--valuations", default=",".join(VALUATIONS),
+    parser.add_argument("--fusions", type=comma_list(models.FUSIONS), default=",".join(models.FUSIONS),
+                        help=f"from {', '.join(models.FUSIONS)}")
+    parser.add_argument("--valuations", type=comma_list(VALUATIONS), default=",".join(VALUATIONS),
                         help=f"from {', '.join(VALUATIONS)}; online runs concat with {' and '.join(ONLINE_MODES)}")
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--out", default="results", help="where results.json, results.md and the figures go")
@@ -1299,24 +1674,31 @@ def main(argv=None):
                         help=f"instead of the grid: Table 2 and Figure 1 with power ({', '.join(TABLE2_MODES)} on "
                              f"{' and '.join(TABLE2_SETTINGS)}, each knob tuned on validation first, "
                              f"{len(TABLE2_PAIRS)} (seed, split) pairs, paired tests; see table2)")
-    parser.add_argument("--jobs", type=train.number(int, 1), default=1, help="--table2: runs at a time, one process each")
+    parser.add_argument("--table2-second", action="store_true",
+                        help=f"instead of the grid: Table 2's second edition into <--out>/table2-second, runs into "
+                             f"<--runs-dir>/table2-second (tuning on {len(TABLE2_SECOND_TUNING_PAIRS)} pairs, ties to "
+                             f"each method's default; {' and '.join(TABLE2_SECOND_SETTINGS)}; the regime map at "
+                             f"{len(TABLE2_SECOND_REGIME)} strengths; see table2_second)")
+    parser.add_argument("--jobs", type=train.number(int, 1), default=1,
+                        help="--table2, --table2-second: runs at a time, one process each")
     args = parser.parse_args(argv)
+    if args.table2 and args.table2_second:
+        parser.error("argument --table2-second: not with --table2 (each edition is its own command)")
+    resumed = "the runs finished are in --runs-dir, and the same command resumes from them"
     if args.table2:
         return one_line_errors(lambda: table2(args.out, args.runs_dir, args.jobs),
-                               "the runs finished are in --runs-dir; results.json is as it was")
+                               f"{resumed}; results.json is as it was")
+    if args.table2_second:
+        return one_line_errors(lambda: table2_second(os.path.join(args.out, "table2-second"),
+                                                     os.path.join(args.runs_dir, "table2-second"), args.jobs),
+                               resumed)
     try:
-        settings = comma_list(args.settings, tuple(SETTINGS), "--settings")
-        modes = comma_list(args.modes, train.MODES, "--modes")
-        fusions = comma_list(args.fusions, models.FUSIONS, "--fusions")
-        valuations = comma_list(args.valuations, VALUATIONS, "--valuations")
         seeds = [int(s) for s in args.seeds.split(",") if s]
-    except argparse.ArgumentTypeError as error:
-        parser.error(str(error))
     except ValueError:
         parser.error(f"argument --seeds: expected integers separated by commas, got {args.seeds!r}")
     training = dict(TRAINING, epochs=args.epochs, warmup=args.warmup)
-    return one_line_errors(lambda: reproduce(settings, modes, fusions, seeds, args.out, args.runs_dir, training,
-                                             valuations, args.overwrite),
+    return one_line_errors(lambda: reproduce(args.settings, args.modes, args.fusions, seeds, args.out, args.runs_dir,
+                                             training, args.valuations, args.overwrite),
                            f"{os.path.join(args.out, 'results.json')} keeps the runs finished before")
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -503,3 +504,183 @@ def tables_after_the_grid(text):
     """results.md after the sentence that times the Table 2 grid, without the lines of wall times."""
     after = text.split("The grid took")[1].split("\n", 1)[1]
     return [line for line in after.splitlines() if not line.startswith("Total wall time")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 2's second edition: ties to the default, one family without duplicates, exact counts, resume, regime map
+
+
+def tuning_records(method, knob, accuracies, setting="s"):
+    """Tuning records of one method: {value: [val acc of pair 0, pair 1]}."""
+    return [dict(setting=setting, mode=method, fusion="concat", knobs={knob: value}, seed=k, split_seed=1000 + k,
+                 val_acc=acc) for value, pair_accs in accuracies.items() for k, acc in enumerate(pair_accs)]
+
+
+@pytest.mark.parametrize("order", [(0.1, 0.5, 1.0), (1.0, 0.5, 0.1)])
+def test_a_tie_goes_to_the_default_whatever_the_order_and_margins_are_in_samples(order):
+    assert reproduce.knob_default("agm_alpha") == 1.0  # comparators' default, the official code's
+    unit = reproduce.VAL_UNIT
+    # 0.1 and 1.0 tie on 390 + 392 correct samples; 0.5 is one sample short in one pair
+    records = tuning_records("agm", "agm_alpha", {0.1: [390 * unit, 392 * unit], 1.0: [391 * unit, 391 * unit],
+                                                  0.5: [390 * unit, 391 * unit]})
+    knobs = {"agm": ("agm_alpha", order)}
+    assert reproduce.choose_knobs(records, "s", knobs, ties_to_default=True) == {"agm": {"agm_alpha": 1.0}}
+    assert reproduce.choose_knobs(records, "s", knobs) == {"agm": {"agm_alpha": order[0]}}  # the first edition's
+    choice = reproduce.tuning_choices(records, "s", knobs)["agm"]
+    assert (choice["chosen"], choice["default"], choice["margin"]) == (1.0, 1.0, 0.0)
+    # a clear winner: two samples more over the two pairs, a margin of one validation sample (a mean)
+    records += tuning_records("agm", "agm_alpha", {2.0: [392 * unit, 392 * unit]})
+    choice = reproduce.tuning_choices(records, "s", {"agm": ("agm_alpha", order + (2.0,))})["agm"]
+    assert (choice["chosen"], choice["margin"]) == (2.0, 1.0)
+
+
+def test_a_tie_without_the_default_goes_to_the_candidate_nearest_it():
+    records = tuning_records("sample", "warmup", {1: [0.9], 4: [0.9], 5: [0.8]})
+    for order in ((1, 4, 5), (5, 4, 1)):
+        assert reproduce.choose_knobs(records, "s", {"sample": ("warmup", order)}, ties_to_default=True) == {
+            "sample": {"warmup": 4}}  # default 5: 4 is nearer than 1
+
+
+def test_a_method_that_changes_nothing_is_found_and_reported_as_never_acting():
+    outcome = dict(best_epoch=3, val_acc=0.9, test_acc=0.8, test_map=0.85, test_acc_per_modality=[0.6, 0.7],
+                   test_mean_phi=[1.1, 0.9], test_std_phi=[0.2, 0.3])
+    base = [dict(outcome, setting="s", study="tuning", fusion="mmtm", mode="baseline", knobs={}, seed=k,
+                 split_seed=1000 + k) for k in range(2)]
+    idle = [dict(b, mode="greedy", knobs={"greedy_epsilon": 0.05}) for b in base]
+    acting = [dict(b, mode="greedy", knobs={"greedy_epsilon": 0.01}) for b in base]
+    acting[1] = dict(acting[1], test_mean_phi=[1.1, 0.9000001])  # the same accuracies, another checkpoint
+    assert reproduce.never_acted(idle, base) and not reproduce.never_acted(acting, base)
+    assert not reproduce.never_acted(idle, [])  # no baseline to compare with: not claimed
+    choice = reproduce.tuning_choices(base + idle + acting, "s", {"greedy": ("greedy_epsilon", (0.01, 0.05))})
+    assert choice["greedy"]["never_acts"] == [0.05]
+    tuning = dict(spec=dict(pairs=[[0, 1000], [1, 1001]], knobs={"greedy": ["greedy_epsilon", [0.01, 0.05]]}),
+                  chosen={"s": {"greedy": {"greedy_epsilon": 0.05}}}, choices={"s": choice})
+    row = [line for line in reproduce.tuning_lines(tuning) if line.startswith("| s | greedy")][0]
+    assert "0.05 (never acts)" in row
+
+
+def table2_cells_of(gains_of, base_acc=0.9, unit=reproduce.TEST_UNIT):
+    """Table 2 cells of one setting "s" with the given per-pair gains (in test samples) per method."""
+    cells = {}
+    for fusion in ("concat", "mmtm"):
+        cells[("s", fusion, "baseline")] = [dict(seed=k, test_acc=base_acc) for k in range(len(gains_of["sample"]))]
+    for method, steps in gains_of.items():
+        fusion = "mmtm" if method == "greedy" else "concat"
+        # float32, as results.json holds accuracies
+        cells[("s", fusion, method)] = [dict(seed=k, test_acc=float(np.float32(base_acc + step * unit)))
+                                        for k, step in enumerate(steps)]
+    return cells
+
+
+def test_an_identical_comparison_is_left_out_of_the_holm_family():
+    gains = dict(sample=[3, 2, 4, -1, 2, 3], ogm_ge=[1, 0, -1, 2, 0, 1], greedy=[0] * 6)
+    cells = table2_cells_of({m.replace("_", "-"): g for m, g in gains.items()})
+    summaries = reproduce.table2_comparisons(cells, "s")
+    duplicate = summaries["sample - greedy (gains)"]
+    assert duplicate["duplicate_of"] == "sample - baseline"
+    family = [name for name, s in summaries.items() if "duplicate_of" not in s]
+    assert len(family) == len(summaries) - 1 and all(summaries[n]["family"] == len(family) for n in summaries)
+    expected = reproduce.holm([summaries[name]["p"] for name in family])  # Holm over the family alone
+    assert [summaries[name]["p_holm"] for name in family] == pytest.approx(expected)
+    assert (duplicate["p_holm"], duplicate["decision"]) == (summaries["sample - baseline"]["p_holm"],
+                                                             summaries["sample - baseline"]["decision"])
+
+
+def test_counts_are_exact_in_test_samples():
+    unit = reproduce.TEST_UNIT
+    diffs = [float(np.float32(0.9575) - np.float32(0.957506)), 2 * unit, -unit]  # the first: -6e-6, no sample
+    assert diffs[0] < 0
+    summary = reproduce.paired_summary(diffs, unit)
+    assert (summary["higher"], summary["lower"], summary["tied"]) == (1, 1, 1)
+
+
+def test_comma_list_is_an_argparse_type_naming_the_flag(capsys, tmp_path):
+    parse = reproduce.comma_list(("a", "b"))
+    assert parse("b,a,") == ["b", "a"]
+    assert refused(capsys, QUICK + ["--fusions", "concat,fusionx", "--out", str(tmp_path)]).startswith(
+        "error: argument --fusions: unknown fusionx; expected some of")
+
+
+def tiny_tasks(runs_dir, epochs=2):
+    training = dict(reproduce.TABLE2_TRAINING, epochs=epochs, warmup=1)
+    return reproduce.pair_tasks(["sample-level-weak-view"], reproduce.regime_cells, ((0, 1000), (1, 1001)),
+                                training, str(runs_dir), "regime", {})[:3]
+
+
+def test_an_interrupted_study_resumes_from_its_finished_runs(tmp_path, monkeypatch, capsys):
+    whole, _ = reproduce.run_tasks(tiny_tasks(tmp_path / "a"), jobs=1)
+    run_cell, calls = reproduce.run_cell, []
+
+    def stopped_after_one(*task):
+        calls.append(task)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return run_cell(*task)
+    monkeypatch.setattr(reproduce, "run_cell", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_tasks(tiny_tasks(tmp_path / "b"), jobs=1)
+    monkeypatch.setattr(reproduce, "run_cell", run_cell)
+    capsys.readouterr()
+    resumed, _ = reproduce.run_tasks(tiny_tasks(tmp_path / "b"), jobs=1)
+    assert "1 of 3 runs finished before with these settings and code: reused" in capsys.readouterr().out
+    assert without_time(resumed) == without_time(whole)
+    assert [r["run_dir"] for r in resumed] == [r["run_dir"].replace(str(tmp_path / "a"), str(tmp_path / "b"))
+                                               for r in whole]
+    # a changed setting, other code or a cut record is not reused
+    code = reproduce.code_fingerprint()
+    tasks = tiny_tasks(tmp_path / "b")
+    assert all(reproduce.finished_record(task, code) is not None for task in tasks)
+    assert all(reproduce.finished_record(task, code) is None for task in tiny_tasks(tmp_path / "b", epochs=3))
+    assert reproduce.finished_record(tasks[0], "other code") is None
+    monkeypatch.setitem(reproduce.SETTINGS, "sample-level-weak-view",
+                        dict(reproduce.SETTINGS["sample-level-weak-view"], weak_signal=0.3))
+    assert reproduce.finished_record(tasks[0], code) is None
+
+
+def test_cooperation_margin_by_hand():
+    # coalitions: 1 view 0 alone, 2 view 1 alone, 3 both; weak view 1, 0, 1, 0: the strong views 0, 1, 0, 1
+    correct = np.array([[0, 1, 0, 1], [0, 0, 0, 1], [0, 0, 1, 0], [0, 1, 1, 1]], dtype=bool)
+    weak = np.array([1, 0, 1, 0])
+    # joint 3 of 4; the strong view alone: sample 0 yes, 1 no, 2 no, 3 yes: 2 of 4
+    assert reproduce.cooperation_margin(correct, weak) == 0.25
+
+
+@pytest.mark.slow
+def test_table2_second_edition_on_a_tiny_grid_and_its_resume(tmp_path, monkeypatch, capsys):
+    weak_view = reproduce.SETTINGS["sample-level-weak-view"]
+    monkeypatch.setitem(reproduce.SETTINGS, "weak-0.6", dict(weak_view, weak_signal=0.6))
+    monkeypatch.setattr(reproduce, "TABLE2_MODES", ("baseline", "sample"))
+    tiny = dict(settings=("sample-level-weak-view",), pairs=((0, 1000), (1, 1001)), tuning_pairs=((100, 1100),),
+                training=dict(reproduce.TABLE2_TRAINING, epochs=2, warmup=1), knobs={"sample": ("warmup", (1, 5))},
+                regime=((0.8, "sample-level-weak-view"), (0.4, "weak-0.6")), regime_pairs=((0, 1000), (1, 1001)),
+                regime_knobs_from="sample-level-weak-view")
+    first = reproduce.table2_second(str(tmp_path / "out"), str(tmp_path / "runs"), jobs=2, **tiny)
+    with open(tmp_path / "out" / "tuning.json") as f:
+        tuning = json.load(f)
+    choice = tuning["choices"]["sample-level-weak-view"]["sample"]
+    assert choice["default"] == 5 and choice["never_acts"] == [5]  # warm-up 5 of 2 epochs: the baseline exactly
+    rows = first["regime"]["rows"]
+    assert [(row["strength"], row["setting"], row["pairs"]) for row in rows] == [
+        (0.8, "sample-level-weak-view", 2), (0.4, "weak-0.6", 2)]
+    regime = [r for r in first["records"] if r.get("study") == "regime"]
+    assert len(regime) == 2 * 2 * len(reproduce.REGIME_MODES)
+    for row in rows:
+        runs = {(r["mode"], r["seed"]): r for r in regime if r["setting"] == row["setting"]}
+        gains = [runs[("sample", k)]["test_acc"] - runs[("baseline", k)]["test_acc"] for k in (0, 1)]
+        assert row["gains"]["sample"]["mean"] == pytest.approx(np.mean(gains))
+        margin = np.mean([runs[("naive", k)]["cooperation_margin"] for k in (0, 1)])
+        assert row["cooperation_margin"]["naive"] == pytest.approx(margin)
+    with open(tmp_path / "out" / "regime.md") as f:
+        table = [line for line in f.read().splitlines() if line.startswith("| 0.")]
+    assert [line.split(" | ")[0] for line in table] == ["| 0.8 (sample-level-weak-view)", "| 0.4 (weak-0.6)"]
+    assert os.path.exists(tmp_path / "out" / "regime.png")
+    with open(tmp_path / "out" / "results.md") as f:
+        text = f.read()
+    assert "Wall time of the whole edition" in text and "## Regime map" in text
+    assert first["seconds"] > 0
+    capsys.readouterr()
+    again = reproduce.table2_second(str(tmp_path / "out"), str(tmp_path / "runs"), **tiny)
+    out = capsys.readouterr().out
+    reused = re.findall(r"(\d+) of (\d+) runs finished before with these settings and code: reused", out)
+    assert len(reused) == 3 and all(done == total for done, total in reused)
+    assert without_time(again["records"]) == without_time(first["records"])
