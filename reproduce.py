@@ -857,7 +857,7 @@ def table2(out, runs_dir, jobs=1, pairs=TABLE2_PAIRS, tuning_pairs=TUNING_PAIRS,
 def tuning_tasks(settings, knobs, pairs, training, runs_dir):
     """The second edition's tuning runs: every candidate of `knobs` on every pair, and the baseline of each fusion
     the methods run on (what never_acted compares with)."""
-    fusions = sorted({comparators.REQUIRED_FUSION.get(method, "concat") for method in knobs})
+    fusions = sorted({(train.METHODS[method].fusion or "concat") for method in knobs})
 
     def cells(setting, knobs_of):
         return [(fusion, "baseline", {}) for fusion in fusions] + [
