@@ -46,7 +46,17 @@ def launched_by_torchrun():
 
 
 def check_torchrun_environment():
-    """WORLD_SIZE > 1 without the rest of what torchrun sets is a job no process group can form: say so in one line."""
+    """What torchrun sets, checked in one line each: WORLD_SIZE and RANK whole numbers, a RANK > 0 only in a job of
+    several processes (a variable left over in the shell would silence this process and write no run folder), and
+    WORLD_SIZE > 1 only with the rest of what torchrun sets."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        value = os.environ.get(name, "0")
+        if not value.isdigit():
+            raise TrainingError(f"{name}={value} is not a whole number; torchrun sets it, so unset it for one "
+                                f"process or launch with torchrun --nproc-per-node N train.py ...")
+    if int(os.environ.get("RANK", "0")) > 0 and not launched_by_torchrun():
+        raise TrainingError(f"RANK={os.environ['RANK']} is set without WORLD_SIZE > 1 (a variable left over from "
+                            f"another job?): unset RANK for one process, or launch with torchrun")
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if launched_by_torchrun() and missing:
         raise TrainingError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for several processes, but {', '.join(missing)} "
@@ -70,6 +80,8 @@ def setup_distributed(gpu):
     if not launched_by_torchrun():
         return select_device(gpu)
     check_torchrun_environment()
+    if gpu is not None and gpu >= 0 and not torch.cuda.is_available():
+        raise TrainingError(f"--gpu {gpu}: no CUDA device here; use --gpu -1 for the CPU")
     use_cuda = torch.cuda.is_available() and gpu != -1
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if use_cuda else "cpu")
     if use_cuda:

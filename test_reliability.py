@@ -415,3 +415,118 @@ def test_the_data_root_is_kept_as_an_absolute_path(tmp_path, monkeypatch):
 
 def test_presets_ask_for_no_more_loader_workers_than_cores():
     assert all(preset["workers"] <= len(os.sched_getaffinity(0)) for preset in train.PRESETS.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# fourth round: shared checkpoints, flags of a run that continues, the environment, values, Ctrl-C
+
+
+class RunsCode:
+    """An object whose unpickling runs a command: what a malicious shared checkpoint would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def short_run(tmp_path):
+    run(tmp_path / "run", *MFEAT, "--mode", "sample", "--warmup", "1", "--epochs", "2")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("flags", [["--eval-only"], ["--epochs", "3"]], ids=["eval-only", "resume"])
+def test_a_checkpoint_that_would_run_code_is_refused_unread(short_run, tmp_path, capsys, flags):
+    marker = tmp_path / "ran"
+    checkpoint = torch.load(short_run / "best.pt", weights_only=False)
+    checkpoint["extra"] = RunsCode(marker)
+    torch.save(checkpoint, short_run / "best.pt")
+    line = fails(capsys, ["--resume", str(short_run / "best.pt"), *flags])
+    assert "holds objects train.py never writes (posix.system" in line and "refused unread" in line
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_an_incompatible_version_is_refused_in_one_line(short_run, capsys):
+    checkpoint = torch.load(short_run / "last.pt", weights_only=False)
+    checkpoint["args"]["views"] = "pix,mor"  # an older train.py saved the views as one string
+    torch.save(checkpoint, short_run / "last.pt")
+    line = fails(capsys, ["--resume", str(short_run / "last.pt"), "--epochs", "3"])
+    assert line == (f"error: checkpoint {short_run / 'last.pt'} comes from an incompatible version of train.py "
+                    f"(setting views is 'pix,mor', today a list); use the version that wrote it")
+    del checkpoint["method"]
+    torch.save(checkpoint, short_run / "last.pt")
+    assert "incompatible version of train.py (no method)" in fails(capsys, ["--resume", str(short_run / "last.pt")])
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--epochs", "3", "--out", "OTHER"], "--out has no effect in this run: it acts with a new run or --eval-only"),
+    (["--epochs", "3", "--overwrite"], "--overwrite has no effect in this run: it acts with a new run"),
+    (["--eval-only", "--split-file", "MISSING"], "--split-file has no effect in this run: it acts with --dataset "
+                                                  "mmdebiased only"),
+    (["--eval-only", "--list-dir", "MISSING"], "--list-dir has no effect in this run: it acts with --dataset ks only"),
+    (["--eval-split", "val"], "--eval-split has no effect in this run: it acts with --eval-only only"),
+])
+def test_flags_a_continued_run_would_ignore_are_refused(short_run, capsys, flags, expected):
+    assert expected in fails(capsys, ["--resume", str(short_run / "last.pt"), *flags])
+    assert not (short_run.parent / "OTHER").exists()
+
+
+def test_eval_only_writes_into_out(short_run, tmp_path):
+    train.main(["--resume", str(short_run / "best.pt"), "--eval-only", "--out", str(tmp_path / "evaluated")])
+    assert sorted(os.listdir(tmp_path / "evaluated")) == ["eval_test_best.json", "valuation_test_best.csv"]
+    assert not (short_run / "valuation_test_best.csv").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--amp", "--gpu", "-1"], "--amp has no effect in this run: it acts with a GPU"),
+    (["--mode", "baseline", "--valuation", "offline"], "--valuation has no effect in this run: it acts with --mode "
+                                                       "sample, modality, naive, reversed or --track-phi only"),
+    (["--alpha", "nan", "--mode", "modality"], "argument --alpha: expected a finite number, got nan"),
+    (["--subset-ratio", "nan", "--mode", "modality"], "argument --subset-ratio: expected a finite number, got nan"),
+    (["--lr", "inf"], "argument --lr: expected a finite number, got inf"),
+    (["--out", ""], "argument --out: expected a folder name, got an empty string"),
+])
+def test_values_and_flags_that_would_do_nothing_or_fail_later(capsys, flags, expected):
+    with pytest.raises(SystemExit) as stop:
+        train.main(MFEAT + flags)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+
+
+@pytest.mark.parametrize("environment, expected", [
+    (dict(RANK="1"), "RANK=1 is set without WORLD_SIZE > 1"),
+    (dict(WORLD_SIZE="two"), "WORLD_SIZE=two is not a whole number"),
+])
+def test_a_torchrun_environment_that_cannot_be_is_one_line(tmp_path, capsys, monkeypatch, environment, expected):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    line = fails(capsys, MFEAT + ["--epochs", "1", "--out", str(tmp_path / "run")])
+    assert expected in line and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_torchrun_with_gpu_on_a_machine_without_cuda_is_refused(tmp_path, capsys, monkeypatch):
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29999").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--dataset", "mfeat", "--gpu", "0", "--epochs", "1", "--warmup", "0", "--out", str(tmp_path / "r")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "rank 0: error: --gpu 0: no CUDA device here; use --gpu -1 for the CPU\n"
+
+
+def test_ctrl_c_while_a_file_is_written_waits_for_its_end(tmp_path):
+    import signal
+
+    def write(f):
+        f.write(b"first half ")
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
+        f.write(b"second half")
+
+    with pytest.raises(KeyboardInterrupt):
+        train.write_atomic(str(tmp_path / "file"), write)
+    assert (tmp_path / "file").read_bytes() == b"first half second half"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -34,10 +34,12 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
-import pickle
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -100,11 +102,20 @@ def number(kind, low, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         if value < low or (low_open and value == low) or (high is not None and value > high):
             bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
             raise argparse.ArgumentTypeError(f"expected a value {bounds}, got {text}")
         return value
     return parse
+
+
+def folder_name(text):
+    """--out: a folder name; an empty one (an unset shell variable) would write the run into the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder name, got an empty string")
+    return text
 
 
 def view_list(text):
@@ -205,7 +216,9 @@ def get_args_parser(dataset="mfeat", add_help=True):
                    help="under torchrun on GPUs: BatchNorm statistics over the batches of all processes (needs "
                         "--mask input or a fusion that runs every encoder on every row)")
     g.add_argument("--workers", type=number(int, 0), help="DataLoader worker processes (default: %(default)s)")
-    g.add_argument("--out", help="run directory (default runs/<dataset>-<mode>-s<seed>-<time>)")
+    g.add_argument("--out", type=folder_name,
+                   help="run directory (default runs/<dataset>-<mode>-s<seed>-<time>); with --eval-only, the folder of "
+                        "its CSV and JSON (default: the checkpoint's)")
     g.add_argument("--overwrite", action="store_true", help="write into an existing run directory, replacing it")
     g.add_argument("--resume", metavar="CHECKPOINT",
                    help="a checkpoint (RUN_DIR/last.pt or best.pt): continue that run in its own directory "
@@ -286,6 +299,11 @@ FLAG_SCOPE = {
     "lr_gamma": (lambda a: a.lr_step > 0, "--lr-step > 0"),
     "pretrained": (lambda a: a.dataset != "mfeat", "the ResNet encoders (mfeat's views go to MLPs)"),
     "eval_split": (lambda a: a.eval_only, "--eval-only"),
+    "overwrite": (lambda a: not a.resume, "a new run (a resumed run continues its own folder)"),
+    "out": (lambda a: not a.resume or a.eval_only, "a new run or --eval-only (a resumed run continues its own folder)"),
+    "valuation": (lambda a: METHODS[a.mode].resamples or a.track_phi,
+                  f"--mode {', '.join(RESAMPLING_MODES)} or --track-phi"),
+    "amp": (lambda a: a.gpu != -1 and torch.cuda.is_available(), "a GPU (this run is on the CPU)"),
 }
 
 
@@ -295,7 +313,8 @@ def flag_scope():
 
 
 def check_flags_apply(args, given):
-    """Refuse, in one line, a flag given on the command line that has no effect in this run."""
+    """Refuse, in one line, a flag given on the command line that has no effect in this run (for a resumed or
+    evaluated run, `args` are the checkpoint's settings with the flags given now)."""
     scope = flag_scope()
     for key in given:
         applies, where = scope.get(key, (None, None))
@@ -442,20 +461,44 @@ def loader_settings(args, device):
 # files: every write is atomic, so a run killed at any moment leaves the previous files intact
 
 
+_holding_ctrl_c = threading.Event()  # set while a ctrl_c_held_back block runs
+
+
+@contextlib.contextmanager
+def ctrl_c_held_back():
+    """Ctrl-C during the block takes effect at its end (as KeyboardInterrupt): a file being written is finished
+    first, since torch.save interrupted inside its C++ writer fails with a RuntimeError, not KeyboardInterrupt.
+    Only the main thread can handle signals; elsewhere, and inside an outer such block, the block runs as is."""
+    if threading.current_thread() is not threading.main_thread() or _holding_ctrl_c.is_set():
+        yield
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    _holding_ctrl_c.set()
+    try:
+        yield
+    finally:
+        _holding_ctrl_c.clear()
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def write_atomic(path, write_bytes):
     """Call write_bytes(file) on a temporary file beside `path`, then rename it over `path`; a write that fails
-    (a full disk) removes the temporary file and leaves `path` as it was."""
+    (a full disk) removes the temporary file and leaves `path` as it was, and Ctrl-C waits for the write's end."""
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write_bytes(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with ctrl_c_held_back():
+        try:
+            with open(tmp, "wb") as f:
+                write_bytes(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def save_json(path, obj):
@@ -559,12 +602,18 @@ def load_checkpoint(path):
     try:
         with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, not run
-        raise TrainingError(f"checkpoint {path} holds objects train.py never writes ({', '.join(unsafe) or 'unknown'})"
-                            f": refused unread, since loading them could run code")
-    except Exception as error:  # a truncated or foreign file
-        raise TrainingError(f"checkpoint {path} could not be read ({error.__class__.__name__}: {error})")
+    except Exception as error:  # code it would run, or a truncated or foreign file
+        allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in CHECKPOINT_GLOBALS}
+        try:
+            unsafe = [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)  # read, not run
+                      if name not in allowed]
+        except Exception:
+            unsafe = []
+        if unsafe:
+            raise TrainingError(f"checkpoint {path} holds objects train.py never writes ({', '.join(unsafe)}): "
+                                f"refused unread, since loading them could run code")
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TrainingError(f"checkpoint {path} could not be read ({error.__class__.__name__}: {reason})")
     if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
         raise TrainingError(f"checkpoint {path} was not written by train.py (no model_config)")
     return upgrade_checkpoint(checkpoint, path)
@@ -604,7 +653,7 @@ def upgrade_checkpoint(checkpoint, path):
 
 def checkpoint_args(checkpoint, args, given, changeable):
     """The settings `checkpoint` was trained with. Flags given now that are in `changeable` replace them;
-    any other flag given now must agree with them."""
+    any other flag given now must agree with them, and each must act in the run they describe."""
     saved = dict(checkpoint["args"])
     for key in given:
         if key in changeable:
@@ -615,6 +664,8 @@ def checkpoint_args(checkpoint, args, given, changeable):
                                 f"{saved.get(key)!r}: a checkpoint keeps its settings (only {allowed} may change)")
     if saved["data_root"] is not None:
         saved["data_root"] = os.path.abspath(saved["data_root"])
+    continued = argparse.Namespace(**dict(saved, **{key: getattr(args, key) for key in RUN_CONTROL}))
+    check_flags_apply(continued, given)
     return argparse.Namespace(**saved)
 
 
@@ -797,12 +848,13 @@ def train(args, given=()):
             state = dict({name: part.state_dict() for name, part in parts.items()}, epoch=epoch, best=best,
                          rng=rng_state(generator), log=log, args=vars(args), model_config=config,
                          plan=dict(valued_index=plan.valued, phi=plan.phi, copies=copies))
-            if engine.is_main_process():
-                save_log(os.path.join(out, "log.jsonl"), log)
-                if best["epoch"] == epoch:
-                    save_checkpoint(os.path.join(out, "best.pt"), state)
-                save_checkpoint(os.path.join(out, "last.pt"), state)
-            saved_epoch = epoch
+            with ctrl_c_held_back():  # the epoch's files are written whole, and saved_epoch says so
+                if engine.is_main_process():
+                    save_log(os.path.join(out, "log.jsonl"), log)
+                    if best["epoch"] == epoch:
+                        save_checkpoint(os.path.join(out, "best.pt"), state)
+                    save_checkpoint(os.path.join(out, "last.pt"), state)
+                saved_epoch = epoch
     except KeyboardInterrupt:
         last = os.path.join(out, "last.pt")
         kept = (f"{last} holds epoch {saved_epoch}; continue with: python train.py --resume {last}"
@@ -832,14 +884,18 @@ def evaluate_checkpoint(path, split="test", args=None, given=(), confidence=Fals
 
 
 def eval_only(args, given=()):
-    """Evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation beside it, named after
-    the split and the checkpoint (valuation_test_best.csv for best.pt), so that evaluating best.pt and last.pt
+    """Evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation beside it (or in --out),
+    named after the split and the checkpoint (valuation_test_best.csv for best.pt), so that evaluating best.pt and last.pt
     keeps both."""
     if args.resume is None:
         raise TrainingError("--eval-only needs --resume CHECKPOINT (RUN_DIR/best.pt or last.pt)")
+    out = args.out or os.path.dirname(os.path.abspath(args.resume))
+    if engine.is_main_process():
+        check_writable(out)
     result, dataset = evaluate_checkpoint(args.resume, args.eval_split, args, given, confidence=True)
     scores = engine.metrics(result)
-    out = os.path.dirname(os.path.abspath(args.resume))
+    if engine.is_main_process():
+        os.makedirs(out, exist_ok=True)
     name = f"{args.eval_split}_{os.path.splitext(os.path.basename(args.resume))[0]}"
     csv_path = os.path.join(out, f"valuation_{name}.csv")
 
@@ -878,14 +934,21 @@ def one_line(error):
 
 def main(argv=None):
     args, given = parse_args(argv)
+    try:
+        engine.check_torchrun_environment()
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:  # under torchrun, rank 0 alone prints; errors still name the process they come from
         sys.stdout = open(os.devnull, "w")
         warnings.simplefilter("ignore")
     where = f"rank {rank}: " if engine.launched_by_torchrun() and "RANK" in os.environ else ""
     try:
-        engine.check_torchrun_environment()
-        check_flags_apply(args, given if args.resume is None else set(given) & {"eval_split"})
+        if args.resume is None:
+            check_flags_apply(args, given)
+        elif "eval_split" in given and not args.eval_only:
+            raise TrainingError("--eval-split has no effect in this run: it acts with --eval-only only")
         if args.eval_only:
             return eval_only(args, given)
         if args.resume is None:
