@@ -815,7 +815,8 @@ def build_mmdebiased(root, split, split_file=None, augment=False, image_size=224
         root/audio/<clip_id>.npy                     spectrogram
         root/visual/<clip_id>/frame_00001.jpg ...    frames
     Labels are indices into the sorted class names found in the JSON (`classes_inferred_from` says so),
-    or into `class_names`. A clip id that appears twice in the JSON stops with the file."""
+    or into `class_names`. A clip id that appears twice in the JSON stops with the file; one that is no file
+    name (a path such as ../../elsewhere, which would be read outside root) stops with the file and line."""
     check_root("mmdebiased", root)
     if split_file is None:
         raise DataError("mmdebiased needs split_file (the MM-Debiased JSON split file)")
@@ -832,12 +833,20 @@ def build_mmdebiased(root, split, split_file=None, augment=False, image_size=224
 
     try:
         with open(split_file, encoding="utf-8") as f:
-            table = json.load(f, object_pairs_hook=unique_keys)
+            text = f.read()
+        table = json.loads(text, object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{split_file}: not valid JSON ({error})") from None
     if not isinstance(table, dict):
         raise DataError(f"{split_file}: expected a JSON object {{clip_id: {{\"subset\": ..., \"label\": ...}}}}")
     for clip_id, entry in table.items():
+        if clip_id in ("", ".", "..") or "/" in clip_id or "\0" in clip_id or os.sep in clip_id:
+            # a path would be read outside root/audio and root/visual (../../elsewhere, /elsewhere)
+            key = re.search(re.escape(json.dumps(clip_id, ensure_ascii=False)) + r"\s*:", text)  # unless escaped
+            line = text.count("\n", 0, key.start()) + 1 if key else None
+            where = f"{split_file}:{line}" if key else split_file
+            raise DataError(f"{where}: clip id {clip_id!r} is not a file name (expected a name under "
+                            f"{root}/audio and {root}/visual, without '/', not '.' or '..')")
         if not isinstance(entry, dict) or entry.get("subset") not in MMDEBIASED_SUBSETS.values() \
                 or not isinstance(entry.get("label"), str):
             raise DataError(f"{split_file}: clip {clip_id}: expected {{\"subset\": \"training\" | \"validation\" | "

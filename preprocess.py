@@ -86,8 +86,10 @@ flow at 127.5), saved as grayscale JPEGs, one pair per RGB frame.
 
 Real data: clips run in --workers processes with a progress line on stderr; a clip is written under temporary
 names and renamed into place, so clips already written are skipped by a rerun and a killed run leaves no half
-clip; a clip that cannot be decoded, has no audio track (ks, cremad) or has no video frames is listed in
-ROOT/failures.csv with the reason, and the rest go on. The lists written name only the clips on disk. An output
+clip; a clip that cannot be decoded, has no audio track (ks, cremad) or has no video frames, or whose name the
+lists cannot hold (white space, bytes that are not UTF-8) or the file system of ROOT cannot (too long), is listed
+in ROOT/failures.csv with the reason, and the rest go on. A ks class folder whose name cannot be one line of
+ks_classes.txt as it is stops the run before any work. The lists written name only the clips on disk. An output
 that cannot be written (a read-only --out is found before any work; a full disk) stops the run with one line
 naming the path, and leaves no temporary file.
 """
@@ -96,6 +98,7 @@ import argparse
 import csv
 import errno
 import fractions
+import hashlib
 import math
 import multiprocessing
 import os
@@ -116,6 +119,7 @@ JPEG_QUALITY = 95
 DEFAULT_SHORT_SIDE = 256
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".flv", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp")
 PARTIAL = ".partial"  # suffix of an output being written; renamed into place when complete
+SHORT_NAME = 128  # bytes: the longest temporary name (partial_path), below file systems' limit on a name (143, 255)
 FLOW_BOUND = 20.0  # pixels; flow beyond is clipped before quantisation to 0..255
 
 KS_NORM_MEAN, KS_NORM_STD = -4.503877, 5.141276  # OGM-GE's Kinetics-Sounds fbank normalisation
@@ -145,8 +149,66 @@ def output_error(path, error):
     """OutputError naming `path`, the system's reason and what is expected."""
     expected = ("room on that disk: free some space and rerun the same command (clips written so far are kept)"
                 if error.errno == errno.ENOSPC else "a folder you can write to")
-    path = path.replace(PARTIAL, "")  # the output meant, not its temporary name
     return OutputError(f"{path}: cannot write ({error.strerror or error}); expected {expected}")
+
+
+def partial_path(path):
+    """The temporary name under which output `path` is written, in its folder: <name>.partial, or where that would
+    be longer than SHORT_NAME bytes (a 250-byte clip name is a valid file name, plus .partial is not), the SHA-1 of
+    the name in hex and .partial (48 bytes), one for each output."""
+    folder, name = os.path.split(path)
+    if len(os.fsencode(name + PARTIAL)) <= SHORT_NAME:
+        return path + PARTIAL
+    return os.path.join(folder, hashlib.sha1(os.fsencode(name)).hexdigest() + PARTIAL)
+
+
+def name_limit(folder):
+    """The most bytes a file name may have in `folder` (255, that of most file systems, where the system does not
+    say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 255
+
+
+def printable(text):
+    """A name or path from the disk as one line of UTF-8 text: its bytes that are not UTF-8 (which Python holds as
+    surrogates) as \\xNN, line breaks and other unprintable characters as Python writes them (\\n, \\x1b)."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def utf8_problem(name):
+    """'not UTF-8 (byte 0xNN)' for a name from the disk whose bytes are not UTF-8 (a Latin-1 name from an old
+    archive), else None: the lists are UTF-8 (data.read_text_lines), so such a name could not be read back."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"not UTF-8 (byte 0x{os.fsencode(name[error.start])[0]:02x})"
+    return None
+
+
+def clip_name_problem(clip):
+    """Why the lists cannot name clip `clip` (they are UTF-8, with fields split at white space), or None."""
+    not_utf8 = utf8_problem(clip)
+    if not_utf8:
+        return f"name is {not_utf8}, which the lists are read as; rename the file in UTF-8"
+    if re.search(r"\s", clip):
+        return "clip name contains white space, which the lists cannot hold"
+    return None
+
+
+def class_name_problem(name):
+    """Why `name` cannot be one line of ks_classes.txt that data.read_class_names reads back as it is (UTF-8 lines,
+    stripped), or None."""
+    not_utf8 = utf8_problem(name)
+    if not_utf8:
+        return f"it is {not_utf8}"
+    if name.splitlines() != [name]:
+        return "it holds a line break"
+    if name != name.strip():
+        return "it begins or ends with white space"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,12 +511,13 @@ def clip_outputs(job):
 
 def process_clip(job):
     """Pre-process one clip. Returns (key, status, detail): ("written" | "skipped", number of frames) or
-    ("failed", reason). A clip whose outputs all exist is skipped; outputs are written as <path>.partial and
-    renamed into place once all are written, so an interrupted clip leaves no final output half-written. An
-    output that cannot be written (a full disk, no permission) raises OutputError, its .partial files removed."""
+    ("failed", reason). A clip whose outputs all exist is skipped; outputs are written under temporary names
+    (partial_path) and renamed into place once all are written, so an interrupted clip leaves no final output
+    half-written. An output that cannot be written (a full disk, no permission) raises OutputError naming it, its
+    temporary files removed."""
     outputs = clip_outputs(job)
     for path in outputs:
-        remove_path(path + PARTIAL)  # left by an interrupted run
+        remove_path(partial_path(path))  # left by an interrupted run
     if all(os.path.exists(path) for path in outputs):
         return job["key"], "skipped", count_jpegs(job["frames"])
     try:
@@ -472,20 +535,21 @@ def process_clip(job):
         raise
     except Exception as error:  # whatever else one file makes a decoder or converter raise: the run goes on
         return job["key"], "failed", f"{error.__class__.__name__}: {error}"
+    output = job["frames"]  # the output being written, named if it cannot be
     try:
-        write_images(job["frames"] + PARTIAL, frames, "frame_{:05d}.jpg")
-        if job["flow"]:
-            for folder, channel in zip(job["flow"], (0, 1)):  # u, v
-                write_images(folder + PARTIAL, [flow[channel] for flow in flows], "frame{:06d}.jpg")
+        write_images(partial_path(output), frames, "frame_{:05d}.jpg")
+        for output, channel in zip(job["flow"] or (), (0, 1)):  # u, v
+            write_images(partial_path(output), [flow[channel] for flow in flows], "frame{:06d}.jpg")
         if job["spectrogram"]:
-            save_array(job["spectrogram"] + PARTIAL, spectrogram)
-        for path in outputs:
-            remove_path(path)  # an incomplete earlier attempt
-            os.rename(path + PARTIAL, path)
+            output = job["spectrogram"]
+            save_array(partial_path(output), spectrogram)
+        for output in outputs:
+            remove_path(output)  # an incomplete earlier attempt
+            os.rename(partial_path(output), output)
     except OSError as error:
         for path in outputs:
-            remove_path(path + PARTIAL)
-        raise output_error(error.filename or job["frames"], error) from None
+            remove_path(partial_path(path))
+        raise output_error(output, error) from None
     return job["key"], "written", len(frames)
 
 
@@ -522,7 +586,7 @@ def run_jobs(jobs, workers):
             pool.join()
         for job in jobs:
             for path in clip_outputs(job):
-                remove_path(path + PARTIAL)
+                remove_path(partial_path(path))
         raise
     finally:
         if workers > 1:
@@ -590,6 +654,10 @@ def plan_ks(videos, lists):
                         raise PreprocessError(f"{class_dir}: expected videos in class folders "
                                               f"{split_dir}/<class name>/, or lists given with --lists")
                     continue
+                problem = class_name_problem(class_name)
+                if problem:  # refused, not skipped: without this class every later label would shift
+                    raise PreprocessError(f"{printable(class_dir)}: class folder name cannot be one line of "
+                                          f"ks_classes.txt as it is ({problem}); rename the folder")
                 found += [(split, class_name, clip, path) for clip, paths in index_videos(class_dir).items()
                           for path in paths]  # sub-folders of a class folder belong to it
         require_splits({f[0] for f in found}, f"{videos} (expected {videos}/<split>/<class name>/<clip>.mp4)")
@@ -706,11 +774,12 @@ def plan_ucf101(videos, lists, index, failures):
     named = {}  # clip -> (class name, group, file name)
     for stem, paths in sorted(index.items()):
         match = UCF_NAME.match(stem)
-        if match and len(paths) == 1:
-            named[stem] = (match.group(1), int(match.group(2)), os.path.basename(paths[0]))
+        problem = clip_name_problem(stem) or ("name is not v_<Class>_g<group>_c<clip>" if not match else
+                                              f"{len(paths)} videos named {stem}" if len(paths) != 1 else None)
+        if problem:  # the class name, a part of the clip name, is left out with it
+            failures += [(stem, path, problem) for path in paths]
         else:
-            failures += [(stem, path, "name is not v_<Class>_g<group>_c<clip>" if not match else
-                          f"{len(paths)} videos named {stem}") for path in paths]
+            named[stem] = (match.group(1), int(match.group(2)), os.path.basename(paths[0]))
     if not named:
         raise PreprocessError(f"{videos}: no UCF-101 videos (named v_<Class>_g<group>_c<clip>.avi)")
     class_names = sorted({name for name, _, _ in named.values()})
@@ -727,9 +796,10 @@ def plan_ucf101(videos, lists, index, failures):
 # Outputs of each data set
 
 def make_jobs(dataset, entries, index, args, flow, failures):
-    """One job per distinct clip of `entries`; a clip whose video cannot be found goes to `failures`."""
+    """One job per distinct clip of `entries`; a clip whose video cannot be found, whose name the lists cannot
+    hold, or whose outputs' names are too long for the file system of --out goes to `failures`."""
     recipe = args.recipe or DATASET_DEFAULTS[dataset][0]
-    jobs, seen = [], set()
+    jobs, seen, longest = [], set(), name_limit(args.out)
     for split, clip, _, video in entries:
         if dataset == "ks":
             frames, spectrogram = f"ks_visual/{split}/{clip}", f"ks_audio/{split}/{clip}.npy"
@@ -745,18 +815,25 @@ def make_jobs(dataset, entries, index, args, flow, failures):
         except ClipError as error:
             failures.append((clip, "", str(error)))
             continue
-        if re.search(r"\s", clip):
-            failures.append((clip, video, "clip name contains white space, which the lists cannot hold"))
+        problem = clip_name_problem(clip)
+        if problem:
+            failures.append((clip, video, problem))
             continue
         audio = os.path.join(args.audio, f"{clip}.wav") if args.audio else None
         if audio and not os.path.isfile(audio):
             failures.append((clip, video, f"no audio file {audio}"))
             continue
-        jobs.append(dict(key=frames, clip=clip, video=video, recipe=recipe, frame_offset=DATASET_DEFAULTS[dataset][1],
-                         audio=audio, min_frames=args.min_frames,
-                         short_side=args.short_side, frames=os.path.join(args.out, frames),
-                         spectrogram=os.path.join(args.out, spectrogram) if spectrogram else None,
-                         flow=tuple(os.path.join(args.out, "flow", c, clip) for c in "uv") if flow else None))
+        job = dict(key=frames, clip=clip, video=video, recipe=recipe, frame_offset=DATASET_DEFAULTS[dataset][1],
+                   audio=audio, min_frames=args.min_frames,
+                   short_side=args.short_side, frames=os.path.join(args.out, frames),
+                   spectrogram=os.path.join(args.out, spectrogram) if spectrogram else None,
+                   flow=tuple(os.path.join(args.out, "flow", c, clip) for c in "uv") if flow else None)
+        too_long = [name for name in map(os.path.basename, clip_outputs(job)) if len(os.fsencode(name)) > longest]
+        if too_long:
+            failures.append((clip, video, f"output name {too_long[0]} is {len(os.fsencode(too_long[0]))} bytes, more "
+                                          f"than the {longest} that the file system of {args.out} allows"))
+            continue
+        jobs.append(job)
     for job in jobs:
         for path in clip_outputs(job):
             make_folder(os.path.dirname(path))
@@ -779,15 +856,15 @@ def check_writable(out):
 
 
 def write_text(path, write):
-    """Write a text file whole: write(file) under a temporary name, then rename; OutputError if it cannot be
-    written (the temporary file removed)."""
+    """Write a UTF-8 text file whole: write(file) under a temporary name, then rename; OutputError if it cannot
+    be written (the temporary file removed)."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + PARTIAL, "w", newline="") as f:
+        with open(partial_path(path), "w", newline="", encoding="utf-8") as f:
             write(f)
-        os.replace(path + PARTIAL, path)
+        os.replace(partial_path(path), path)
     except OSError as error:
-        remove_path(path + PARTIAL)
+        remove_path(partial_path(path))
         raise output_error(path, error) from None
 
 
@@ -824,12 +901,14 @@ def write_lists(dataset, out, entries, done, class_names, split_files):
 
 
 def write_failures(out, failures):
-    """ROOT/failures.csv (clip,video,reason) with this run's failures; removed when there are none."""
+    """ROOT/failures.csv (clip,video,reason) with this run's failures, names as printable UTF-8; removed when
+    there are none."""
     path = os.path.join(out, "failures.csv")
     if not failures:
         remove_path(path)
         return None
-    write_text(path, lambda f: csv.writer(f).writerows([["clip", "video", "reason"]] + sorted(failures)))
+    rows = [[printable(field) for field in failure] for failure in sorted(failures)]
+    write_text(path, lambda f: csv.writer(f).writerows([["clip", "video", "reason"]] + rows))
     return path
 
 

@@ -8,9 +8,11 @@ Valuation" (Wei, Feng, Wang, Hu, CVPR 2024) for any number n of modalities, with
 - Eq. 2-3: the contribution phi^i of modality i is its exact Shapley value: its marginal
   contribution v(S u {i}) - v(S), with S its predecessors, averaged over all n! orders of the
   modalities. It is linear in the 2**n values of v, so a whole batch is one matrix product
-  [B, 2**n] @ [2**n, n] on integer permutation counts, divided by n! once, so every phi is the
+  [B, 2**n] @ [2**n, n] on integer counts of orders (|S|! (n - |S| - 1)! for each coalition S,
+  built in 2**n * n steps without walking the n! orders), divided by n! once, so every phi is the
   correctly rounded rational p / n! and the rules below decide exactly. The contributions add up
-  to v(N): 0 or n.
+  to v(N): 0 or n. valuate's cost is its 2**n - 1 predictions: with a linear head over 64 samples
+  on one CPU core, n = 11 takes about 0.2 s and n = 13 under a second.
 - Eq. 10 (Algorithm 1): a sample whose modality i contributes phi^i < 1 gets s = f_s(1 - phi^i)
   extra copies in which only modality i is kept.
 - Eq. 11 (Algorithm 2): on a random subset Z, the modality with the lowest mean contribution is
@@ -35,7 +37,6 @@ per-modality accuracy and phi = shapley_values(benefit(correct)) then come from 
 """
 
 import functools
-import itertools
 import math
 from fractions import Fraction
 
@@ -76,18 +77,15 @@ def benefit(correct):
 def _shapley_counts(n):
     """Eq. 2-3 as an integer matrix W [2**n, n] (float64, CPU) with phi = (v @ W) / n!.
 
-    Walks all n! permutations: in each, modality i adds +1 on the coalition (predecessors u {i})
-    and -1 on the coalition of its predecessors (Eq. 2). The sum over permutations stays an integer
-    count; the division by n! of Eq. 3 is left to the end. Cost n * n! steps, once per n
-    (n = 8: 0.3 M steps)."""
-    counts = [[0] * n for _ in range(2 ** n)]
-    for order in itertools.permutations(range(n)):
-        predecessors = 0  # bit mask of S_pi(x^i)
-        for i in order:
-            counts[predecessors | 1 << i][i] += 1  # + v(S_pi(x^i) u x^i)
-            counts[predecessors][i] -= 1           # - v(S_pi(x^i))
-            predecessors |= 1 << i
-    return torch.tensor(counts, dtype=torch.float64)
+    Of the n! orders of Eq. 3, those in which modality i comes right after the modalities of S (i not in S)
+    number |S|! (n - |S| - 1)!: each adds +1 on the coalition S u {i} and -1 on S (Eq. 2). So
+    W[S u {i}, i] = |S|! (n - |S| - 1)! and W[S, i] = -|S|! (n - |S| - 1)!, integers (exact in float64 up to
+    (n - 1)! = 18!, n = 19); the division by n! of Eq. 3 is left to the end. Cost 2**n * n, once per n."""
+    members = coalitions(n)  # [2**n, n]
+    size = members.sum(1, keepdim=True)  # [2**n, 1], |coalition|
+    orders = [math.factorial(k) * math.factorial(n - k - 1) for k in range(n)]  # |S|! (n - |S| - 1)!, |S| < n
+    orders = torch.tensor(orders + [0], dtype=torch.float64)  # |S| = n has no i outside it
+    return torch.where(members, orders[(size - 1).clamp(min=0)], -orders[size])  # S u {i} = coalition, or S
 
 
 def shapley_values(v):
@@ -95,7 +93,7 @@ def shapley_values(v):
 
     v may hold any real values (not only Eq. 1 benefits), laid out as in coalitions(n); phi has
     v's dtype and device. One matrix product for the whole batch, in float64 on the integer
-    permutation counts, then one division by n!. Under Eq. 1 every v(C) is an integer, so the
+    counts of orders (_shapley_counts), then one division by n!. Under Eq. 1 every v(C) is an integer, so the
     product is an exact integer p and phi = p / n! is the correctly rounded value of that rational:
     a row whose coalitions are all correct gives exactly 1, and the thresholds of Eq. 10 and every
     comparison between contributions decide as exact arithmetic would (distinct contributions
@@ -157,7 +155,9 @@ def sample_level_copies(phi, f_s=None):
     bracket, as the closed form f_s(x) = 2x suggests.
 
     Another monotonically increasing f_s can be passed: a callable mapping the tensor 1 - phi
-    [B, n] to counts of the same shape; they are rounded and clamped to integers >= 0."""
+    [B, n] to counts of the same shape; they are rounded and clamped to integers >= 0. Where phi < 1
+    they must be finite and below 2**63 (a ValueError names the first sample and modality otherwise);
+    -inf counts as 0, and where phi >= 1 what f_s returns is not used."""
     if not phi.is_floating_point() or phi.dim() != 2:
         raise ValueError(f"phi must be a floating-point tensor [B, n], got {phi.dtype} "
                          f"of shape {tuple(phi.shape)}")
@@ -168,8 +168,13 @@ def sample_level_copies(phi, f_s=None):
     if counts.shape != phi.shape:
         raise ValueError(f"f_s must return counts of the shape of phi {tuple(phi.shape)}, "
                          f"got {tuple(counts.shape)}")
-    counts = counts.to(phi.dtype).round().clamp(min=0).long()
-    return torch.where(low, counts, 0)
+    counts = torch.where(low, counts.to(phi.dtype).round().clamp(min=0), 0)  # NaN stays NaN
+    unusable = ~(counts < 2 ** 63)  # NaN, inf, or more than a LongTensor holds
+    if unusable.any():
+        sample, modality = unusable.nonzero()[0].tolist()
+        raise ValueError(f"f_s must return finite counts below 2**63, got {counts[sample, modality].item()} "
+                         f"for sample {sample}, modality {modality} (1 - phi = {1 - phi[sample, modality].item()})")
+    return counts.long()
 
 
 F_M_CHOICES = ("linear", "tanh", "square")  # Eq. 11's f_m, the authors' three choices
@@ -201,7 +206,8 @@ def modality_level_plan(phi_subset, alpha=1.0, f_m="linear"):
     the top of the two-modality Eq. 1 grid {-0.5, 0, 0.5, 1, 1.5}, as the largest gap and maps it
     to 1. (Under Eq. 1 with two modalities phi^a - phi^v = v({a}) - v({v}) lies in [-1, 1], so in
     practice x <= 2/3.) Then p = f_m(x): "linear" alpha * x, "tanh" tanh(alpha * x), "square"
-    alpha * x**1.5, clipped to [0, 1].
+    alpha * x**1.5, clipped to [0, 1]. alpha must be a finite number >= 0 and the contributions finite
+    (a ValueError says which otherwise).
 
     The means, the argmin and d are computed in exact rational arithmetic on Eq. 1 contributions
     (_exact_column_sums), so modalities with equal means tie exactly and a zero gap gives p = 0.
@@ -209,11 +215,16 @@ def modality_level_plan(phi_subset, alpha=1.0, f_m="linear"):
     Returns (modality: int, probability: float)."""
     if f_m not in F_M_CHOICES:
         raise ValueError(f"f_m must be one of {F_M_CHOICES}, got {f_m!r}")
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0 so that f_m increases, got {alpha}")
+    if not 0 <= alpha < math.inf:
+        raise ValueError(f"alpha must be a finite number >= 0 (f_m increases, p stays defined), got {alpha}")
     if phi_subset.dim() != 2 or phi_subset.shape[0] < 1 or phi_subset.shape[1] < 2:
         raise ValueError(f"phi_subset must be [Z, n] with Z >= 1 samples and n >= 2 modalities, "
                          f"got shape {tuple(phi_subset.shape)}")
+    not_finite = ~phi_subset.isfinite()  # NaN or +-inf
+    if not_finite.any():
+        row, modality = not_finite.nonzero()[0].tolist()
+        raise ValueError(f"phi_subset must hold finite contributions, got {phi_subset[row, modality].item()} "
+                         f"in row {row}, modality {modality}")
     subset_size, n = phi_subset.shape
     sums = _exact_column_sums(phi_subset)  # [n], Z * mean contribution
     modality = min(range(n), key=lambda i: (sums[i], i))

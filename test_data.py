@@ -723,6 +723,22 @@ def test_mmdebiased_class_names_inferred_from_the_json_and_clip_ids_unique(tmp_p
         build(split_file=str(twice))
 
 
+@pytest.mark.parametrize("clip_id", ["../../outside/evil", "/tmp/evil", "a/b", "..", "."])
+def test_mmdebiased_clip_id_that_is_no_file_name_stops_with_the_file_and_line(tmp_path, clip_id):
+    root = tmp_path / "root"
+    make_mmdebiased_tree(root, MMDEBIASED_TABLE)
+    (tmp_path / "outside").mkdir()  # what root/audio/../../outside/evil.npy and root/visual/../../outside/evil reach
+    np.save(tmp_path / "outside" / "evil.npy", np.zeros((16, 8), dtype=np.float32))
+    write_frames(tmp_path / "outside" / "evil", 10)
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(dict(MMDEBIASED_TABLE, **{clip_id: MMDEBIASED_TABLE["vid1"]}), indent=1))
+    line = [text.strip() for text in split_file.read_text().splitlines()].index(f"{json.dumps(clip_id)}: {{") + 1
+    with pytest.raises(data.DataError) as error:
+        data.build_dataset("mmdebiased", "train", root=str(root), split_file=str(split_file))
+    assert str(error.value) == (f"{split_file}:{line}: clip id {clip_id!r} is not a file name (expected a name "
+                                f"under {root}/audio and {root}/visual, without '/', not '.' or '..')")
+
+
 # ----------------------------------------------------------------------------------------------
 # UCF-101
 

@@ -546,6 +546,98 @@ def test_one_clip_name_in_two_class_folders_is_refused_before_any_work(ks_videos
     assert os.listdir(tmp_path / "root") == []
 
 
+def no_temporary_files(root):
+    return not any(name.endswith(preprocess.PARTIAL) for _, dirs, files in os.walk(root) for name in dirs + files)
+
+
+@needs_av
+def test_a_clip_name_of_250_bytes_is_written_under_a_short_temporary_name(ks_videos, tmp_path, capsys):
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d4", "d5"})
+    long = "x" * 250  # a valid file name (.mp4 makes 254 bytes), though <name>.partial would pass 255
+    shutil.copy(videos / "train" / "singing" / "s1.mp4", videos / "train" / "singing" / f"{long}.mp4")
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 5 clips written, 0 skipped (already on disk), 0 failed")
+    assert f"ks_visual/train/{long} 3 1" in read_lines(root / "ks_audio" / "train_1fps_path.txt")
+    assert np.load(root / "ks_audio" / "train" / f"{long}.npy").shape == (1024, 128)
+    # a run killed while writing it leaves a short temporary name, which the rerun removes
+    frames = str(root / "ks_visual" / "train" / long)
+    temporary = preprocess.partial_path(frames)
+    assert temporary.endswith(preprocess.PARTIAL) and len(os.path.basename(temporary)) <= preprocess.SHORT_NAME
+    assert os.path.dirname(temporary) == os.path.dirname(frames) and temporary != preprocess.partial_path(frames + "y")
+    shutil.rmtree(frames)
+    os.makedirs(temporary)
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 1 clips written, 4 skipped")
+    assert len(os.listdir(frames)) == 3 and no_temporary_files(root)
+
+
+@needs_av
+def test_a_clip_name_too_long_for_the_file_system_of_out_is_a_failure(ks_videos, tmp_path, capsys, monkeypatch):
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d4", "d5"})
+    long = "y" * 140  # fits the file system of --videos, not that of --out (as on eCryptfs: 143 bytes)
+    shutil.copy(videos / "train" / "singing" / "s1.mp4", videos / "train" / "singing" / f"{long}.mp4")
+    real_pathconf = os.pathconf
+    monkeypatch.setattr(os, "pathconf", lambda path, name: 143 if str(path) == str(root) and name == "PC_NAME_MAX"
+                        else real_pathconf(path, name))
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 4 clips written, 0 skipped (already on disk), 1 failed")
+    with open(root / "failures.csv", encoding="utf-8") as f:
+        assert list(csv.DictReader(f)) == [dict(clip=long, video=str(videos / "train" / "singing" / f"{long}.mp4"),
+                                                reason=f"output name {long}.npy is 144 bytes, more than the 143 "
+                                                       f"that the file system of {root} allows")]
+    assert not os.path.exists(root / "ks_visual" / "train" / long) and no_temporary_files(root)
+
+
+@needs_av
+def test_a_clip_name_that_is_not_utf8_is_a_failure_and_failures_csv_stays_utf8(ks_videos, tmp_path, capsys):
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d4", "d5"})
+    latin1 = os.fsdecode(b"caf\xe9")  # a Latin-1 name from an old archive
+    shutil.copy(videos / "train" / "singing" / "s1.mp4", videos / "train" / "singing" / f"{latin1}.mp4")
+    out, _ = run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1, capsys=capsys)
+    assert out.startswith("ks: 4 clips written, 0 skipped (already on disk), 1 failed")
+    with open(root / "failures.csv", encoding="utf-8") as f:  # valid UTF-8, the bytes shown as \xNN
+        assert list(csv.DictReader(f)) == [dict(clip="caf\\xe9", video=f"{videos}/train/singing/caf\\xe9.mp4",
+                                                reason="name is not UTF-8 (byte 0xe9), which the lists are read as; "
+                                                       "rename the file in UTF-8")]
+    for split in data.SPLITS:  # the lists read back, without it
+        assert all(clip.isascii() for clip, _, _ in
+                   data.read_ks_list(str(root / "ks_audio" / f"{split}_1fps_path.txt"), ogm_format=False))
+    assert not os.path.exists(root / "ks_visual" / "train" / latin1) and no_temporary_files(root)
+
+
+@pytest.mark.parametrize("folder, why", [(b"sing\ning", "it holds a line break"),
+                                         (b"singing ", "it begins or ends with white space"),
+                                         (b"sing\xe9ing", "it is not UTF-8 (byte 0xe9)")])
+@needs_av
+def test_a_class_folder_name_that_cannot_be_one_line_is_refused_before_any_work(ks_videos, tmp_path, capsys,
+                                                                                folder, why):
+    videos, root = tmp_path / "videos", tmp_path / "root"
+    copy_videos(ks_videos, videos, {"d1", "s1", "d5"})
+    shutil.move(str(videos / "train" / "singing"), videos / "train" / os.fsdecode(folder))
+    with pytest.raises(SystemExit) as exit_info:
+        run_preprocess("ks", "--videos", videos, "--out", root, "--workers", 1)
+    err = capsys.readouterr().err
+    shown = folder.decode("utf-8", "backslashreplace").replace("\n", "\\n")
+    assert exit_info.value.code == 2 and err == (f"error: {videos / 'train' / shown}: class folder name cannot be one "
+                                                 f"line of ks_classes.txt as it is ({why}); rename the folder\n")
+    assert os.listdir(root) == []
+
+
+def test_ucf101_names_that_are_not_utf8_or_hold_white_space_are_failures_with_no_class():
+    index = {name: [f"videos/{name}.avi"] for name in
+             ("v_Archery_g01_c01", os.fsdecode(b"v_Caf\xe9_g01_c01"), "v_Bad\rName_g08_c01", "v_Bowling_g08_c01")}
+    failures = []
+    class_names, split_files = preprocess.plan_ucf101("videos", None, index, failures)
+    assert class_names == ["Archery", "Bowling"]
+    assert [(clip, reason.split(" (")[0]) for clip, _, reason in sorted(failures)] == [
+        ("v_Bad\rName_g08_c01", "clip name contains white space, which the lists cannot hold"),
+        (os.fsdecode(b"v_Caf\xe9_g01_c01"), "name is not UTF-8")]
+    assert split_files["testlist01.txt"] == [("v_Archery_g01_c01", "Archery/v_Archery_g01_c01.avi")]
+
+
 @needs_av
 def test_a_full_disk_removes_the_temporary_files_of_every_clip(ks_videos, tmp_path, capsys, monkeypatch):
     """With several workers, the others may be writing clips when one finds the disk full: their temporary files

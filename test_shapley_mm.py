@@ -3,6 +3,7 @@ Algorithms 1-2, the Table 4 ablations)."""
 
 import itertools
 import math
+import re
 from fractions import Fraction
 
 import pytest
@@ -65,6 +66,44 @@ def test_permutation_weights_equal_the_closed_form_subset_formula(n):
             else:  # k = S
                 expected[k, i] = -w(len(bits(k)))
     torch.testing.assert_close(weights, expected, rtol=0, atol=1e-12)
+
+
+def permutation_counts(n):
+    """Eq. 2-3 the way the weights were first counted: walk all n! orders; in each, modality i adds +1 on the
+    coalition (its predecessors u {i}) and -1 on that of its predecessors. Returns {(coalition, i): count}."""
+    counts = {}
+    for order in itertools.permutations(range(n)):
+        predecessors = 0
+        for i in order:
+            counts[predecessors | 1 << i, i] = counts.get((predecessors | 1 << i, i), 0) + 1
+            counts[predecessors, i] = counts.get((predecessors, i), 0) - 1
+            predecessors |= 1 << i
+    return counts
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_weights_equal_the_permutation_counts_exactly_as_fractions(n):
+    counts = shapley_mm._shapley_counts(n)  # [2**n, n], n! * the weights of Eq. 3
+    walked = permutation_counts(n)
+    assert counts.dtype == torch.float64 and counts.shape == (2 ** n, n)
+    assert [[Fraction(int(c), math.factorial(n)) for c in row] for row in counts.tolist()] == \
+        [[Fraction(walked.get((k, i), 0), math.factorial(n)) for i in range(n)] for k in range(2 ** n)]
+    assert counts.eq(counts.round()).all()  # integers, not rounded weights
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_shapley_values_equal_a_brute_force_over_permutations(n):
+    # integer tables, so that n! * phi is an exact integer and phi the correctly rounded rational
+    v = torch.randint(-7, 8, (6, 2 ** n), generator=torch.Generator().manual_seed(n)).double()
+    phi = shapley_mm.shapley_values(v)
+    for row, row_phi in zip(v.tolist(), phi.tolist()):
+        brute = [Fraction(0)] * n
+        for order in itertools.permutations(range(n)):
+            predecessors = 0
+            for i in order:
+                brute[i] += Fraction(int(row[predecessors | 1 << i] - row[predecessors]), math.factorial(n))
+                predecessors |= 1 << i
+        assert row_phi == [float(p) for p in brute]
 
 
 @pytest.mark.parametrize("n", range(1, 7))
@@ -205,6 +244,21 @@ def test_valuate_equals_the_permutation_reference_and_predicts_each_coalition_on
     assert len(coalitions_seen) == 2 ** n - 1
 
 
+def test_valuate_at_eleven_modalities_without_walking_the_orders(monkeypatch):
+    def no_walk(*args):
+        raise AssertionError("the weights of Eq. 3 walk all n! orders")
+
+    monkeypatch.setattr(itertools, "permutations", no_walk)  # 11! = 39.9 M orders
+    n = 11
+    predict, labels = toy_model(n, batch_size=6, num_classes=2, seed=11)
+    correct, _ = shapley_mm.coalition_correctness(predict, labels, n)
+    exact = [exact_shapley(row, n) for row in correct.tolist()]  # the subset form, in Fractions
+    phi = shapley_mm.valuate(predict, labels, n)
+    assert phi.shape == (6, n) and phi.dtype == torch.float32
+    assert torch.equal(phi, torch.tensor([[float(p) for p in row] for row in exact], dtype=torch.float64).float())
+    assert [sum(row) for row in exact] == [n if row[-1] else 0 for row in correct.tolist()]  # efficiency
+
+
 def test_valuate_rejects_bad_predictions_and_labels():
     predict, labels = toy_model(2)
     with pytest.raises(ValueError, match="logits"):
@@ -258,6 +312,17 @@ def test_sample_level_copies_with_a_custom_f_s():
         shapley_mm.sample_level_copies(phi, lambda gap: gap.sum(1))
     with pytest.raises(ValueError, match="phi must be"):
         shapley_mm.sample_level_copies(torch.zeros(3, 2, dtype=torch.long))
+
+
+def test_sample_level_copies_refuse_counts_that_are_no_integers():
+    phi = torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+    # 1 / (1 - phi) is inf at phi = 1, where Eq. 10 gives no copy whatever f_s says
+    assert shapley_mm.sample_level_copies(phi, lambda gap: 1 / gap).tolist() == [[0, 2], [1, 0]]
+    for count in (math.inf, math.nan, 2.0 ** 70):
+        with pytest.raises(ValueError, match=re.escape(f"f_s must return finite counts below 2**63, got {count} "
+                                                       f"for sample 0, modality 1 (1 - phi = 0.5)")):
+            shapley_mm.sample_level_copies(phi, lambda gap: torch.full_like(gap, count))
+    assert shapley_mm.sample_level_copies(phi, lambda gap: torch.full_like(gap, -math.inf)).tolist() == [[0, 0], [0, 0]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,8 +399,14 @@ def test_modality_level_plan_rejects_bad_input():
     phi = torch.zeros(4, 2)
     with pytest.raises(ValueError, match="linear.*tanh.*square"):
         shapley_mm.modality_level_plan(phi, f_m="cubic")
-    with pytest.raises(ValueError, match="alpha"):
-        shapley_mm.modality_level_plan(phi, alpha=-1)
+    for alpha in (-1, math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"alpha must be a finite number >= 0 .*, got {alpha}"):
+            shapley_mm.modality_level_plan(phi, alpha=alpha)
+    for value in (math.nan, math.inf, -math.inf):
+        contributions = torch.tensor([[0.5, 1.5], [1.0, value]])
+        with pytest.raises(ValueError, match=f"phi_subset must hold finite contributions, got {value} in row 1, "
+                                             f"modality 1"):
+            shapley_mm.modality_level_plan(contributions)
     with pytest.raises(ValueError, match="phi_subset"):
         shapley_mm.modality_level_plan(torch.zeros(4, 1))
     with pytest.raises(ValueError, match="phi_subset"):
