@@ -475,7 +475,8 @@ def test_flags_a_continued_run_would_ignore_are_refused(short_run, capsys, flags
 
 def test_eval_only_writes_into_out(short_run, tmp_path):
     train.main(["--resume", str(short_run / "best.pt"), "--eval-only", "--out", str(tmp_path / "evaluated")])
-    assert sorted(os.listdir(tmp_path / "evaluated")) == ["eval_test_best.json", "valuation_test_best.csv"]
+    assert sorted(os.listdir(tmp_path / "evaluated")) == ["eval_test_best.json", "valuation_test_best.csv",
+                                                          "valuation_test_best.png"]
     assert not (short_run / "valuation_test_best.csv").exists()
 
 

@@ -53,6 +53,7 @@ import comparators
 import data
 import engine
 import models
+import plot
 import shapley_mm
 from engine import TrainingError
 from method import METHODS, Method, OfflineValuation, OnlineValuation
@@ -664,8 +665,8 @@ def checkpoint_args(checkpoint, args, given, changeable):
                                 f"{saved.get(key)!r}: a checkpoint keeps its settings (only {allowed} may change)")
     if saved["data_root"] is not None:
         saved["data_root"] = os.path.abspath(saved["data_root"])
-    continued = argparse.Namespace(**dict(saved, **{key: getattr(args, key) for key in RUN_CONTROL}))
-    check_flags_apply(continued, given)
+    if given:  # a script's call (args None) gives none
+        check_flags_apply(argparse.Namespace(**dict(saved, **{key: getattr(args, key) for key in RUN_CONTROL})), given)
     return argparse.Namespace(**saved)
 
 
@@ -860,7 +861,10 @@ def train(args, given=()):
         kept = (f"{last} holds epoch {saved_epoch}; continue with: python train.py --resume {last}"
                 if saved_epoch >= 0 else "no checkpoint was written")
         raise TrainingError(f"interrupted in epoch {epoch}: {kept}", code=130)
-    return evaluate_best(model, splits, out, loader_kwargs, device, args, log)
+    results = evaluate_best(model, splits, out, loader_kwargs, device, args, log)
+    if engine.is_main_process():
+        plot.draw_run(out)  # training.png, from the whole log (a resumed run's too)
+    return results
 
 
 def evaluate_checkpoint(path, split="test", args=None, given=(), confidence=False):
@@ -913,6 +917,7 @@ def eval_only(args, given=()):
 
     if engine.is_main_process():
         write_atomic(csv_path, write)
+        plot.draw_valuation(csv_path)  # the CSV's picture beside it (Figure 2c)
     results = dict(split=args.eval_split, checkpoint=os.path.abspath(args.resume), epoch=result["epoch"],
                    acc=scores["acc"], map=scores["map"], acc_per_modality=scores["acc_per_modality"],
                    mean_phi=result["phi"].mean(0).tolist(), modalities=list(dataset.modalities))
