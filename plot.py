@@ -2,7 +2,7 @@
 
     python plot.py runs/X        # draw runs/X/training.png again, and a picture beside each valuation_*.csv
 
-training.png, per epoch, drawn at the end of every run (train.train) from log.jsonl and contributions/:
+training.png, per epoch, drawn at the end of every run (after results.json) from log.jsonl and contributions/:
     contributions   the mean phi of each modality over the valued training samples, with its spread across them
                     (one standard deviation; Figure 3)
     copies          the uni-modal copies of each modality that the epoch trained on (Eq. 10, Eq. 11)
@@ -240,8 +240,8 @@ def not_drawn(path, run_dir):
 
 
 def draw_run(run_dir):
-    """RUN_DIR/training.png from the run's log (train.train calls it at the end of a run); its path, or None and
-    one line saying how to draw it without matplotlib."""
+    """RUN_DIR/training.png from the run's log (train.py draws it at the end of a run, after results.json); its
+    path, or None and one line saying how to draw it without matplotlib."""
     path = os.path.join(run_dir, RUN_PICTURE)
     fig = run_figure(run_curves(run_dir))
     if fig is None:

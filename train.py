@@ -758,6 +758,7 @@ def evaluate_best(model, splits, out, loader_kwargs, device, args, log):
                    train_seconds=sum(r["seconds"] for r in log))
     if engine.is_main_process():
         save_json(os.path.join(out, "results.json"), results)
+        plot.draw_run(out)  # the run's last file: training.png, from the whole log (a resumed run's too)
     print(f"best epoch {results['best_epoch']} (val acc {100 * results['val_acc']:.2f})")
     print(f"test acc {100 * test['acc']:.2f}  mAP {100 * test['map']:.2f}")
     print("test acc per modality: " + ", ".join(f"{m} {100 * a:.2f}" for m, a in zip(names, test["acc_per_modality"])))
@@ -861,10 +862,7 @@ def train(args, given=()):
         kept = (f"{last} holds epoch {saved_epoch}; continue with: python train.py --resume {last}"
                 if saved_epoch >= 0 else "no checkpoint was written")
         raise TrainingError(f"interrupted in epoch {epoch}: {kept}", code=130)
-    results = evaluate_best(model, splits, out, loader_kwargs, device, args, log)
-    if engine.is_main_process():
-        plot.draw_run(out)  # training.png, from the whole log (a resumed run's too)
-    return results
+    return evaluate_best(model, splits, out, loader_kwargs, device, args, log)
 
 
 def evaluate_checkpoint(path, split="test", args=None, given=(), confidence=False):
