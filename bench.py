@@ -86,6 +86,7 @@ import data
 import engine
 import method
 import models
+import reproduce
 import shapley_mm
 import train
 
@@ -618,19 +619,9 @@ def get_args_parser():
     # internal: the timed passes of bench_distributed, in one process of a torchrun job, printed as JSON by rank 0
     p.add_argument("--distributed-probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=None, help="side of the synthetic inputs in pixels")
-    p.add_argument("--only", type=bench_names, default=list(BENCHES), metavar="NAMES",
+    p.add_argument("--only", type=reproduce.comma_list(BENCHES), default=list(BENCHES), metavar="NAMES",
                    help=f"run only these benchmarks, comma-separated, from {','.join(BENCHES)} (default: all)")
     return p
-
-
-def bench_names(text):
-    """--only: names from BENCHES, comma-separated."""
-    names = [name for name in text.split(",") if name]
-    unknown = [name for name in names if name not in BENCHES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown benchmark {', '.join(unknown) or repr(text)}; "
-                                         f"choose from {','.join(BENCHES)}")
-    return names
 
 
 def fail(message):
