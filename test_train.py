@@ -89,6 +89,8 @@ def test_naive_keeps_the_per_modality_totals_of_the_sample_rule(synthetic_runs):
     for record in log[1:]:
         phi = torch.from_numpy(contributions(out, record["epoch"])["phi"])
         assert record["copies"] == shapley_mm.sample_level_copies(phi).sum(0).tolist()
+    plan = torch.load(os.path.join(out, "last.pt"), weights_only=False)["plan"]  # the last epoch's, row by row
+    assert not torch.equal(plan["copies"], shapley_mm.sample_level_copies(plan["phi"]))  # other samples than Eq. 10's
 
 
 def test_reversed_gives_all_copies_to_the_higher_contributing_modality(synthetic_runs):
