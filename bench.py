@@ -2,7 +2,10 @@
 
 The paper sells sample-level valuation as cheap next to heavier re-balancing methods (Sec. 4.3) and offers the
 modality-level method for when valuing every sample every epoch costs too much (Sec. 3.4.2). Each target below is
-a ratio of two things measured side by side in one run (interleaved repetitions, the median of each side):
+a ratio of two things measured side by side in one run: `repeats` interleaved rounds (11 by default; each round
+runs every side once, back to back), the ratio taken within each round, and the median of the rounds' ratios
+compared with the target. The lowest and highest round ratio are printed beside it (and saved as "spread" with
+--json), so that a reader sees how far the machine's noise moved it from one round to the next:
 
   1. valuation ~ one evaluation pass: engine.valuation_pass + Eq. 1-3 over a data set (Eq. 1-3 for every sample) / a plain
      evaluation pass (model(inputs) over the same loader, eval mode, no_grad), <= 1.10, for feature masking and
@@ -94,9 +97,9 @@ import train
 SETTINGS = {
     "quick": dict(size=16, samples=32, batch_size=16, repeats=1, clips=4, loader_batch=2, epoch_samples=16,
                   online_samples=16, shapley_samples=20_000, loop_samples=2_000),
-    "default": dict(size=64, samples=320, batch_size=64, repeats=5, clips=32, loader_batch=8, epoch_samples=32,
+    "default": dict(size=64, samples=320, batch_size=64, repeats=11, clips=32, loader_batch=8, epoch_samples=32,
                     online_samples=128, shapley_samples=1_000_000, loop_samples=100_000),
-    "full-resolution": dict(size=224, samples=1024, batch_size=64, repeats=5, clips=64, loader_batch=16,
+    "full-resolution": dict(size=224, samples=1024, batch_size=64, repeats=11, clips=64, loader_batch=16,
                             epoch_samples=1024, online_samples=1024, shapley_samples=1_000_000, loop_samples=100_000),
 }
 NUM_CLASSES = 4
@@ -141,25 +144,40 @@ def side_by_side(fns, repeats, device, clock):
     return seconds
 
 
-def median_ratio(seconds, numerator, denominator):
-    return statistics.median(seconds[numerator]) / statistics.median(seconds[denominator])
+def per_round_ratio(numerators, denominators, scale=1.0):
+    """(median, lowest, highest) of scale * numerator / denominator over the interleaved rounds: the two sides of a
+    round ran back to back under the same load, so a round's ratio cancels most of the machine's noise, and the
+    median resists the rounds that another job disturbed. The lowest and highest are the spread reported."""
+    ratios = sorted(scale * a / b for a, b in zip(numerators, denominators))
+    return statistics.median(ratios), ratios[0], ratios[-1]
 
 
-def row(name, value, target, met):
-    """One result as --json writes it; met is None for informational rows."""
-    return dict(name=name, value=float(value), target=target, met=met)
+def median_ratio(seconds, numerator, denominator, scale=1.0):
+    return per_round_ratio(seconds[numerator], seconds[denominator], scale)
 
 
-def at_most(name, value, bound):
-    return row(name, value, f"<= {bound:g}", bool(value <= bound))
+def row(name, measured, target, met=None):
+    """One result as --json writes it: `measured` is a value or (median, lowest, highest) of per-round ratios
+    (spread: [lowest, highest], None for a single value); met is None for informational rows."""
+    value, low, high = measured if isinstance(measured, tuple) else (measured, None, None)
+    spread = None if low is None else [float(low), float(high)]
+    return dict(name=name, value=float(value), spread=spread, target=target, met=met)
 
 
-def at_least(name, value, bound):
-    return row(name, value, f">= {bound:g}", bool(value >= bound))
+def at_most(name, measured, bound):
+    result = row(name, measured, f"<= {bound:g}")
+    result["met"] = result["value"] <= bound  # by the median
+    return result
 
 
-def informational(name, value):
-    return row(name, value, "informational", None)
+def at_least(name, measured, bound):
+    result = row(name, measured, f">= {bound:g}")
+    result["met"] = result["value"] >= bound
+    return result
+
+
+def informational(name, measured):
+    return row(name, measured, "informational")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,10 +362,8 @@ def bench_memory(args, s):
     if result.returncode != 0:
         raise RuntimeError(f"memory probe {' '.join(command)} failed:\n{result.stderr}")
     peaks = json.loads(result.stdout.strip().splitlines()[-1])
-    median = {(mask_mode, name): statistics.median(peaks[mask_mode][name])
-              for mask_mode in peaks for name in ("eval", "valuate")}
     return [at_most(f"peak memory, valuation / eval pass, {mask_mode} masking (concat)",
-                    median[mask_mode, "valuate"] / max(median[mask_mode, "eval"], 1), 1.2)
+                    per_round_ratio(peaks[mask_mode]["valuate"], [max(p, 1) for p in peaks[mask_mode]["eval"]]), 1.2)
             for mask_mode in ("feature", "input")]
 
 
@@ -460,9 +476,9 @@ def bench_shapley(s, device, clock):
     scale = samples / loop_samples  # the loop ran on loop_samples rows
     return [
         at_least("shapley_values n = 2: per-sample loop time / shapley_values time",
-                 scale * median_ratio(seconds, "loop", "vectorised"), 100),
+                 median_ratio(seconds, "loop", "vectorised", scale), 100),
         informational("shapley_values n = 2: loop arithmetic only (Python numbers given) / shapley_values",
-                      scale * median_ratio(seconds, "loop arithmetic", "vectorised")),
+                      median_ratio(seconds, "loop arithmetic", "vectorised", scale)),
         at_most("shapley_values n = 6: seconds per 10^6 samples",
                 statistics.median(seconds["n = 6"]) * 1_000_000 / samples, 1.0),
     ]
@@ -593,12 +609,16 @@ def bench_distributed(args, s):
                           median_ratio(seconds, 2, 1))]
 
 
+def spread_text(r):
+    return "" if r["spread"] is None else f"[{r['spread'][0]:.3f}, {r['spread'][1]:.3f}]"
+
+
 def format_table(rows):
     width = max(len(r["name"]) for r in rows)
-    lines = [f"{'name':<{width}}  {'value':>10}  {'target':<13}  met", "-" * (width + 34)]
+    lines = [f"{'name':<{width}}  {'median':>10}  {'rounds: low, high':>18}  {'target':<13}  met", "-" * (width + 54)]
     for r in rows:
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]
-        lines.append(f"{r['name']:<{width}}  {r['value']:>10.3f}  {r['target']:<13}  {met}")
+        lines.append(f"{r['name']:<{width}}  {r['value']:>10.3f}  {spread_text(r):>18}  {r['target']:<13}  {met}")
     return "\n".join(lines)
 
 
@@ -695,7 +715,7 @@ def main(argv=None):
         new_rows = benches[name]()
         rows.extend(new_rows)
         for r in new_rows:
-            print(f"  {r['name']}: {r['value']:.3f} ({r['target']})", flush=True)
+            print(f"  {r['name']}: {r['value']:.3f} {spread_text(r)} ({r['target']})", flush=True)
         print(f"  ({time.perf_counter() - bench_start:.0f} s)", flush=True)
         if args.json:
             save_rows(args.json, rows)

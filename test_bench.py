@@ -51,7 +51,7 @@ def test_quick_run_writes_every_target(quick_rows):
     assert rows == returned
     assert [r["name"] for r in rows] == TARGET_NAMES
     for r in rows:
-        assert set(r) == {"name", "value", "target", "met"}
+        assert set(r) == {"name", "value", "spread", "target", "met"}
         assert isinstance(r["value"], float) and math.isfinite(r["value"]) and r["value"] > 0, r
 
 
@@ -187,4 +187,15 @@ def test_side_by_side_interleaves_and_warms_up():
     seconds = bench.side_by_side({"a": call("a", 1.0), "b": call("b", 2.0)}, 3, torch.device("cpu"), lambda: now[0])
     assert calls == ["a", "b"] * 4  # one warm-up round, then 3 timed rounds
     assert seconds == {"a": [1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}  # each call timed alone, the warm-up not
-    assert bench.median_ratio(seconds, "b", "a") == 2.0
+    assert bench.median_ratio(seconds, "b", "a") == (2.0, 2.0, 2.0)
+
+
+def test_a_ratio_is_taken_within_each_round_and_its_median_is_compared_with_the_target():
+    # round 2: a load that doubles both sides; round 3: an outside job that slows one side only
+    seconds = {"off": [1.0, 2.0, 1.0, 1.0, 1.0], "on": [1.02, 2.04, 1.5, 1.02, 1.02]}
+    measured = bench.median_ratio(seconds, "on", "off")
+    assert measured == pytest.approx((1.02, 1.02, 1.5))
+    row = bench.at_most("online / plain", measured, 1.03)
+    assert row["met"] is True and row["value"] == pytest.approx(1.02) and row["spread"] == pytest.approx([1.02, 1.5])
+    assert bench.at_most("online / plain", bench.median_ratio(seconds, "on", "off", scale=1.02), 1.03)["met"] is False
+    assert bench.informational("memory", 3.0)["spread"] is None
