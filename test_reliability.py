@@ -531,3 +531,17 @@ def test_ctrl_c_while_a_file_is_written_waits_for_its_end(tmp_path):
         train.write_atomic(str(tmp_path / "file"), write)
     assert (tmp_path / "file").read_bytes() == b"first half second half"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_best_is_the_improving_epochs_last_written_once(tmp_path, monkeypatch):
+    """best.pt of an improving epoch holds that epoch's last.pt bytes without a second torch.save, and a later
+    last.pt leaves it as it was."""
+    saves = []
+    real_save = torch.save
+    monkeypatch.setattr(train.torch, "save", lambda obj, f: saves.append(os.path.basename(f.name)) or real_save(obj, f))
+    run(tmp_path / "run", *MFEAT, "--mode", "baseline", "--epochs", "3", "--lr", "1e-9", "--seed", "1")
+    assert all(name.startswith("last.pt") for name in saves) and len(saves) == 3
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=False)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert best["epoch"] < last["epoch"] == 2  # lr 1e-9: validation never improves after epoch 0
+    assert best["epoch"] == best["best"]["epoch"] and best["log"] == last["log"][:best["epoch"] + 1]

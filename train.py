@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -514,6 +515,23 @@ def save_checkpoint(path, state):
     write_atomic(path, lambda f: torch.save(state, f))
 
 
+def save_copy(source, path):
+    """`path` holding the bytes of `source`, written atomically: a hard link where the file system has them (no
+    byte written twice; `source` replaced later by a rename leaves `path` as it was), a copy where it has not."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with ctrl_c_held_back():
+        try:
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+
 def load_log(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -853,9 +871,9 @@ def train(args, given=()):
             with ctrl_c_held_back():  # the epoch's files are written whole, and saved_epoch says so
                 if engine.is_main_process():
                     save_log(os.path.join(out, "log.jsonl"), log)
-                    if best["epoch"] == epoch:
-                        save_checkpoint(os.path.join(out, "best.pt"), state)
                     save_checkpoint(os.path.join(out, "last.pt"), state)
+                    if best["epoch"] == epoch:  # the same checkpoint, written once
+                        save_copy(os.path.join(out, "last.pt"), os.path.join(out, "best.pt"))
                 saved_epoch = epoch
     except KeyboardInterrupt:
         last = os.path.join(out, "last.pt")
