@@ -213,15 +213,17 @@ def build_mfeat_npz(csv_dir, out_path):
 
 class MfeatDataset(Dataset):
     """UCI Multiple Features: one "vector" modality per chosen view, in the order given.
-    The split is stratified 60/20/20 per class from `split_seed` (fixed by default, whatever the run's seed); each
-    view is standardised with the train split's mean and std (features with zero std are only centred).
+    The split is stratified 60/20/20 per class from `split_seed` (fixed by default, whatever the run's seed;
+    `test_fraction` moves samples between train and test, validation keeping its 20 %); each view is standardised
+    with the train split's mean and std (features with zero std are only centred).
 
     degrade > 0 builds sample-level imbalance at dataset-level balance (like MM-Debiased): in every sample one
     view, drawn uniformly, is blended with Gaussian noise, x <- (1 - s) x + s noise, at a per-sample strength
     s ~ U(0, degrade). The draw is fixed for the data set (seeded by split_seed, not the run's seed), so every run
     sees the same corruption; `degraded_view` and `degrade_strength` record it per sample."""
 
-    def __init__(self, split, views=MFEAT_DEFAULT_VIEWS, path=MFEAT_PATH, degrade=0.0, split_seed=MFEAT_SPLIT_SEED):
+    def __init__(self, split, views=MFEAT_DEFAULT_VIEWS, path=MFEAT_PATH, degrade=0.0, split_seed=MFEAT_SPLIT_SEED,
+                 test_fraction=MFEAT_FRACTIONS[2]):
         check_split(split)
         if isinstance(views, str):
             views = tuple(v for v in views.split(",") if v)
@@ -237,7 +239,11 @@ class MfeatDataset(Dataset):
                 raise DataError(f"{path}: arrays {missing} missing (expected labels and the views {MFEAT_VIEWS})")
             all_labels = torch.from_numpy(archive["labels"]).long()
             all_features = [torch.from_numpy(archive[v]).float() for v in views]
-        parts = stratified_split(all_labels, MFEAT_FRACTIONS, split_seed)
+        if not 0.0 < test_fraction < 1.0 - MFEAT_FRACTIONS[1]:
+            raise ValueError(f"test_fraction must be in (0, {1.0 - MFEAT_FRACTIONS[1]:g}), got {test_fraction}")
+        fractions = MFEAT_FRACTIONS if test_fraction == MFEAT_FRACTIONS[2] else \
+            (1.0 - MFEAT_FRACTIONS[1] - test_fraction, MFEAT_FRACTIONS[1], test_fraction)
+        parts = stratified_split(all_labels, fractions, split_seed)
         train_rows, rows = parts[0], parts[SPLITS.index(split)]
         self.features = []  # one [N, D_view] tensor per view
         for x in all_features:
@@ -299,33 +305,43 @@ def weaken(x, signal, noise):
 class MfeatWeakViewDataset(MfeatDataset):
     """Sample-level imbalance at dataset-level balance on real data (like MM-Debiased, Sec. 4.3): in every sample
     one of the views, `degraded_view` [N] (balanced_weak_views, drawn per split from split_seed), is weakened to
-    `weak_signal` of its signal (weaken), the others are left as they are. Each view alone is then about as accurate
-    as the other over the set, while per sample one is much better; the weak view still carries the class (it is
-    less informative, not noise). The training split (augment=True) draws the weak view's noise anew every time a
-    sample is read, so no model can learn one fixed corruption of a training sample and the training-set valuation
-    keeps finding the weak views; evaluation (train_eval, val, test: augment False) reads one fixed draw.
-    `degrade_strength` [N] is 1 - weak_signal for every sample (what pick_examples in reproduce.py reads)."""
+    `weak_signal` of its signal (weaken), the others to `strong_signal` (1: left as they are). Each view alone is then
+    about as accurate as the other over the set, while per sample one is much better; the weak view still carries the
+    class (it is less informative, not noise). strong_signal < 1 weakens the strong views too, so that no view alone
+    is nearly always right and the joint decision needs both; weak_signal from near 0 up to strong_signal spans the
+    per-sample imbalance from "the weak view is nearly noise" to "the views are equal" (equal shares weaken every
+    view of every sample alike: `degraded_view` then names no weaker view). The training split (augment=True) draws
+    the noise anew every time a sample is read, so no model can learn one fixed corruption of a training sample and
+    the training-set valuation keeps finding the weak views; evaluation (train_eval, val, test: augment False) reads
+    one fixed draw. `degrade_strength` [N] is 1 - weak_signal for every sample (what pick_examples in reproduce.py
+    reads)."""
 
-    def __init__(self, split, views=MFEAT_SAMPLE_LEVEL_VIEWS, path=MFEAT_PATH, weak_signal=0.2,
-                 split_seed=MFEAT_SPLIT_SEED, augment=False):
-        super().__init__(split, views=views, path=path, split_seed=split_seed)
-        if len(self.features) < 2 or not 0.0 < weak_signal < 1.0:
-            raise ValueError(f"a weak view per sample needs two or more views and weak_signal in (0, 1), got "
-                             f"{len(self.features)} views and {weak_signal}")
+    def __init__(self, split, views=MFEAT_SAMPLE_LEVEL_VIEWS, path=MFEAT_PATH, weak_signal=0.2, strong_signal=1.0,
+                 split_seed=MFEAT_SPLIT_SEED, test_fraction=MFEAT_FRACTIONS[2], augment=False):
+        super().__init__(split, views=views, path=path, split_seed=split_seed, test_fraction=test_fraction)
+        if len(self.features) < 2 or not 0.0 < weak_signal < 1.0 or not weak_signal <= strong_signal <= 1.0:
+            raise ValueError(f"a weak view per sample needs two or more views, weak_signal in (0, 1) and "
+                             f"strong_signal in [weak_signal, 1], got {len(self.features)} views, weak_signal "
+                             f"{weak_signal} and strong_signal {strong_signal}")
         generator = torch.Generator().manual_seed(split_seed + 2 + SPLITS.index(split))
         self.degraded_view = balanced_weak_views(self.labels, len(self.features), generator)
         self.degrade_strength = torch.full((len(self.labels),), 1.0 - weak_signal)
-        self.weak_signal, self.augment = weak_signal, augment
+        self.weak_signal, self.strong_signal, self.augment = weak_signal, strong_signal, augment
         self.clean = self.features  # the views before weakening, re-weakened per read in training
         self.features = [torch.where((self.degraded_view == v).unsqueeze(1),
                                      weaken(x, weak_signal, torch.randn(x.shape, generator=generator)), x)
                          for v, x in enumerate(self.clean)]
+        if strong_signal < 1:  # drawn after the weak views' noise, which stays that of strong_signal 1
+            self.features = [torch.where((self.degraded_view == v).unsqueeze(1), x,
+                                         weaken(x, strong_signal, torch.randn(x.shape, generator=generator)))
+                             for v, x in enumerate(self.features)]
 
     def __getitem__(self, i):
         if not self.augment:
             return super().__getitem__(i)
         weak = int(self.degraded_view[i])
-        inputs = tuple(weaken(x[i], self.weak_signal, torch.randn(x.shape[1])) if v == weak else x[i]
+        inputs = tuple(weaken(x[i], self.weak_signal if v == weak else self.strong_signal, torch.randn(x.shape[1]))
+                       if v == weak or self.strong_signal < 1 else x[i]
                        for v, x in enumerate(self.clean))  # torch's global generator, as the videos' augmentation
         return inputs, self.labels[i].item(), i
 
@@ -963,12 +979,14 @@ def build_dataset(name, split, *, root=None, split_file=None, list_dir=None, vie
     if name == "mfeat":
         path = MFEAT_PATH if root is None else os.path.join(root, "mfeat.npz")
         views = MFEAT_DEFAULT_VIEWS if views is None else views
-        weak_signal = options.pop("weak_signal", 0.0)
+        weak_signal, strong_signal = options.pop("weak_signal", 0.0), options.pop("strong_signal", 1.0)
         if weak_signal > 0:  # the sample-level benchmark (MfeatWeakViewDataset)
             if options.pop("degrade", 0.0) > 0:
                 raise ValueError("degrade and weak_signal are two ways to degrade mfeat: give one")
-            return MfeatWeakViewDataset(split, views=views, path=path, weak_signal=weak_signal, augment=augment,
-                                        **options)
+            return MfeatWeakViewDataset(split, views=views, path=path, weak_signal=weak_signal,
+                                        strong_signal=strong_signal, augment=augment, **options)
+        if strong_signal != 1.0:
+            raise ValueError("strong_signal weakens the strong views of the weak-view benchmark: give weak_signal too")
         return MfeatDataset(split, views=views, path=path, **options)
     if name == "synthetic":
         return SyntheticDataset(split, seed=seed, **options)

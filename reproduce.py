@@ -90,6 +90,15 @@ SETTINGS = {
                                    about="sample-level imbalance at dataset-level balance: two strong views, and in "
                                          "every sample one of them, known, weakened to a fifth of its signal (like "
                                          "MM-Debiased)"),
+    # Table 2, second edition: benchmarks with room, fixed from baseline-only pilots (pilot, README). Train 40 % /
+    # validation 20 % / test 40 % per class: 800 test samples, and fewer training samples to learn from
+    "sample-level-2": dict(views="fac,pix", degrade=0.0, weak_signal=0.25, strong_signal=0.4, test_fraction=0.4,
+                           about="sample-level imbalance at dataset-level balance with room: two strong views, both "
+                                 "weakened in every sample, one of them, known, to a quarter of its signal and the "
+                                 "other to 40 %, so that neither alone decides (like MM-Debiased)"),
+    "dataset-level-2": dict(views="fac,fou", degrade=0.0, weak_signal=0.35, strong_signal=0.35, test_fraction=0.4,
+                            about="dataset-level imbalance with room: a strong and a weak view, every view of every "
+                                  "sample weakened alike to 35 % of its signal (like Kinetics-Sounds, UCF-101)"),
 }
 TRAINING = dict(epochs=30, warmup=2, lr=0.03, batch_size=128)  # chosen by sweep.py on validation
 SEEDS = (0, 1, 2, 3, 4)
@@ -143,7 +152,10 @@ def cell_settings(setting, fusion, mode, seed, training, runs_dir, valuation="of
     if study != "grid":
         name = os.path.join(study, name + f"-split{split_seed}" + "".join(f"-{k}{v}" for k, v in knobs.items()))
     return dict(views=SETTINGS[setting]["views"].split(","), mfeat_degrade=SETTINGS[setting]["degrade"],
-                mfeat_weak_signal=SETTINGS[setting].get("weak_signal", 0.0), split_seed=split_seed, mode=mode,
+                mfeat_weak_signal=SETTINGS[setting].get("weak_signal", 0.0),
+                mfeat_strong_signal=SETTINGS[setting].get("strong_signal", 1.0),
+                mfeat_test_fraction=SETTINGS[setting].get("test_fraction", data.MFEAT_FRACTIONS[2]),
+                split_seed=split_seed, mode=mode,
                 fusion=fusion, seed=seed, valuation=valuation, track_phi=track_phi,
                 out=os.path.join(runs_dir, setting, name), **dict(training, **knobs))
 
@@ -526,6 +538,8 @@ def weak_view_measures(run_dir, spec, split_seed):
     sample's known weak view; alone_weak / alone_strong [n], the test accuracy of each view alone on the test
     samples where it is the weak / the strong view."""
     train_set = data.build_dataset("mfeat", "train", views=spec["views"].split(","), weak_signal=spec["weak_signal"],
+                                   strong_signal=spec.get("strong_signal", 1.0),
+                                   test_fraction=spec.get("test_fraction", data.MFEAT_FRACTIONS[2]),
                                    split_seed=split_seed)
     below_one, weak_copy_share = [], []
     for epoch in range(len(train.load_log(os.path.join(run_dir, "log.jsonl")))):
@@ -1172,6 +1186,116 @@ def weak_view_lines(cells, setting, training):
 
 
 # ----------------------------------------------------------------------------------------------
+# Table 2, second edition: benchmarks with room, their construction fixed from baseline-only pilot runs
+
+
+PILOT_PAIRS = tuple((200 + k, 1200 + k) for k in range(12))  # (seed, split seed): none of any study's pairs
+PILOT_SEEDS = tuple(range(220, 229))  # more seeds on the first pair's split: the run-to-run spread within one split
+# the regime map's strengths of the sample-level family: the weak view's signal share at sample-level-2's strong
+# share 0.4, from "the weak view is nearly noise" to "the views are nearly equal" (0.25: the benchmark itself)
+REGIME_WEAK_SIGNALS = (0.05, 0.15, 0.25, 0.37)
+SETTING_KEYS = ("views", "weak_signal", "strong_signal", "test_fraction")
+# the constructions piloted (baseline, concat): the two benchmarks on PILOT_PAIRS, the sample-level one with
+# PILOT_SEEDS too, and the regime map's other strengths on the first four pairs
+PILOT_CANDIDATES = {
+    **{name: dict({k: SETTINGS[name][k] for k in SETTING_KEYS}, pairs=PILOT_PAIRS, seeds=seeds)
+       for name, seeds in (("sample-level-2", PILOT_SEEDS), ("dataset-level-2", ()))},
+    **{f"sample-level-2 weak {w}": dict({k: SETTINGS["sample-level-2"][k] for k in SETTING_KEYS}, weak_signal=w,
+                                        pairs=PILOT_PAIRS[:4])
+       for w in REGIME_WEAK_SIGNALS if w != SETTINGS["sample-level-2"]["weak_signal"]},
+}
+
+
+def pilot_task(task):
+    """One baseline run of a pilot (two views): (name, spec, seed, split seed, training, runs_dir) -> its measures on
+    test: joint accuracy, each view alone over the set, where weak and where strong, each sample's strong view
+    alone (stronger_alone), either view alone right, and the training time."""
+    name, spec, seed, split_seed, training, runs_dir = task
+    torch.set_num_threads(1)
+    out = os.path.join(runs_dir, "pilot", f"{name}-s{seed}-split{split_seed}")
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    results = train_quietly(os.path.join(out, "stdout.txt"), views=spec["views"].split(","), mode="baseline",
+                            fusion="concat", mfeat_weak_signal=spec["weak_signal"],
+                            mfeat_strong_signal=spec.get("strong_signal", 1.0),
+                            mfeat_test_fraction=spec.get("test_fraction", data.MFEAT_FRACTIONS[2]),
+                            split_seed=split_seed, seed=seed, track_phi=False, out=out, **training)
+    seconds = time.perf_counter() - start
+    result, test_set = train.evaluate_checkpoint(os.path.join(out, "best.pt"))
+    correct = result["correct"].numpy()  # [N, 4]: coalitions {}, {view 0}, {view 1}, both (shapley_mm.coalitions)
+    weak = test_set.degraded_view[result["index"]].numpy()  # [N]
+    alone = alone_accuracy_by_weak_view(correct, weak)
+    return dict(name=name, seed=seed, split_seed=split_seed, val_acc=results["val_acc"],
+                best_epoch=results["best_epoch"], joint=float(correct[:, 3].mean()),
+                alone=correct[:, [1, 2]].mean(0).tolist(),
+                alone_weak=alone[:, 0].tolist(), alone_strong=alone[:, 1].tolist(),
+                stronger_alone=float(correct[np.arange(len(weak)), 1 << (1 - weak)].mean()),  # its strong view alone
+                either_alone=float(np.maximum(correct[:, 1], correct[:, 2]).mean()), seconds=seconds)
+
+
+def pilot_rows(runs, candidates):
+    """The criteria table of the pilots: per construction, means over its pairs (in %) and the spreads."""
+    rows = []
+    for name, spec in candidates.items():
+        pairs = {tuple(pair) for pair in spec["pairs"]}
+        found = [r for r in runs if r["name"] == name and (r["seed"], r["split_seed"]) in pairs]
+        within = [r["joint"] for r in runs if r["name"] == name and r["split_seed"] == spec["pairs"][0][1]]
+        mean = lambda key: 100 * np.mean([r[key] for r in found], axis=0)
+        alone, weak, strong = mean("alone"), mean("alone_weak"), mean("alone_strong")
+        joint = 100 * np.array([r["joint"] for r in found])
+        rows.append(dict(name=name, views=spec["views"], weak_signal=spec["weak_signal"],
+                         strong_signal=spec.get("strong_signal", 1.0), pairs=len(found), alone=alone.tolist(),
+                         alone_gap=float(abs(alone[0] - alone[1])), alone_weak=weak.tolist(),
+                         alone_strong=strong.tolist(),
+                         stronger_alone=float(mean("stronger_alone")), either_alone=float(mean("either_alone")),
+                         joint=float(joint.mean()), joint_sd_pairs=float(joint.std(ddof=1)) if len(joint) > 1 else None,
+                         joint_sd_seeds=float(100 * np.std(within, ddof=1)) if len(within) > 1 else None,
+                         seeds_on_one_split=len(within), margin=float(joint.mean() - mean("stronger_alone")),
+                         seconds=float(np.mean([r["seconds"] for r in found]))))
+    return rows
+
+
+def pilot_lines(rows):
+    """The criteria table as text lines."""
+    header = ["construction", "pairs", "view alone (all)", "gap", "alone where weak", "alone where strong",
+              "stronger alone", "joint", "margin", "SD pairs", "SD seeds (n)", "s / run"]
+    fmt = lambda values: " / ".join(f"{v:.1f}" for v in values)
+    body = [[r["name"], r["pairs"], fmt(r["alone"]), f"{r['alone_gap']:.1f}", fmt(r["alone_weak"]),
+             fmt(r["alone_strong"]), f"{r['stronger_alone']:.1f}", f"{r['joint']:.1f}", f"{r['margin']:+.1f}",
+             "-" if r["joint_sd_pairs"] is None else f"{r['joint_sd_pairs']:.2f}",
+             "-" if r["joint_sd_seeds"] is None else f"{r['joint_sd_seeds']:.2f} ({r['seeds_on_one_split']})",
+             f"{r['seconds']:.1f}"] for r in rows]
+    return table(header, body)
+
+
+def pilot(out, runs_dir, jobs=1, candidates=None, training=TABLE2_TRAINING):
+    """Baseline-only pilot runs (concat) of the candidate constructions, each on its (seed, split seed) pairs plus,
+    where it has "seeds", those seeds on its first pair's split: writes out/pilot.json (every run's measures and the
+    criteria table) and prints the table. No other mode runs here: the constructions are fixed before any method
+    sees them."""
+    candidates = PILOT_CANDIDATES if candidates is None else candidates
+    torch.set_num_threads(1)
+    train.check_writable(out)
+    train.check_writable(runs_dir, "--runs-dir")
+    tasks = [(name, spec, seed, split_seed, training, runs_dir) for name, spec in candidates.items()
+             for seed, split_seed in list(map(tuple, spec["pairs"]))
+             + [(seed, spec["pairs"][0][1]) for seed in spec.get("seeds", ())]]
+    start, runs = time.perf_counter(), []
+    with multiprocessing.get_context("fork").Pool(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        for k, run in enumerate(pool.imap(pilot_task, tasks) if pool is not None else map(pilot_task, tasks), 1):
+            runs.append(run)
+            print(f"[{k}/{len(tasks)}] {run['name']} seed {run['seed']} split {run['split_seed']}: joint "
+                  f"{100 * run['joint']:.2f}, stronger alone {100 * run['stronger_alone']:.2f} "
+                  f"({time.perf_counter() - start:.0f}s in all)", flush=True)
+    rows = pilot_rows(runs, candidates)
+    os.makedirs(out, exist_ok=True)
+    train.save_json(os.path.join(out, "pilot.json"), dict(training=training, candidates=candidates, rows=rows,
+                                                          runs=runs, seconds=time.perf_counter() - start, jobs=jobs))
+    print("\n".join(pilot_lines(rows)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # the Markdown report
 
 
@@ -1679,12 +1803,17 @@ def main(argv=None):
                              f"<--runs-dir>/table2-second (tuning on {len(TABLE2_SECOND_TUNING_PAIRS)} pairs, ties to "
                              f"each method's default; {' and '.join(TABLE2_SECOND_SETTINGS)}; the regime map at "
                              f"{len(TABLE2_SECOND_REGIME)} strengths; see table2_second)")
+    parser.add_argument("--pilot", action="store_true",
+                        help="instead of the grid: the baseline-only pilot runs that fixed the second edition's "
+                             "benchmarks (PILOT_CANDIDATES); writes pilot.json into --out and prints the criteria")
     parser.add_argument("--jobs", type=train.number(int, 1), default=1,
-                        help="--table2, --table2-second: runs at a time, one process each")
+                        help="--table2, --table2-second, --pilot: runs at a time, one process each")
     args = parser.parse_args(argv)
     if args.table2 and args.table2_second:
         parser.error("argument --table2-second: not with --table2 (each edition is its own command)")
     resumed = "the runs finished are in --runs-dir, and the same command resumes from them"
+    if args.pilot:
+        return one_line_errors(lambda: pilot(args.out, args.runs_dir, args.jobs), "no pilot.json was written")
     if args.table2:
         return one_line_errors(lambda: table2(args.out, args.runs_dir, args.jobs),
                                f"{resumed}; results.json is as it was")

@@ -167,6 +167,85 @@ def test_weak_view_noise_is_drawn_anew_per_training_read_and_fixed_for_evaluatio
     assert torch.equal(train_set[0][0][weak], first[weak])  # the run's seed fixes the draws
 
 
+@functools.lru_cache(maxsize=None)
+def both_weakened_splits(weak_signal=0.25, strong_signal=0.35, split_seed=1200):
+    return data.build_splits("mfeat", views=("fac", "pix"), weak_signal=weak_signal, strong_signal=strong_signal,
+                             split_seed=split_seed)
+
+
+def signal_share(clean, weakened):
+    """The share s of weakened = s clean + sqrt(1 - s^2) noise, estimated from [N, D] standardised features."""
+    return ((clean * weakened).mean() / (clean * clean).mean()).item()
+
+
+def test_strong_signal_weakens_the_strong_view_too_and_keeps_the_weak_views_of_the_first_edition():
+    clean = data.MfeatDataset("test", views=("fac", "pix"), split_seed=1200)
+    first_edition = data.build_dataset("mfeat", "test", views=("fac", "pix"), weak_signal=0.25, split_seed=1200)
+    both = both_weakened_splits()["test"]
+    assert torch.equal(both.degraded_view, first_edition.degraded_view)  # the same known weak view per sample
+    for v in range(2):
+        strong, weak = both.degraded_view != v, both.degraded_view == v
+        assert torch.equal(both.features[v][weak], first_edition.features[v][weak])  # the same weak-view draws
+        assert signal_share(clean.features[v][weak], both.features[v][weak]) == pytest.approx(0.25, abs=0.02)
+        assert signal_share(clean.features[v][strong], both.features[v][strong]) == pytest.approx(0.35, abs=0.02)
+        rest = both.features[v][strong] - 0.35 * clean.features[v][strong]
+        assert rest.var().item() == pytest.approx(1 - 0.35 ** 2, abs=0.05)  # unit-variance noise
+        assert not torch.equal(both.features[v][strong], clean.features[v][strong])
+    for label in range(10):  # each view the weak one in half the samples of every class
+        weak = both.degraded_view[both.labels == label]
+        assert abs(int((weak == 0).sum()) - int((weak == 1).sum())) <= 1
+
+
+def test_strong_signal_one_is_the_first_edition_bit_for_bit():
+    for split in ("train", "test"):
+        default = data.build_dataset("mfeat", split, views=("fac", "pix"), weak_signal=0.2, augment=True)
+        explicit = data.build_dataset("mfeat", split, views=("fac", "pix"), weak_signal=0.2, strong_signal=1.0,
+                                      augment=True)
+        assert all(torch.equal(a, b) for a, b in zip(default.features, explicit.features))
+        torch.manual_seed(0)
+        read = default[3][0]
+        torch.manual_seed(0)
+        assert all(torch.equal(a, b) for a, b in zip(read, explicit[3][0]))
+
+
+def test_both_views_are_weakened_anew_per_training_read_and_the_draws_are_fixed_by_the_split_seed():
+    train_set, train_eval = both_weakened_splits()["train"], both_weakened_splits()["train_eval"]
+    torch.manual_seed(0)
+    first, second = train_set[0][0], train_set[0][0]
+    assert all(not torch.equal(a, b) for a, b in zip(first, second))  # weak and strong view alike
+    assert all(torch.equal(x[0], train_eval[0][0][v]) for v, x in enumerate(train_eval.features))
+    again = data.build_dataset("mfeat", "test", views=("fac", "pix"), weak_signal=0.25, strong_signal=0.35,
+                               split_seed=1200)
+    other = data.build_dataset("mfeat", "test", views=("fac", "pix"), weak_signal=0.25, strong_signal=0.35,
+                               split_seed=1201)
+    assert all(torch.equal(a, b) for a, b in zip(again.features, both_weakened_splits()["test"].features))
+    assert torch.equal(again.degraded_view, both_weakened_splits()["test"].degraded_view)
+    assert not torch.equal(again.rows, other.rows)
+
+
+def test_strong_signal_refuses_a_share_below_the_weak_one_or_without_a_weak_view():
+    for strong_signal in (0.1, 1.5):
+        with pytest.raises(ValueError, match="strong_signal in \\[weak_signal, 1\\]"):
+            data.MfeatWeakViewDataset("test", views=("fac", "pix"), weak_signal=0.2, strong_signal=strong_signal)
+    with pytest.raises(ValueError, match="give weak_signal too"):
+        data.build_dataset("mfeat", "test", views=("fac", "pix"), strong_signal=0.5)
+
+
+def test_test_fraction_moves_samples_from_train_to_test_per_class():
+    default = {s: data.MfeatDataset(s, views=("fac",)) for s in ("train", "val", "test")}
+    larger = {s: data.MfeatDataset(s, views=("fac",), test_fraction=0.4) for s in ("train", "val", "test")}
+    assert [len(larger[s]) for s in ("train", "val", "test")] == [800, 400, 800]
+    assert torch.equal(torch.bincount(larger["test"].labels), torch.full((10,), 80))
+    assert torch.equal(torch.bincount(larger["train"].labels), torch.full((10,), 80))
+    rows = torch.cat([larger[s].rows for s in ("train", "val", "test")])
+    assert len(set(rows.tolist())) == 2000  # disjoint, every sample once
+    explicit = data.MfeatDataset("test", views=("fac",), test_fraction=data.MFEAT_FRACTIONS[2])
+    assert torch.equal(explicit.rows, default["test"].rows)
+    assert torch.equal(explicit.features[0], default["test"].features[0])
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        data.MfeatDataset("test", views=("fac",), test_fraction=0.8)
+
+
 def test_split_seed_draws_another_split_and_the_default_is_the_fixed_one():
     labels = data.MfeatDataset("test", views=("fac",)).labels
     default = data.MfeatDataset("test", views=("fac",))

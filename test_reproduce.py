@@ -684,3 +684,31 @@ def test_table2_second_edition_on_a_tiny_grid_and_its_resume(tmp_path, monkeypat
     reused = re.findall(r"(\d+) of (\d+) runs finished before with these settings and code: reused", out)
     assert len(reused) == 3 and all(done == total for done, total in reused)
     assert without_time(again["records"]) == without_time(first["records"])
+
+
+def test_pilot_runs_the_baseline_only_and_its_measures_match_the_checkpoints(tmp_path):
+    candidates = {"both weakened": dict(views="fac,pix", weak_signal=0.25, strong_signal=0.4, test_fraction=0.4,
+                                        pairs=[[200, 1200], [201, 1201]], seeds=[220])}
+    training = dict(reproduce.TABLE2_TRAINING, epochs=1, warmup=0)
+    rows = reproduce.pilot(tmp_path / "out", tmp_path / "runs", candidates=candidates, training=training)
+    with open(tmp_path / "out" / "pilot.json") as f:
+        saved = json.load(f)
+    assert saved["rows"] == json.loads(json.dumps(rows)) and len(saved["runs"]) == 3
+    for run in saved["runs"]:
+        run_dir = tmp_path / "runs" / "pilot" / f"both weakened-s{run['seed']}-split{run['split_seed']}"
+        with open(run_dir / "args.json") as f:
+            args = json.load(f)
+        assert (args["mode"], args["fusion"], args["mfeat_strong_signal"], args["mfeat_test_fraction"]) == \
+            ("baseline", "concat", 0.4, 0.4)
+        result, test_set = train.evaluate_checkpoint(str(run_dir / "best.pt"))
+        correct = result["correct"].tolist()
+        weak = test_set.degraded_view[result["index"]].tolist()
+        assert len(correct) == 800
+        stronger = sum(row[2 if w == 0 else 1] for row, w in zip(correct, weak)) / len(correct)  # brute force
+        assert run["stronger_alone"] == pytest.approx(stronger)
+        assert run["joint"] == pytest.approx(sum(row[3] for row in correct) / len(correct))
+    row, = rows
+    paired = [r for r in saved["runs"] if r["seed"] - 200 == r["split_seed"] - 1200]
+    assert row["pairs"] == 2 and row["seeds_on_one_split"] == 2
+    assert row["joint"] == pytest.approx(100 * np.mean([r["joint"] for r in paired]))
+    assert row["margin"] == pytest.approx(row["joint"] - 100 * np.mean([r["stronger_alone"] for r in paired]))

@@ -258,3 +258,26 @@ def test_resampling_modes_refuse_a_single_modality_before_writing(tmp_path, caps
     assert stop.value.code == 2
     assert "needs at least two modalities" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mfeat-strong-signal", "0.5"], "acts with --mfeat-weak-signal only"),
+    (["--views", "fac,pix", "--mfeat-weak-signal", "0.3", "--mfeat-strong-signal", "0.2"], "below --mfeat-weak-signal"),
+    (["--views", "fac,pix", "--mfeat-weak-signal", "0.3", "--mfeat-strong-signal", "1.5"], "<= 1.0, got 1.5"),
+    (["--mfeat-test-fraction", "0.8"], "<= 0.7, got 0.8"),
+])
+def test_strong_signal_and_test_fraction_refuse_bad_values_in_one_line(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags + ["--out", str(out)])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and message in error and len(error.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_strong_signal_and_test_fraction_reach_the_data_sets():
+    args = train.make_args(views=["fac", "pix"], mfeat_weak_signal=0.25, mfeat_strong_signal=0.35,
+                           mfeat_test_fraction=0.4, gpu=-1)
+    splits = train.build_datasets(args)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [800, 400, 800]
+    assert all(splits[s].strong_signal == 0.35 and splits[s].weak_signal == 0.25 for s in ("train", "val", "test"))

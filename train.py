@@ -159,6 +159,14 @@ def get_args_parser(dataset="mfeat", add_help=True):
                         "every class, with two views) keeps only this share of its signal, x <- s x + sqrt(1 - s^2) "
                         "noise, the noise drawn anew each time a training sample is read; use with --views fac,pix "
                         "(data.MfeatWeakViewDataset; 0: off) (default: %(default)s)")
+    g.add_argument("--mfeat-strong-signal", type=number(float, 0.0, 1.0, low_open=True), default=1.0,
+                   help="mfeat, with --mfeat-weak-signal: the share of its signal every other view keeps, weakened "
+                        "alike (1: untouched; equal to --mfeat-weak-signal: every view weakened alike) "
+                        "(default: %(default)s)")
+    g.add_argument("--mfeat-test-fraction", type=number(float, 0.0, 0.7, low_open=True),
+                   default=data.MFEAT_FRACTIONS[2],
+                   help="mfeat: the share of every class in the test split, taken from train (validation keeps "
+                        f"{data.MFEAT_FRACTIONS[1]:g}) (default: %(default)s)")
     g.add_argument("--split-seed", type=number(int, 0), default=data.MFEAT_SPLIT_SEED,
                    help="mfeat: seed of the stratified train / val / test split and of the degradation draws "
                         "(default: %(default)s)")
@@ -289,7 +297,8 @@ def method_flag_scope():
 # check_online.
 FLAG_SCOPE = {
     **{key: (lambda a: a.dataset == "mfeat", "--dataset mfeat")
-       for key in ("views", "mfeat_degrade", "mfeat_weak_signal", "split_seed")},
+       for key in ("views", "mfeat_degrade", "mfeat_weak_signal", "mfeat_test_fraction", "split_seed")},
+    "mfeat_strong_signal": (lambda a: a.dataset == "mfeat" and a.mfeat_weak_signal > 0, "--mfeat-weak-signal"),
     **{key: (lambda a: a.dataset == "synthetic", "--dataset synthetic")
        for key in ("synthetic_modalities", "synthetic_samples", "synthetic_size", "synthetic_discrepancy")},
     **{key: (lambda a: a.dataset in AV_DATASETS, f"--dataset {', '.join(AV_DATASETS)}")
@@ -348,6 +357,9 @@ def check_args(args):
         raise TrainingError(f"--dataset {args.dataset} needs --data-root (the folder holding its clips)")
     if args.mfeat_weak_signal > 0 and (args.mfeat_degrade > 0 or len(args.views) < 2 or args.mfeat_weak_signal >= 1):
         raise TrainingError("--mfeat-weak-signal needs two or more --views, a value below 1 and no --mfeat-degrade")
+    if args.mfeat_weak_signal > 0 and args.mfeat_strong_signal < args.mfeat_weak_signal:
+        raise TrainingError(f"--mfeat-strong-signal {args.mfeat_strong_signal} is below --mfeat-weak-signal "
+                            f"{args.mfeat_weak_signal}: the strong views keep at least the weak view's share")
     if args.weights is not None and not args.pretrained:
         raise TrainingError("--weights FILE is the ImageNet file of --pretrained; add --pretrained or drop --weights")
     if METHODS[args.mode].uses_warmup and args.warmup >= args.epochs:
@@ -391,7 +403,8 @@ def build_datasets(args):
                    skip_missing=args.skip_missing, seed=args.seed)
     if args.dataset == "mfeat":
         options.update(views=tuple(args.views), degrade=args.mfeat_degrade, weak_signal=args.mfeat_weak_signal,
-                       split_seed=args.split_seed)
+                       strong_signal=args.mfeat_strong_signal, split_seed=args.split_seed,
+                       test_fraction=args.mfeat_test_fraction)
     elif args.dataset == "synthetic":
         options.update(num_modalities=args.synthetic_modalities, size=args.synthetic_size,
                        sample_discrepancy=args.synthetic_discrepancy, train_size=args.synthetic_samples,
