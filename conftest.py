@@ -12,12 +12,42 @@ import os
 import numpy as np
 import pytest
 import torch
+import torchvision
 from torchvision.io import write_jpeg
+from torchvision.models.resnet import BasicBlock
 
 import data
+import models
 import train
 
 torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-18 at an eighth of its widths for the tests' runs: the same class, stages and blocks (so every code path of
+# models.ResNetEncoder and the fusions that tap its stages runs), checkpoints of 0.7 MB instead of 90 MB, and faster
+# steps. A user's run, and the tests marked full_resnet, build torchvision's own ResNet-18.
+
+
+class NarrowResNet18(torchvision.models.ResNet):
+    def __init__(self, norm_layer=torch.nn.BatchNorm2d, widths=(8, 16, 32, 64)):
+        torch.nn.Module.__init__(self)
+        self._norm_layer, self.inplanes, self.dilation, self.groups, self.base_width = norm_layer, widths[0], 1, 1, 64
+        self.conv1 = torch.nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1, self.relu = norm_layer(widths[0]), torch.nn.ReLU(inplace=True)
+        self.maxpool = torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], 2)
+        self.layer2 = self._make_layer(BasicBlock, widths[1], 2, stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], 2, stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], 2, stride=2)
+        self.avgpool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(widths[3], 1000)
+
+
+@pytest.fixture(autouse=True)
+def narrow_resnets(request, monkeypatch):
+    if request.node.get_closest_marker("full_resnet") is None:
+        monkeypatch.setattr(models.torchvision.models, "resnet18",
+                            lambda weights=None, norm_layer=torch.nn.BatchNorm2d: NarrowResNet18(norm_layer))
 
 FRAME_STEP = 20
 

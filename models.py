@@ -140,7 +140,7 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         net = torchvision.models.resnet18(weights=None, norm_layer=BatchNorm2d)
         if channels != 3:
-            net.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            net.conv1 = nn.Conv2d(channels, net.conv1.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
         if pretrained:  # True: torch hub's copy; a path: a local copy of the same file
             state = load_imagenet_resnet18_state(None if pretrained is True else pretrained)
             state["conv1.weight"] = adapt_first_conv(state["conv1.weight"], channels)

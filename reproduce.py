@@ -100,6 +100,15 @@ SETTINGS = {
                             about="dataset-level imbalance with room: a strong and a weak view, every view of every "
                                   "sample weakened alike to 35 % of its signal (like Kinetics-Sounds, UCF-101)"),
 }
+FIRST_EDITION_SETTINGS = ("dataset-level", "sample-level", "sample-level-weak-view")  # the grid's (--settings)
+# the regime map's strengths of the sample-level family: the weak view's signal share at sample-level-2's strong
+# share 0.4, from "the weak view is nearly noise" to "the views are nearly equal" (0.25: the benchmark itself), and
+# a setting for each of the others
+REGIME_WEAK_SIGNALS = (0.05, 0.15, 0.25, 0.37)
+REGIME_SETTINGS = {f"sample-level-2-weak-{w}": dict(SETTINGS["sample-level-2"], weak_signal=w,
+                                                    about=f"sample-level-2 with the weak view keeping {w:.0%}")
+                   for w in REGIME_WEAK_SIGNALS if w != SETTINGS["sample-level-2"]["weak_signal"]}
+SETTINGS.update(REGIME_SETTINGS)
 TRAINING = dict(epochs=30, warmup=2, lr=0.03, batch_size=128)  # chosen by sweep.py on validation
 SEEDS = (0, 1, 2, 3, 4)
 FUSION_MODES = ("baseline", "sample")  # what every fusion other than concat runs (Table 3)
@@ -228,7 +237,7 @@ def run_cell(setting, fusion, mode, seed, training, runs_dir, valuation="offline
         wall_seconds=wall_seconds, run_dir=out)
     if study != "grid":
         record.update(study=study, split_seed=split_seed, knobs=knobs)
-    if "weak_signal" in SETTINGS[setting]:
+    if has_weak_view(SETTINGS[setting]):
         record.update(weak_view_measures(out, SETTINGS[setting], split_seed))
     return record
 
@@ -504,25 +513,30 @@ KNOBS = {"sample": ("warmup", (1, 2, 4)), "modality": ("warmup", (1, 2, 4)),
          "agm": ("agm_alpha", (0.1, 0.5, 1.0)), "greedy": ("greedy_epsilon", (0.005, 0.01, 0.05)),
          "gblending": ("super_epoch", (5, 10, 15))}
 # The second edition (--table2-second, into <--out>/table2-second/; the first edition's files stay as they are):
+# the benchmarks with room (README: "Second edition: benchmarks with room", fixed from baseline-only pilots),
 # tuning on 4 pairs with ties going to each method's default, one Holm family without duplicates, the regime map.
-# PLACEHOLDER values, marked so, stand until the new benchmark settings are in SETTINGS.
-TABLE2_SECOND_SETTINGS = TABLE2_SETTINGS  # PLACEHOLDER: the dataset-level and the sample-level benchmark
-TABLE2_SECOND_TRAINING = TABLE2_TRAINING  # PLACEHOLDER
-TABLE2_SECOND_PAIRS = TABLE2_PAIRS  # PLACEHOLDER: (seed, split seed) per cell
+TABLE2_SECOND_SETTINGS = ("dataset-level-2", "sample-level-2")
+TABLE2_SECOND_TRAINING = TABLE2_TRAINING
+# 40 (seed, split seed) pairs, none of the first edition's, the pilots' or the tuning's: the pilots' paired spread
+# (about 1.1-1.5 points) gives a 95 % CI of sample - baseline of about +-0.35-0.5 points on 800 test samples
+TABLE2_SECOND_PAIRS = tuple((300 + k, 1300 + k) for k in range(40))
 TABLE2_SECOND_TUNING_PAIRS = tuple((100 + k, 1100 + k) for k in range(4))  # none of the grid's
 # each method's main knob and its candidates; its default in train.py (knob_default: the official code's, README's
 # table of compared methods; the warm-up: mfeat's preset) is one of them, and ties go to it
 TABLE2_SECOND_KNOBS = dict(KNOBS, sample=("warmup", (1, 2, 4, 5)), modality=("warmup", (1, 2, 4, 5)))
 REGIME_MODES = ("baseline", "sample", "naive", "modality")  # the sample-level family of the regime map
-# the regime map's points, (strength of the per-sample imbalance, setting), from 'the weaker view is nearly noise'
-# to 'the views are nearly equal'; PLACEHOLDER: one point (strength 1 - weak_signal) until 4 or more are in SETTINGS
-TABLE2_SECOND_REGIME = ((0.8, "sample-level-weak-view"),)
-TABLE2_SECOND_REGIME_PAIRS = tuple((k, 1000 + k) for k in range(10))  # PLACEHOLDER: 10 or more
-TABLE2_SECOND_REGIME_KNOBS_FROM = "sample-level-weak-view"  # PLACEHOLDER: the setting whose tuned knobs it takes
+REGIME_KNOBS_OF = {"naive": "sample"}  # naive re-samples Algorithm 1's counts: it takes sample's tuned warm-up
+# the regime map's points, (the weak view's share of signal, setting), from 'the weaker view is nearly noise' (0.05)
+# to 'the views are nearly equal' (0.37, beside the strong view's 0.4)
+TABLE2_SECOND_REGIME = tuple((w, f"sample-level-2-weak-{w}" if f"sample-level-2-weak-{w}" in SETTINGS
+                              else "sample-level-2") for w in REGIME_WEAK_SIGNALS)
+TABLE2_SECOND_REGIME_PAIRS = tuple((400 + k, 1400 + k) for k in range(10))  # none of any other study's
+TABLE2_SECOND_REGIME_KNOBS_FROM = "sample-level-2"  # the setting whose tuned knobs it takes
 DATASET_LEVEL_METHODS = ("ogm-ge", "greedy", "pmr", "agm")  # the methods the paper says barely help (Sec. 4.3)
 CLAIM_COMPARISONS = ("sample - baseline",) + tuple(f"sample - {m} (gains)" for m in DATASET_LEVEL_METHODS)
 ALPHA = 0.05  # the family-wise error rate of each table (Holm)
-TEST_UNIT = 1 / 400  # one sample of mfeat's test split (20 % of 200 per class): accuracy differences are multiples
+TEST_UNIT = 1 / 400  # one sample of mfeat's default test split (20 % of 200 per class): accuracy differences are
+# multiples of it; test_unit(setting) for a setting's own split
 VAL_UNIT = 1 / 400  # one sample of mfeat's validation split (20 % of 200 per class)
 # what a run's checkpoint gives: equal in every field to its baseline's in the same pair, the method changed nothing
 OUTCOME_FIELDS = ("best_epoch", "val_acc", "test_acc", "test_map", "test_acc_per_modality", "test_mean_phi",
@@ -655,7 +669,17 @@ def decide(summary):
     return "held" if summary["mean"] > 0 else "against"
 
 
-def table2_comparisons(cells, setting, unit=TEST_UNIT):
+def test_unit(setting):
+    """One sample of `setting`'s test split, as a fraction of it (mfeat: 2000 samples, test_fraction of them)."""
+    return 1 / round(2000 * SETTINGS[setting].get("test_fraction", data.MFEAT_FRACTIONS[2]))
+
+
+def has_weak_view(spec):
+    """Whether a setting weakens a known view per sample more than the other (what weak_view_measures reads)."""
+    return "weak_signal" in spec and spec["weak_signal"] < spec.get("strong_signal", 1.0)
+
+
+def table2_comparisons(cells, setting, unit=None):
     """Every comparison of one setting's Table 2, Holm-corrected together: each method minus its fusion's baseline,
     then `sample`'s gain minus each other compared method's gain (accuracies as fractions, paired by pair: the
     record's seed names its pair). A comparison whose differences are those of an earlier one, pair by pair in
@@ -672,6 +696,7 @@ def table2_comparisons(cells, setting, unit=TEST_UNIT):
             common = sorted(gain["sample"].keys() & gain[method].keys())
             found[f"sample - {method} (gains)"] = {s: gain["sample"][s] - gain[method][s] for s in common}
     found = {name: d for name, d in found.items() if len(d) > 1}
+    unit = unit or test_unit(setting)
     summaries = {name: paired_summary(list(d.values()), unit) for name, d in found.items()}
     steps = {name: {s: int(np.rint(x / unit)) for s, x in d.items()} for name, d in found.items()}
     first = {name: next(other for other in found if steps[other] == steps[name]) for name in found}
@@ -913,7 +938,8 @@ def regime_rows(records, points):
         shares = [r["weak_copy_share"][-1] for r in sample if r["weak_copy_share"][-1] is not None]
         rows.append(dict(strength=strength, setting=setting, pairs=len(base),
                          baseline=float(np.mean([r["test_acc"] for r in base])),
-                         gains={mode: paired_summary(d, TEST_UNIT) for mode, d in gains.items() if len(d) > 1},
+                         gains={mode: paired_summary(d, test_unit(setting)) for mode, d in gains.items()
+                                if len(d) > 1},
                          alone_weak=float(np.mean([r["alone_weak"] for r in base])),
                          alone_strong=float(np.mean([r["alone_strong"] for r in base])),
                          weak_copy_share=float(np.mean(shares)) if shares else None,
@@ -1013,7 +1039,8 @@ def table2_second(out, runs_dir, jobs=1, settings=TABLE2_SECOND_SETTINGS, pairs=
     records, grid_seconds = run_tasks(tasks, jobs)
     regime_records, rows, regime_seconds = regime_map(
         out, runs_dir, regime, regime_pairs, training,
-        {mode: tuning["chosen"][regime_knobs_from].get(mode, {}) for mode in REGIME_MODES}, jobs) if regime else \
+        {mode: tuning["chosen"][regime_knobs_from].get(REGIME_KNOBS_OF.get(mode, mode), {}) for mode in REGIME_MODES},
+        jobs) if regime else \
         ([], [], 0.0)
     seconds = time.perf_counter() - start
     used = sorted(set(settings) | {setting for _, setting in regime}, key=list(SETTINGS).index)
@@ -1112,7 +1139,7 @@ def table2_lines(records, info, tuning, title="Table 2 and Figure 1 (first editi
         lines += table(["comparison", "mean (points)", "95 % CI", "higher / lower / tied", "p", "p (Holm)",
                         "decision"], rows) + [""]
         lines += [f"**The paper's claim on this setting: {claim_verdict(summaries)}.**", ""]
-        if "weak_signal" in SETTINGS[setting]:
+        if has_weak_view(SETTINGS[setting]):
             lines += weak_view_lines(cells, setting, training) + [""]
     if tuning:
         lines += tuning_lines(tuning)
@@ -1191,9 +1218,6 @@ def weak_view_lines(cells, setting, training):
 
 PILOT_PAIRS = tuple((200 + k, 1200 + k) for k in range(12))  # (seed, split seed): none of any study's pairs
 PILOT_SEEDS = tuple(range(220, 229))  # more seeds on the first pair's split: the run-to-run spread within one split
-# the regime map's strengths of the sample-level family: the weak view's signal share at sample-level-2's strong
-# share 0.4, from "the weak view is nearly noise" to "the views are nearly equal" (0.25: the benchmark itself)
-REGIME_WEAK_SIGNALS = (0.05, 0.15, 0.25, 0.37)
 SETTING_KEYS = ("views", "weak_signal", "strong_signal", "test_fraction")
 # the constructions piloted (baseline, concat): the two benchmarks on PILOT_PAIRS, the sample-level one with
 # PILOT_SEEDS too, and the regime map's other strengths on the first four pairs
@@ -1648,7 +1672,7 @@ def write_gains_figure(out, records, settings):
     fig, axes = plt.subplots(1, len(found), figsize=(11, 3.8), sharey=True)
     for ax, (setting, per_method) in zip(np.atleast_1d(axes), found.items()):
         for k, (method, d) in enumerate(per_method.items()):
-            summary = paired_summary(d / 100, TEST_UNIT)
+            summary = paired_summary(d / 100, test_unit(setting))
             ax.bar(k, np.mean(d), yerr=[[100 * (summary["mean"] - summary["low"])],
                                         [100 * (summary["high"] - summary["mean"])]], color=f"C{k}", alpha=0.6)
             ax.plot([k] * len(d), d, "k.", markersize=3)
@@ -1775,7 +1799,7 @@ def main(argv=None):
     status 2; 130 for Ctrl-C), and leave results.json as it was after the last finished run."""
     parser = train.OneLineParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--settings", type=comma_list(tuple(SETTINGS)), default=",".join(SETTINGS),
+    parser.add_argument("--settings", type=comma_list(tuple(SETTINGS)), default=",".join(FIRST_EDITION_SETTINGS),
                         help=f"from {', '.join(SETTINGS)}")
     parser.add_argument("--modes", type=comma_list(train.MODES), default=",".join(train.MODES),
                         help=f"from {', '.join(train.MODES)}; fusions other than concat run only "

@@ -10,6 +10,8 @@ import torchvision
 
 import models
 
+pytestmark = pytest.mark.full_resnet  # ResNet-18 as torchvision builds it
+
 # small stand-ins for the real inputs: 32x32 images, clips of T=2 frames, 6-d and 4-d vector views
 SHAPES = {("image", 1): (1, 32, 32), ("image", 3): (3, 32, 32), ("video", 3): (3, 2, 32, 32),
           ("video", 2): (2, 2, 32, 32), ("vector", 6): (6,), ("vector", 4): (4,)}

@@ -312,7 +312,7 @@ FLAG_SCOPE = {
     "eval_split": (lambda a: a.eval_only, "--eval-only"),
     "overwrite": (lambda a: not a.resume, "a new run (a resumed run continues its own folder)"),
     "out": (lambda a: not a.resume or a.eval_only, "a new run or --eval-only (a resumed run continues its own folder)"),
-    "valuation": (lambda a: METHODS[a.mode].resamples or a.track_phi,
+    "valuation": (lambda a: a.valuation == "online" or METHODS[a.mode].resamples or a.track_phi,  # online: check_online
                   f"--mode {', '.join(RESAMPLING_MODES)} or --track-phi"),
     "amp": (lambda a: a.gpu != -1 and torch.cuda.is_available(), "a GPU (this run is on the CPU)"),
 }
