@@ -102,6 +102,7 @@ def assert_close_tree(got, expected, where=""):
         assert got == pytest.approx(expected), where
 
 
+@pytest.mark.full_resnet  # its weights go to torchrun's processes, which build torchvision's ResNet-18
 def test_sharded_passes_plans_and_method_statistics_equal_the_single_process(tmp_path):
     dataset = synthetic_set()
     torch.manual_seed(0)
