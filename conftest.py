@@ -17,20 +17,19 @@ from torchvision.io import write_jpeg
 from torchvision.models.resnet import BasicBlock
 
 import data
-import models
 import train
 
 torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------------------------
-# ResNet-18 at an eighth of its widths for the tests' runs: the same class, stages and blocks (so every code path of
-# models.ResNetEncoder and the fusions that tap its stages runs), checkpoints of 0.7 MB instead of 90 MB, and faster
+# ResNet-18 at a quarter of its widths for the tests' runs: the same class, stages and blocks (so every code path of
+# models.ResNetEncoder and the fusions that tap its stages runs), checkpoints of 6 MB instead of 90 MB, and faster
 # steps. A user's run, and the tests marked full_resnet, build torchvision's own ResNet-18.
 
 
 class NarrowResNet18(torchvision.models.ResNet):
-    def __init__(self, norm_layer=torch.nn.BatchNorm2d, widths=(8, 16, 32, 64)):
+    def __init__(self, norm_layer=torch.nn.BatchNorm2d, widths=(16, 32, 64, 128)):
         torch.nn.Module.__init__(self)
         self._norm_layer, self.inplanes, self.dilation, self.groups, self.base_width = norm_layer, widths[0], 1, 1, 64
         self.conv1 = torch.nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
@@ -43,11 +42,22 @@ class NarrowResNet18(torchvision.models.ResNet):
         self.avgpool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(widths[3], 1000)
 
 
+TORCHVISION_RESNET18 = torchvision.models.resnet18
+
+
+@pytest.fixture(scope="session", autouse=True)
+def narrow_resnets():
+    """For the whole session, module-scoped runs included (a test marked full_resnet takes torchvision's back)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torchvision.models, "resnet18",
+                      lambda weights=None, norm_layer=torch.nn.BatchNorm2d: NarrowResNet18(norm_layer))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def narrow_resnets(request, monkeypatch):
-    if request.node.get_closest_marker("full_resnet") is None:
-        monkeypatch.setattr(models.torchvision.models, "resnet18",
-                            lambda weights=None, norm_layer=torch.nn.BatchNorm2d: NarrowResNet18(norm_layer))
+def full_resnet_where_marked(request, monkeypatch):
+    if request.node.get_closest_marker("full_resnet") is not None:
+        monkeypatch.setattr(torchvision.models, "resnet18", TORCHVISION_RESNET18)
 
 FRAME_STEP = 20
 

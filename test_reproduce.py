@@ -575,7 +575,7 @@ def table2_cells_of(gains_of, base_acc=0.9, unit=reproduce.TEST_UNIT):
 def test_an_identical_comparison_is_left_out_of_the_holm_family():
     gains = dict(sample=[3, 2, 4, -1, 2, 3], ogm_ge=[1, 0, -1, 2, 0, 1], greedy=[0] * 6)
     cells = table2_cells_of({m.replace("_", "-"): g for m, g in gains.items()})
-    summaries = reproduce.table2_comparisons(cells, "s")
+    summaries = reproduce.table2_comparisons(cells, "s", unit=reproduce.TEST_UNIT)
     duplicate = summaries["sample - greedy (gains)"]
     assert duplicate["duplicate_of"] == "sample - baseline"
     family = [name for name, s in summaries.items() if "duplicate_of" not in s]
