@@ -7,13 +7,14 @@
     gblending  Gradient-Blending (Wang et al., CVPR 2020): multimodal and uni-modal losses weighted by their
                overfitting-to-generalisation ratio
 
-None of them re-samples (D^rs = D, no copies): each is a method.Method that changes the training step, with the
-loaders, models, schedule, logs and checkpoints of the other modes. Beside the base's plan, loss, modulate,
-end_epoch, state_dict and summary, a method keeps its epoch-level state in start_epoch(epoch, active) (PMR's
-prototypes, G-Blending's weights), which the base's plan calls. state_dict() / load_state_dict() hold every running
-statistic, so a resumed run continues exactly. A method acts in the epochs after the warm-up (--warmup, as every
-mode) up to --modulation-ends; greedy, agm and gblending also measure during the warm-up, as their official code
-does from its first epoch.
+None of them re-samples (D^rs = D, no copies): each is a ComparedMethod, registered in method.METHODS under its
+--mode, that changes the training step, with the loaders, models, schedule, logs and checkpoints of the other modes.
+Each class declares its flags (add_arguments, the official code's defaults), its refusals and how it builds itself
+(build); beside the base's loss, modulate, end_epoch(epoch, model), state_dict and summary, a method keeps its
+epoch-level state in start_epoch(epoch, active, model) (PMR's prototypes, G-Blending's weights), which the base's
+plan calls. state_dict() / load_state_dict() hold every running statistic, so a resumed run continues exactly. A
+method acts in the epochs after the warm-up (--warmup, as every mode) up to --modulation-ends; greedy, agm and
+gblending also measure during the warm-up, as their official code does from its first epoch.
 
 Uni-modal responses go through the classifier's mask, so a method works with every fusion it is meaningful for.
 The response of modality m to a batch is its Shapley value in the game whose value of a coalition C is the logits
