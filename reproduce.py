@@ -520,6 +520,8 @@ TABLE2_SECOND_TRAINING = TABLE2_TRAINING
 # 40 (seed, split seed) pairs, none of the first edition's, the pilots' or the tuning's: the pilots' paired spread
 # (about 1.1-1.5 points) gives a 95 % CI of sample - baseline of about +-0.35-0.5 points on 800 test samples
 TABLE2_SECOND_PAIRS = tuple((300 + k, 1300 + k) for k in range(40))
+# its replication (--table2-second --replicate): the same tuning and rule on 40 pairs that no other study uses
+TABLE2_SECOND_REPLICATION_PAIRS = tuple((500 + k, 1500 + k) for k in range(40))
 TABLE2_SECOND_TUNING_PAIRS = tuple((100 + k, 1100 + k) for k in range(4))  # none of the grid's
 # each method's main knob and its candidates; its default in train.py (knob_default: the official code's, README's
 # table of compared methods; the warm-up: mfeat's preset) is one of them, and ties go to it
@@ -1006,7 +1008,7 @@ def write_regime_figure(out, rows):
 def table2_second(out, runs_dir, jobs=1, settings=TABLE2_SECOND_SETTINGS, pairs=TABLE2_SECOND_PAIRS,
                   tuning_pairs=TABLE2_SECOND_TUNING_PAIRS, training=TABLE2_SECOND_TRAINING, knobs=TABLE2_SECOND_KNOBS,
                   regime=TABLE2_SECOND_REGIME, regime_pairs=TABLE2_SECOND_REGIME_PAIRS,
-                  regime_knobs_from=TABLE2_SECOND_REGIME_KNOBS_FROM):
+                  regime_knobs_from=TABLE2_SECOND_REGIME_KNOBS_FROM, command="python reproduce.py --table2-second"):
     """Table 2's second edition, in one call: the tuning (every candidate of `knobs` and the baselines on
     tuning_pairs; ties to each method's default; margins and never-acting candidates: tuning_choices) into
     tuning.json, every method with its chosen value on `pairs` (study "table2"), and the regime map (regime_map, the
@@ -1053,7 +1055,7 @@ def table2_second(out, runs_dir, jobs=1, settings=TABLE2_SECOND_SETTINGS, pairs=
     figures = write_gains_figure(out, records, settings)
     lines = ["# Table 2, second edition", "",
              "The first edition (`python reproduce.py --table2`: ../results.md, ../tuning.json, ../results.json) "
-             "stays as it was. This one: `python reproduce.py --table2-second`, tuning on "
+             f"stays as it was. This one: `{command}`, tuning on "
              f"{len(tuning_pairs)} pairs with ties to each method's default, one Holm family without duplicates, "
              "and the regime map.", ""]
     lines += table2_lines(records, results["table2"], tuning, "Table 2 and Figure 1 (second edition)",
@@ -1830,17 +1832,27 @@ def main(argv=None):
     parser.add_argument("--pilot", action="store_true",
                         help="instead of the grid: the baseline-only pilot runs that fixed the second edition's "
                              "benchmarks (PILOT_CANDIDATES); writes pilot.json into --out and prints the criteria")
+    parser.add_argument("--replicate", action="store_true",
+                        help="with --table2-second: its Table 2 again, same tuning and rule, on "
+                             f"{len(TABLE2_SECOND_REPLICATION_PAIRS)} other pairs, into <--out>/table2-second-replication")
     parser.add_argument("--jobs", type=train.number(int, 1), default=1,
                         help="--table2, --table2-second, --pilot: runs at a time, one process each")
     args = parser.parse_args(argv)
     if args.table2 and args.table2_second:
         parser.error("argument --table2-second: not with --table2 (each edition is its own command)")
+    if args.replicate and not args.table2_second:
+        parser.error("argument --replicate: replicates --table2-second; add it")
     resumed = "the runs finished are in --runs-dir, and the same command resumes from them"
     if args.pilot:
         return one_line_errors(lambda: pilot(args.out, args.runs_dir, args.jobs), "no pilot.json was written")
     if args.table2:
         return one_line_errors(lambda: table2(args.out, args.runs_dir, args.jobs),
                                f"{resumed}; results.json is as it was")
+    if args.table2_second and args.replicate:  # the tuning's runs are the edition's own, reused
+        return one_line_errors(lambda: table2_second(
+            os.path.join(args.out, "table2-second-replication"), os.path.join(args.runs_dir, "table2-second"),
+            args.jobs, pairs=TABLE2_SECOND_REPLICATION_PAIRS, regime=(),
+            command="python reproduce.py --table2-second --replicate"), resumed)
     if args.table2_second:
         return one_line_errors(lambda: table2_second(os.path.join(args.out, "table2-second"),
                                                      os.path.join(args.runs_dir, "table2-second"), args.jobs),
