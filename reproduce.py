@@ -527,6 +527,8 @@ TABLE2_SECOND_TUNING_PAIRS = tuple((100 + k, 1100 + k) for k in range(4))  # non
 # table of compared methods; the warm-up: mfeat's preset) is one of them, and ties go to it
 TABLE2_SECOND_KNOBS = dict(KNOBS, sample=("warmup", (1, 2, 4, 5)), modality=("warmup", (1, 2, 4, 5)))
 REGIME_MODES = ("baseline", "sample", "naive", "modality")  # the sample-level family of the regime map
+# what a regime point's number is: the weak view's share of signal, against the strong view's 0.4 (sample-level-2)
+REGIME_AXIS = "weak view's share of signal W (strong view: 0.4; the imbalance is strongest at small W)"
 REGIME_KNOBS_OF = {"naive": "sample"}  # naive re-samples Algorithm 1's counts: it takes sample's tuned warm-up
 # the regime map's points, (the weak view's share of signal, setting), from 'the weaker view is nearly noise' (0.05)
 # to 'the views are nearly equal' (0.37, beside the strong view's 0.4)
@@ -955,7 +957,7 @@ def regime_lines(rows, figures):
     """The regime map's table as Markdown lines."""
     methods = [mode for mode in REGIME_MODES if mode != "baseline"]
     lines = ["## Regime map: the sample-level family against the strength of the per-sample imbalance", "",
-             "Per strength (its setting in brackets), concat: the baseline's test accuracy; each method's gain over "
+             f"Per point, W: the {REGIME_AXIS} (its setting in brackets), concat: the baseline's test accuracy; each method's gain over "
              "it in points, mean [95 % t CI] over the pairs; the mechanism, means over the pairs: each view alone "
              "on the test samples where it is the known weak view and where it is the strong one (baseline, mean "
              "over the views), the share of Eq. 10's copies that keep the weak view in the last epoch (sample; 50 % "
@@ -971,7 +973,7 @@ def regime_lines(rows, figures):
                                      f"{100 * share:.1f}" if share is not None else "-"]
                           + [f"{100 * row['cooperation_margin'][m]:+.2f}" if m in row["cooperation_margin"] else "-"
                              for m in REGIME_MODES])
-    lines += table(["strength", "pairs", "baseline test acc"] + [f"{m} gain" for m in methods]
+    lines += table(["W", "pairs", "baseline test acc"] + [f"{m} gain" for m in methods]
                    + ["view alone where weak", "where strong", "copies on the weak view (%)"]
                    + [f"cooperation margin {m}" for m in REGIME_MODES], table_rows)
     if figures:
@@ -996,8 +998,8 @@ def write_regime_figure(out, rows):
         error = [[100 * (g["mean"] - g["low"]) for _, g in found], [100 * (g["high"] - g["mean"]) for _, g in found]]
         ax.errorbar(x, mean, yerr=error, marker="o", capsize=3, color=f"C{k}", label=mode)
     ax.axhline(0, color="grey", linewidth=0.5)
-    ax.set(xlabel="strength of the per-sample imbalance", ylabel="test acc gain over the baseline (points)",
-           title="gain with 95 % CI against the imbalance's strength")
+    ax.set(xlabel=REGIME_AXIS, ylabel="test acc gain over the baseline (points)",
+           title="gain over the baseline, 95 % CI, along the per-sample imbalance")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "regime.png"), dpi=120)
