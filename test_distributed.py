@@ -125,6 +125,7 @@ def test_sharded_passes_plans_and_method_statistics_equal_the_single_process(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.full_resnet  # resumed here from the checkpoint torchrun's processes wrote
 def test_a_two_process_run_trains_writes_one_log_and_resumes(tmp_path):
     # with test_every_mode_runs_under_torchrun_and_resumes, under -m slow: the default suite launches torchrun once
     out = tmp_path / "run"
