@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torchvision
 
 import comparators
 import data
@@ -19,7 +20,7 @@ import engine
 import method
 import models
 import train
-from conftest import MFEAT, SYNTHETIC, fails, logged
+from conftest import MFEAT, SYNTHETIC, NarrowResNet18, fails, logged
 
 NUM_SAMPLES = 45  # odd: the sampler repeats an item to give both processes 23
 LOADER = dict(batch_size=8, num_workers=0)
@@ -102,7 +103,6 @@ def assert_close_tree(got, expected, where=""):
         assert got == pytest.approx(expected), where
 
 
-@pytest.mark.full_resnet  # its weights go to torchrun's processes, which build torchvision's ResNet-18
 def test_sharded_passes_plans_and_method_statistics_equal_the_single_process(tmp_path):
     dataset = synthetic_set()
     torch.manual_seed(0)
@@ -168,8 +168,9 @@ if __name__ == "__main__":  # the worker of the first test, one per process
     torch.set_num_threads(1)
     out = sys.argv[1]
     device = engine.setup_distributed(-1)
+    torchvision.models.resnet18 = lambda weights=None, norm_layer=torch.nn.BatchNorm2d: NarrowResNet18(norm_layer)
     dataset = synthetic_set()
-    model = models.build_model(dataset.input_specs, dataset.num_classes)
+    model = models.build_model(dataset.input_specs, dataset.num_classes)  # as the test's, conftest's narrower one
     model.load_state_dict(torch.load(os.path.join(out, "weights.pt")))
     rank = engine.world()[0]
     torch.save(passes_and_plans(model, dataset, device, BATCH[rank::2]), os.path.join(out, f"rank{rank}.pt"))
