@@ -1,8 +1,8 @@
 """The loops every mode shares: one training epoch over D^rs, one evaluation pass, and the plumbing of several
 processes. train.py holds the command line and the epoch loop; method.py and comparators.py say what a mode changes.
 
-    train_one_epoch   Alg. 1 line 12 (Alg. 2 line 14): each step calls the method's loss and its gradient hook (TrainingStep), with
-                      no branch on mode, valuation or method
+    train_one_epoch   Alg. 1 line 12 (Alg. 2 line 14): each step calls the method's loss and its gradient hook
+                      (TrainingStep), with no branch on mode, valuation or method
     evaluate          one read of a data set in eval mode: one device move per batch, AMP, sharded over the
                       processes of a torchrun job and gathered in the data set's order. Valuation, validation, test,
                       --eval-only, the compared methods' passes and reproduce.py's features all read through it.

@@ -170,18 +170,28 @@ class Method:
         return self.name
 
     def plan(self, epoch, model):
-        plan = Plan(self.phase(epoch))
-        if self.track_phi:
-            plan.valued, plan.phi = self.value(model, torch.arange(self.valuation.num_samples))
+        """The epoch's plan, in Algorithm 1 / 2 order (a method that re-samples nothing values only for --track-phi
+        and copies nothing)."""
+        plan = Plan(self.phase(epoch))  # line 2: t < F is the warm-up (line 3), joint training on D
+        acts = plan.phase == self.name
+        if self.track_phi or (acts and self.resamples):  # lines 6-7: the contributions
+            plan.valued, plan.phi = self.value(model, plan.phase)
+        if acts and self.resamples and plan.phi is not None:  # lines 8-10: the copies that make D^rs (line 5)
+            plan.copies = self.copies(plan.phi, plan.valued)
         self.next_epoch_valued(epoch)
-        self.start_epoch(epoch, plan.phase == self.name, model)
-        return plan
+        self.start_epoch(epoch, acts, model)
+        return plan  # line 12: train.py trains the epoch on D^rs, the training set and these copies
 
-    def value(self, model, valued):
-        """Line 7: (valued [V], phi [V, n]). Offline, the samples `valued` valued now; online, every sample the
-        previous epoch's steps saw ((None, None) before any epoch recorded them)."""
+    def samples_to_value(self, phase):
+        """Line 6: every training sample."""
+        return torch.arange(self.valuation.num_samples)
+
+    def value(self, model, phase):
+        """Lines 6-7: (valued [V], phi [V, n]). Offline, the samples of line 6 (samples_to_value) valued now; online,
+        every sample the previous epoch's steps saw ((None, None) before any epoch recorded them), with no draw."""
         if isinstance(self.valuation, OnlineValuation):
             return self.valuation.valued()
+        valued = self.samples_to_value(phase)
         return valued, self.valuation(model, valued)
 
     def next_epoch_valued(self, epoch):
@@ -233,7 +243,7 @@ class SampleLevel(Method):
 
     def __init__(self, valuation, generator, num_samples, track_phi=False, warmup=0):
         super().__init__(valuation, track_phi, warmup)
-        self.generator, self.num_samples = generator, num_samples
+        self.generator, self.num_samples = generator, num_samples  # the training set's size, valued or not
 
     @classmethod
     def refusal(cls, args, num_modalities):
@@ -245,19 +255,6 @@ class SampleLevel(Method):
     @classmethod
     def build(cls, args, model, splits, loader_kwargs, device, generator, valuation):
         return cls(valuation, generator, len(splits["train"]), args.track_phi, args.warmup)
-
-    def plan(self, epoch, model):
-        plan = Plan(self.phase(epoch))  # line 2: t < F is the warm-up (line 3), joint training on D
-        if plan.phase == self.name or self.track_phi:  # lines 6-7: the contributions
-            plan.valued, plan.phi = self.value(model, self.samples_to_value(plan.phase))
-        if plan.phase == self.name and plan.phi is not None:  # lines 8-10: the copies that make D^rs (line 5)
-            plan.copies = self.copies(plan.phi, plan.valued)
-        self.next_epoch_valued(epoch)
-        return plan  # line 12: train.py trains the epoch on D^rs, the training set and these copies
-
-    def samples_to_value(self, phase):
-        """Line 6: every training sample."""
-        return torch.arange(self.num_samples)
 
     def copies(self, phi, valued):
         """Lines 8-10: copies [N, n], s(x^i) = f_s(1 - phi^i) uni-modal copies of each valued sample's modality i

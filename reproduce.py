@@ -602,12 +602,16 @@ def alone_accuracy_by_weak_view(correct, weak):
     return out
 
 
+def stronger_alone(correct, weak):
+    """The accuracy of each sample's stronger view alone (two views; the one not weakened, weak [N]), from the
+    coalitions' correctness correct [N, 4] (shapley_mm.coalitions: coalition 1 << v is view v alone)."""
+    return float(correct[np.arange(len(weak)), 1 << (1 - weak)].mean())
+
+
 def cooperation_margin(correct, weak):
-    """How much the joint model adds to each sample's stronger view (two views; the one not weakened, weak [N]):
-    its accuracy with both views (coalition 3 of correct [N, 4], shapley_mm.coalitions) minus the accuracy of that
-    view alone."""
-    strong = 1 - weak
-    return float(correct[:, 3].mean() - correct[np.arange(len(weak)), 1 << strong].mean())
+    """How much the joint model adds to each sample's stronger view: its accuracy with both views (coalition 3 of
+    correct [N, 4]) minus that of the stronger view alone (stronger_alone)."""
+    return float(correct[:, 3].mean()) - stronger_alone(correct, weak)
 
 
 def cooperation_margin_of(run_dir):
@@ -1257,7 +1261,7 @@ def pilot_task(task):
                 best_epoch=results["best_epoch"], joint=float(correct[:, 3].mean()),
                 alone=correct[:, [1, 2]].mean(0).tolist(),
                 alone_weak=alone[:, 0].tolist(), alone_strong=alone[:, 1].tolist(),
-                stronger_alone=float(correct[np.arange(len(weak)), 1 << (1 - weak)].mean()),  # its strong view alone
+                stronger_alone=stronger_alone(correct, weak),
                 either_alone=float(np.maximum(correct[:, 1], correct[:, 2]).mean()), seconds=seconds)
 
 

@@ -139,6 +139,9 @@ def test_plan_from_an_online_table_follows_eq10_and_eq11(mode):
     elif mode == "modality":
         modality, probability = shapley_mm.modality_level_plan(expected_phi)
         assert copies[:, 1 - modality].sum() == 0 and copies[:, modality].sum() == int(probability * 30)
+        # online, Z is every sample seen: the plan draws nothing before the copies (no subset Z drawn)
+        assert torch.equal(copies, shapley_mm.modality_level_copies(30, 2, modality, probability,
+                                                                    generator=torch.Generator().manual_seed(0)))
     else:  # Table 4: the same per-modality totals (naive) or per-sample totals (reversed) as Eq. 10
         assert torch.equal(copies.sum(0) if mode == "naive" else copies.sum(1), eq10.sum(0 if mode == "naive" else 1))
 

@@ -25,9 +25,10 @@ Where things are: this file holds the command line, the run's set-up, the epoch 
 engine.py the training epoch and the one evaluation pass (and the plumbing of several processes); method.py the
 registry of modes (METHODS) and the paper's method (Algorithms 1 and 2 in their order, with their line numbers);
 comparators.py the compared methods. Every mode is a registered Method class: --mode picks it, its own flags are
-its argparse group, and nothing here compares the mode with a name. Each epoch, train() asks the method for the epoch's plan (phase, valuation, uni-modal copies),
-builds D^rs from the copies (data.ResampledDataset, served in data.TrainingBatches), trains one epoch through the
-method's loss and gradient hook (engine.train_one_epoch), validates, logs and saves a checkpoint.
+its argparse group, and nothing here compares the mode with a name. Each epoch, train() asks the method for the
+epoch's plan (phase, valuation, uni-modal copies), builds D^rs from the copies (data.ResampledDataset, served in
+data.TrainingBatches), trains one epoch through the method's loss and gradient hook (engine.train_one_epoch),
+validates, logs and saves a checkpoint.
 """
 import argparse
 import contextlib
@@ -499,21 +500,28 @@ def ctrl_c_held_back():
         raise KeyboardInterrupt
 
 
-def write_atomic(path, write_bytes):
-    """Call write_bytes(file) on a temporary file beside `path`, then rename it over `path`; a write that fails
-    (a full disk) removes the temporary file and leaves `path` as it was, and Ctrl-C waits for the write's end."""
+def replace_atomic(path, make):
+    """Call make(tmp) to create a temporary file beside `path`, then rename it over `path`; a make that fails (a
+    full disk) removes the temporary file and leaves `path` as it was, and Ctrl-C waits for the rename."""
     tmp = f"{path}.tmp{os.getpid()}"
     with ctrl_c_held_back():
         try:
-            with open(tmp, "wb") as f:
-                write_bytes(f)
-                f.flush()
-                os.fsync(f.fileno())
+            make(tmp)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
+
+
+def write_atomic(path, write_bytes):
+    """Call write_bytes(file) on a temporary file, synced to disk, then rename it over `path` (replace_atomic)."""
+    def make(tmp):
+        with open(tmp, "wb") as f:
+            write_bytes(f)
+            f.flush()
+            os.fsync(f.fileno())
+    replace_atomic(path, make)
 
 
 def save_json(path, obj):
@@ -529,20 +537,14 @@ def save_checkpoint(path, state):
 
 
 def save_copy(source, path):
-    """`path` holding the bytes of `source`, written atomically: a hard link where the file system has them (no
+    """`path` holding the bytes of `source`, replaced atomically: a hard link where the file system has them (no
     byte written twice; `source` replaced later by a rename leaves `path` as it was), a copy where it has not."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with ctrl_c_held_back():
+    def make(tmp):
         try:
-            try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    replace_atomic(path, make)
 
 
 def load_log(path):
@@ -758,8 +760,8 @@ def training_step(args, model, method, device):
 
 
 def epoch_loader(train_set, copies, args, generator, device):
-    """D^rs (Alg. 1 line 10, Alg. 2 line 12: the training set and the plan's uni-modal copies, copies [N, n] or None for none) in
-    batches where no encoder sees a lone sample; under torchrun each process trains on its share of them."""
+    """D^rs (Alg. 1 line 10, Alg. 2 line 12: the training set and the plan's uni-modal copies, copies [N, n] or None
+    for none) in batches where no encoder sees a lone sample; under torchrun each process trains on its share."""
     if copies is None:
         copies = torch.zeros(len(train_set), len(train_set.modalities), dtype=torch.long)
     epoch_set = data.ResampledDataset(train_set, *shapley_mm.expand_copies(copies))
@@ -918,8 +920,8 @@ def evaluate_checkpoint(path, split="test", args=None, given=(), confidence=Fals
 
 def eval_only(args, given=()):
     """Evaluate --resume CHECKPOINT on --eval-split and write a CSV of per-sample valuation beside it (or in --out),
-    named after the split and the checkpoint (valuation_test_best.csv for best.pt), so that evaluating best.pt and last.pt
-    keeps both."""
+    named after the split and the checkpoint (valuation_test_best.csv for best.pt), so that evaluating best.pt and
+    last.pt keeps both."""
     if args.resume is None:
         raise TrainingError("--eval-only needs --resume CHECKPOINT (RUN_DIR/best.pt or last.pt)")
     out = args.out or os.path.dirname(os.path.abspath(args.resume))
@@ -979,10 +981,8 @@ def main(argv=None):
         warnings.simplefilter("ignore")
     where = f"rank {rank}: " if engine.launched_by_torchrun() and "RANK" in os.environ else ""
     try:
-        if args.resume is None:
+        if args.resume is None:  # a resumed or evaluated run is checked with its checkpoint's settings
             check_flags_apply(args, given)
-        elif "eval_split" in given and not args.eval_only:
-            raise TrainingError("--eval-split has no effect in this run: it acts with --eval-only only")
         if args.eval_only:
             return eval_only(args, given)
         if args.resume is None:
